@@ -1,0 +1,22 @@
+"""gradconflict: gradient conflicts between the timesteps of diffusion models, studied as multi-task learning.
+
+See README.md for the quickstart. The public API is listed in ``__all__``.
+"""
+
+from . import pareto, targets, weighting
+from .bins import TimestepBins
+from .schedule import NoiseSchedule, prediction_type_of
+from .targets import PREDICTIONS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoiseSchedule",
+    "PREDICTIONS",
+    "TimestepBins",
+    "pareto",
+    "prediction_type_of",
+    "targets",
+    "weighting",
+    "__version__",
+]

@@ -1,0 +1,186 @@
+"""Timestep bins: the tasks of diffusion training seen as multi-task learning.
+
+Bin k holds the integer timesteps ``edges[k] <= t < edges[k+1]``; the K + 1 edges are strictly increasing
+inside ``[0, T]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ._arrays import as_index_numpy, like_input
+from .schedule import NoiseSchedule
+
+__all__ = ["TimestepBins"]
+
+
+@dataclass(frozen=True, eq=False)
+class TimestepBins:
+    """K contiguous bins of the timesteps ``0..T-1``; ``edges`` has K + 1 strictly increasing entries in [0, T]."""
+
+    edges: np.ndarray
+    T: int
+
+    def __post_init__(self) -> None:
+        e = np.asarray(self.edges)
+        if e.ndim != 1 or e.size < 2:
+            raise ValueError(f"edges must be a 1-D sequence of K + 1 >= 2 bin boundaries, got shape {e.shape}")
+        if e.dtype.kind == "f" and not np.all(e == np.round(e)):
+            raise ValueError("edges must be integer timesteps")
+        e = e.astype(np.int64)
+        T = int(self.T)
+        if T < 1:
+            raise ValueError(f"T must be a positive number of timesteps, got {T}")
+        if e[0] < 0 or e[-1] > T:
+            raise ValueError(f"edges must lie in [0, T] = [0, {T}], got {e[0]} .. {e[-1]}")
+        d = np.diff(e)
+        if np.any(d < 0):
+            k = int(np.argmax(d < 0))
+            raise ValueError(f"edges must be increasing; edge {k + 1} ({e[k + 1]}) < edge {k} ({e[k]}): bins would overlap")
+        if np.any(d == 0):
+            k = int(np.argmax(d == 0))
+            raise ValueError(f"bin {k} is empty (edges {e[k]} and {e[k + 1]} are equal); remove the duplicate edge or use fewer bins")
+        e.setflags(write=False)
+        object.__setattr__(self, "edges", e)
+        object.__setattr__(self, "T", T)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def uniform(cls, T: int, K: int) -> "TimestepBins":
+        """K bins of (nearly) equal width covering 0..T-1."""
+        if K < 1:
+            raise ValueError(f"K must be >= 1, got {K}")
+        if K > T:
+            raise ValueError(f"cannot split T = {T} timesteps into K = {K} non-empty bins; use K <= T")
+        edges = np.round(np.linspace(0, T, K + 1)).astype(np.int64)
+        return cls(edges, T)
+
+    @classmethod
+    def from_edges(cls, edges: Sequence[int], T: int) -> "TimestepBins":
+        """Bins from explicit boundaries ``edges[0] < ... < edges[K]`` in [0, T]."""
+        return cls(np.asarray(edges), T)
+
+    @classmethod
+    def log_snr_uniform(cls, schedule: NoiseSchedule, K: int) -> "TimestepBins":
+        """K bins covering 0..T-1 whose log-SNR ranges are equally wide (between the finite extremes)."""
+        T = schedule.T
+        if K < 1 or K > T:
+            raise ValueError(f"K must lie in [1, T = {T}], got {K}")
+        lam = np.asarray(schedule.log_snr(np.arange(T)))
+        finite = lam[np.isfinite(lam)]
+        levels = np.linspace(finite[0], finite[-1], K + 1)[1:-1]
+        # first timestep whose log-SNR has fallen below each interior level (log-SNR decreases with t)
+        inner = np.searchsorted(-lam, -levels, side="left")
+        edges = np.concatenate([[0], inner, [T]])
+        if np.any(np.diff(edges) <= 0):
+            raise ValueError(
+                f"K = {K} log-SNR-uniform bins leave some bins without timesteps for this schedule; use fewer bins"
+            )
+        return cls(edges, T)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def K(self) -> int:
+        """Number of bins (tasks)."""
+        return int(self.edges.size - 1)
+
+    def __len__(self) -> int:
+        return self.K
+
+    @property
+    def lows(self) -> np.ndarray:
+        """First timestep of each bin."""
+        return self.edges[:-1]
+
+    @property
+    def highs(self) -> np.ndarray:
+        """One past the last timestep of each bin."""
+        return self.edges[1:]
+
+    @property
+    def widths(self) -> np.ndarray:
+        """Number of timesteps in each bin."""
+        return np.diff(self.edges)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """Mid-point of each bin in timesteps (float)."""
+        return (self.edges[:-1] + self.edges[1:] - 1) / 2.0
+
+    @property
+    def labels(self) -> list[str]:
+        """Readable labels, ``"lo-hi"`` with both ends inclusive (e.g. ``"0-99"``)."""
+        return [f"{lo}-{hi - 1}" for lo, hi in zip(self.lows, self.highs)]
+
+    # ------------------------------------------------------------------ mapping and sampling
+    def task_of(self, t: Any) -> Any:
+        """Bin index of each timestep (tensor in, long tensor out; array in, int64 array out)."""
+        idx = as_index_numpy(t, self.T)
+        task = np.searchsorted(self.edges, idx, side="right") - 1
+        outside = (idx < self.edges[0]) | (idx >= self.edges[-1])
+        if np.any(outside):
+            raise ValueError(f"timesteps outside the binned range [{self.edges[0]}, {self.edges[-1]}) have no task")
+        if isinstance(t, torch.Tensor):
+            return torch.from_numpy(task).to(t.device)
+        return like_input(task, t) if np.ndim(t) else int(task)
+
+    def sample(
+        self,
+        n_per_task: Union[int, Sequence[int]],
+        generator: Optional[torch.Generator] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n_per_task`` timesteps uniformly inside each bin.
+
+        Returns ``(t, task)``, two long tensors of length ``sum(n_per_task)``, grouped by task in order 0..K-1.
+        The draw is made on the CPU with ``generator``, so a seed gives the same timesteps on every device.
+        """
+        counts = np.broadcast_to(np.asarray(n_per_task, dtype=np.int64), (self.K,))
+        if np.any(counts < 0):
+            raise ValueError("n_per_task must be >= 0")
+        task = torch.repeat_interleave(torch.arange(self.K), torch.from_numpy(counts.copy()))
+        lo = torch.from_numpy(self.lows.copy())[task]
+        width = torch.from_numpy(self.widths.copy())[task]
+        u = torch.rand(task.numel(), generator=generator, dtype=torch.float64)
+        t = lo + torch.minimum((u * width).long(), width - 1)
+        return t.to(device), task.to(device)
+
+    # ------------------------------------------------------------------ strategies
+    def strategy_weights(self, strategy: Any, schedule: NoiseSchedule) -> np.ndarray:
+        """Weight a strategy puts on each bin, on the simplex: ``W_k = sum_{t in bin k} w(SNR_t) / sum_t w(SNR_t)``,
+        with ``w`` the strategy's x0-unit weight (``strategy.weight(snr, "x0")``)."""
+        if schedule.T != self.T:
+            raise ValueError(f"the bins cover T = {self.T} timesteps but the schedule has T = {schedule.T}")
+        snr = np.asarray(schedule.snr(np.arange(self.T)))
+        w = np.asarray(strategy.weight(snr, "x0"), dtype=np.float64)
+        per_bin = np.array([w[lo:hi].sum() for lo, hi in zip(self.lows, self.highs)])
+        total = per_bin.sum()
+        if not np.isfinite(total) or total <= 0:
+            name = getattr(strategy, "name", strategy)
+            raise ValueError(f"strategy {name!r} puts no finite positive weight on these bins (total {total})")
+        return per_bin / total
+
+    def to_frame(self, schedule: Optional[NoiseSchedule] = None) -> pd.DataFrame:
+        """One row per bin: task, label, t_low, t_high (inclusive), width and, with a schedule, the log-SNR range."""
+        df = pd.DataFrame(
+            {
+                "task": np.arange(self.K),
+                "label": self.labels,
+                "t_low": self.lows,
+                "t_high": self.highs - 1,
+                "width": self.widths,
+            }
+        )
+        if schedule is not None:
+            lam = np.asarray(schedule.log_snr(np.arange(self.T)))
+            df["log_snr_high"] = lam[self.lows]
+            df["log_snr_low"] = lam[self.highs - 1]
+        return df
+
+    def __repr__(self) -> str:
+        return f"TimestepBins(K={self.K}, T={self.T}, edges={self.edges.tolist() if self.K <= 12 else '...'})"

@@ -1,0 +1,47 @@
+"""The ``gradconflict`` command line: one subcommand per module, each registered by its ``add_parser``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+# subcommand modules, each exposing add_parser(subparsers); a module that is missing is skipped
+_SUBCOMMANDS = ("solve", "gram", "train", "sample", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradconflict",
+        description="Gradient conflicts between diffusion timesteps, studied as multi-task learning.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradconflict {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"{__name__}.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        result = args.handler(args)
+    except ValueError as err:
+        print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)

@@ -1,0 +1,171 @@
+"""The fused engine: one forward and one backward over the whole batch give every task's gradient Gram.
+
+Hooks on each layer capture its input in the forward pass and its output gradient in the backward pass.
+The layer's K per-task gradients are built at once (``rules.py``, or ``fallback.py`` for unknown layers),
+folded into the Gram ``G += J J^T`` (J: K x layer size, accumulated in float64) and freed, so the extra
+memory is about K times the largest layer. A parameter used several times (tied weights, a module called
+twice) is folded after its last use, once its per-task gradient is complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .fallback import fallback_grads
+from .grouping import TaskIndex
+from .rules import rule_for
+
+__all__ = ["FusedGram", "OPAQUE_MODULES"]
+
+# modules that use child modules' parameters without calling them (MultiheadAttention calls
+# F.multi_head_attention_forward with out_proj.weight): treated as one unit by the fallback
+OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    names: list[str]  # parameter names relative to module
+    params: list[nn.Parameter]
+    args: tuple
+    kwargs: dict
+    grads: list = field(default_factory=list)
+
+
+class FusedGram:
+    """Accumulates the K x K task Gram of a model's trainable parameters during one backward pass."""
+
+    def __init__(self, model: nn.Module, idx: TaskIndex, *, compute_dtype: Optional[torch.dtype] = None,
+                 keep_gradients: bool = False, sketch: Optional["Any"] = None) -> None:
+        self.model = model
+        self.idx = idx
+        self.compute_dtype = compute_dtype
+        self.keep_gradients = keep_gradients
+        self.sketch = sketch
+        self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)
+        self.gradients: dict[nn.Parameter, torch.Tensor] = {}
+        self.nonfinite: dict[str, list[int]] = {}
+        self.folded: set[int] = set()
+        self._uses: dict[int, int] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._param_name = {id(p): n for n, p in model.named_parameters()}
+        self._deferred: list[_Call] = []
+        self._handles: list[Any] = []
+        self._active = False
+        self._plan = self._make_plan()
+
+    # ------------------------------------------------------------------ planning
+    def _make_plan(self) -> dict[nn.Module, tuple[str, list[str]]]:
+        plan: dict[nn.Module, tuple[str, list[str]]] = {}
+        skip: set[int] = set()
+        for _, m in self.model.named_modules():
+            if id(m) in skip:
+                continue
+            if isinstance(m, OPAQUE_MODULES):
+                names = [n for n, p in m.named_parameters() if p.requires_grad]
+                for c in m.modules():
+                    skip.add(id(c))
+                if names:
+                    plan[m] = ("fallback", names)
+                continue
+            names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+            if not names:
+                continue
+            plan[m] = ("rule" if rule_for(m) is not None else "fallback", names)
+        return plan
+
+    def __enter__(self) -> "FusedGram":
+        for m, (kind, names) in self._plan.items():
+            self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._active or not torch.is_grad_enabled():
+            return
+        kind, names = self._plan[module]
+        params = [module.get_parameter(n) for n in names]
+        for p in params:
+            self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+        call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
+        if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
+            return
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        call.grads = [None] * len(outs)
+        for i, o in enumerate(outs):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                o.register_hook(lambda g, c=call, i=i: self._store_grad(c, i, g))
+        call.single = not isinstance(output, (tuple, list))  # type: ignore[attr-defined]
+        self._deferred.append(call)
+
+    def _store_grad(self, call: _Call, i: int, grad: torch.Tensor) -> None:
+        call.grads[i] = grad.detach()
+
+    def _dtype_for(self, t: torch.Tensor) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+    def _on_rule_grad(self, call: _Call, grad: torch.Tensor) -> None:
+        rule = rule_for(call.module)
+        per_task = rule(call.module, call.args, grad.detach(), self.idx, self._dtype_for(call.params[0]))
+        call.args = ()
+        self._accumulate(call, per_task)
+
+    def finish(self) -> None:
+        """Process deferred (fallback) layers and fold whatever is left; call after ``backward``."""
+        self._active = False
+        for call in self._deferred:
+            if all(g is None for g in call.grads):
+                self._accumulate(call, {})
+                continue
+            grads = call.grads[0] if call.single else tuple(call.grads)  # type: ignore[attr-defined]
+            with torch.no_grad():
+                per_task = fallback_grads(call.module, call.names, call.args, call.kwargs, grads, self.idx,
+                                          self._dtype_for(call.params[0]))
+            per_task = {k: v.detach() for k, v in per_task.items()}
+            self._accumulate(call, per_task)
+        self._deferred.clear()
+        for pid in list(self._buffers):
+            self._fold(pid)
+
+    # ------------------------------------------------------------------ accumulation
+    def _accumulate(self, call: _Call, per_task: dict[str, torch.Tensor]) -> None:
+        for name, p in zip(call.names, call.params):
+            pid = id(p)
+            g = per_task.get(name)
+            if g is not None:
+                if pid in self._buffers:
+                    self._buffers[pid] = self._buffers[pid] + g
+                else:
+                    self._buffers[pid] = g
+            self._uses[pid] -= 1
+            if self._uses[pid] == 0 and pid in self._buffers:
+                self._fold(pid)
+
+    def _fold(self, pid: int) -> None:
+        J = self._buffers.pop(pid).reshape(self.idx.K, -1)
+        name = self._param_name.get(pid, "?")
+        finite = torch.isfinite(J).all(dim=1)
+        if not bool(finite.all()):
+            self.nonfinite[name] = torch.nonzero(~finite).flatten().tolist()
+            J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
+        Jd = J if J.dtype == torch.float64 else J.to(torch.float64) if J.device.type == "cpu" else J.float()
+        self.gram += (Jd @ Jd.T).to("cpu", torch.float64)
+        if self.sketch is not None:
+            self.sketch.add(name, J)
+        if self.keep_gradients:
+            self.gradients[pid] = J.detach().to("cpu", torch.float64)
+        self.folded.add(pid)

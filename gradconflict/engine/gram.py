@@ -1,0 +1,269 @@
+"""``task_gram``: per-task gradients of a diffusion model and their Gram matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..bins import TimestepBins
+from ..schedule import NoiseSchedule
+from ..targets import normalize_prediction
+from .checks import check_samples_independent
+from .fused import FusedGram
+from .grouping import TaskIndex
+from .loss import per_sample_losses
+from .result import TaskGradients
+from .sketch import CountSketch
+
+__all__ = ["task_gram", "METHODS"]
+
+METHODS = ("fused", "loop")
+
+
+def task_gram(
+    model: nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    task: Union[torch.Tensor, TimestepBins],
+    *,
+    schedule: NoiseSchedule,
+    prediction: str = "eps",
+    loss_space: str = "x0",
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    model_kwargs: Optional[dict] = None,
+    method: str = "fused",
+    K: Optional[int] = None,
+    labels: Optional[list[str]] = None,
+    return_gradients: bool = False,
+    sketch_dim: Optional[int] = None,
+    sketch_seed: int = 0,
+    train_mode: bool = False,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> TaskGradients:
+    """Gram matrix of the per-task gradients of ``model`` on one batch.
+
+    Per sample i: ``x_t = alpha_t x0 + sigma_t noise`` and ``l_i`` = mean squared error in ``loss_space``
+    (x0 by default). Task k's loss is ``L_k = (1/n_k) sum_{i in k} l_i`` and its gradient
+    ``g_k = grad_theta L_k`` over every parameter with ``requires_grad``; ``gram[k, l] = <g_k, g_l>``.
+
+    Args:
+        model: ``model(x_t, t, **model_kwargs)`` returning a tensor shaped like ``x_t`` (a diffusers
+            ``.sample`` output is unwrapped). Samples must not interact (no BatchNorm in training mode).
+        x0: clean data ``(N, ...)``; t: integer timesteps ``(N,)``; task: task id per sample ``(N,)`` in
+            ``[0, K)``, or a ``TimestepBins`` (task = bin of t, labels from the bins).
+        prediction: what the model predicts, "eps", "x0" or "v".
+        noise: the Gaussian noise ``(N, ...)``; drawn on the CPU from ``generator`` when None (so a seed
+            gives the same batch on every device).
+        method: "fused" (one forward and one backward; default) or "loop" (reference: one backward per task).
+        return_gradients: also return the K x P gradients (float64, CPU; parameter order of
+            ``model.named_parameters()``).
+        sketch_dim: also return a seeded CountSketch (K x d) of the gradients (see ``sketch.py``).
+        train_mode: keep the model's training mode (dropout active); by default the model runs in eval
+            mode, so dropout is off and "fused" and "loop" see the same function.
+        autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. torch.bfloat16 on a
+            GPU); per-task gradients are then formed in float32 and folded into a float64 Gram.
+
+    Returns:
+        TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
+        ``cosine()``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    prediction = normalize_prediction(prediction)
+    loss_space = normalize_prediction(loss_space)
+    check_samples_independent(model)
+    x0, t, task_ids, K, labels = _prepare(x0, t, task, K, labels)
+    device = x0.device
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype if x0.dtype != torch.bfloat16 else torch.float32)
+        noise = noise.to(device=device, dtype=x0.dtype)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
+    for name, v in (("x0", x0), ("noise", noise)):
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name} contains NaN or Inf; clean the data before computing gradients")
+    idx = TaskIndex(task_ids.cpu(), K)
+    model_kwargs = dict(model_kwargs or {})
+    for key, v in model_kwargs.items():
+        if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] != x0.shape[0]:
+            raise ValueError(f"model_kwargs[{key!r}] has batch size {v.shape[0]}, expected {x0.shape[0]} (per-sample conditioning)")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: there is no gradient to compare")
+    kw = dict(schedule=schedule, prediction=prediction, loss_space=loss_space)
+    sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
+    start = time.perf_counter()
+    with _mode(model, train_mode), _saved_grads(params), _precise_matmul():
+        if method == "loop":
+            gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
+        else:
+            gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
+                                         return_gradients, kw)
+    seconds = time.perf_counter() - start
+    return TaskGradients(
+        gram=gram,
+        losses=losses,
+        counts=idx.counts.clone(),
+        method=method,
+        seconds=seconds,
+        labels=labels,
+        gradients=grads if return_gradients else None,
+        sketch=sketch.S if sketch is not None else None,
+    )
+
+
+def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Optional[list[str]]):
+    if not isinstance(x0, torch.Tensor) or x0.ndim < 2:
+        raise ValueError("x0 must be a batched tensor (N, ...)")
+    t = torch.as_tensor(t)
+    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must have shape ({x0.shape[0]},), one timestep per sample, got {tuple(t.shape)}")
+    if isinstance(task, TimestepBins):
+        bins = task
+        task_ids = bins.task_of(t.cpu())
+        K = bins.K
+        labels = labels or bins.labels
+    else:
+        task_ids = torch.as_tensor(task)
+        if task_ids.shape != t.shape:
+            raise ValueError(f"task must have shape ({x0.shape[0]},), one task id per sample, got {tuple(task_ids.shape)}")
+        if K is None:
+            K = int(task_ids.max()) + 1
+    if labels is not None and len(labels) != K:
+        raise ValueError(f"got {len(labels)} labels for K = {K} tasks")
+    return x0, t.to(x0.device).long(), task_ids.long(), int(K), labels
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, train_mode: bool) -> Iterator[None]:
+    states = [(m, m.training) for m in model.modules()]
+    if not train_mode:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, s in states:
+            m.training = s
+
+
+@contextlib.contextmanager
+def _saved_grads(params: list) -> Iterator[None]:
+    saved = [p.grad for _, p in params]
+    for _, p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for (_, p), g in zip(params, saved):
+            p.grad = g
+
+
+@contextlib.contextmanager
+def _precise_matmul() -> Iterator[None]:
+    """TF32 off while forming per-task gradients and the Gram (TF32 rounds to 10 mantissa bits)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_losses(losses: torch.Tensor, idx: TaskIndex) -> None:
+    bad = ~torch.isfinite(losses.detach().cpu())
+    if bool(bad.any()):
+        tasks = sorted(set(idx.task[bad].tolist()))
+        raise ValueError(
+            f"the loss is NaN or Inf for {int(bad.sum())} sample(s) of task(s) {tasks[:10]}; check the model "
+            "output and the schedule (eps-prediction cannot recover x0 where alpha = 0; use x0 or v prediction)"
+        )
+
+
+def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw):
+    rows, losses = [], []
+    for k in range(idx.K):
+        sel = torch.nonzero(idx.task == k).flatten().to(x0.device)
+        kw_k = {key: (v[sel] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for key, v in model_kwargs.items()}
+        with _autocast(x0.device, autocast_dtype):
+            l = per_sample_losses(model, x0[sel], t[sel], noise[sel], model_kwargs=kw_k, **kw)
+        _check_losses(l, _One(k, len(sel)))
+        L = l.mean()
+        grads = torch.autograd.grad(L, [p for _, p in params], allow_unused=True)
+        flat = []
+        for (name, p), g in zip(params, grads):
+            g = torch.zeros_like(p) if g is None else g
+            if not torch.isfinite(g).all():
+                raise ValueError(f"the gradient of task {k} is NaN or Inf in parameter {name!r}")
+            flat.append(g.detach().to("cpu", torch.float64).reshape(-1))
+        rows.append(torch.cat(flat))
+        losses.append(float(L.detach()))
+    J = torch.stack(rows)
+    if sketch is not None:
+        offset = 0
+        for name, p in params:
+            n = p.numel()
+            sketch.add(name, J[:, offset : offset + n])
+            offset += n
+    return J @ J.T, torch.tensor(losses, dtype=torch.float64), J
+
+
+class _One:
+    """Minimal stand-in for TaskIndex when every sample belongs to one task (loop method)."""
+
+    def __init__(self, k: int, n: int) -> None:
+        self.task = torch.full((n,), k, dtype=torch.long)
+
+
+def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw):
+    fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch)
+    with fg:
+        with _autocast(x0.device, autocast_dtype):
+            l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
+        _check_losses(l, idx)
+        scale = (1.0 / idx.counts.to(l.device, l.dtype))[idx.task.to(l.device)]
+        (l * scale).sum().backward()
+        fg.finish()
+    losses = torch.zeros(idx.K, dtype=torch.float64).index_add_(0, idx.task, l.detach().to("cpu", torch.float64))
+    losses = losses / idx.counts.to(torch.float64)
+    if fg.nonfinite:
+        name, tasks = next(iter(fg.nonfinite.items()))
+        raise ValueError(f"the gradient of task(s) {tasks[:10]} is NaN or Inf in parameter {name!r}")
+    _check_coverage(fg, params)
+    grads = None
+    if return_gradients:
+        grads = torch.cat([fg.gradients.get(id(p), torch.zeros(idx.K, p.numel(), dtype=torch.float64)) for _, p in params], 1)
+    return fg.gram, losses, grads
+
+
+def _check_coverage(fg: FusedGram, params: list) -> None:
+    """Every parameter that received a gradient must have been folded, and ``1^T G 1 = ||sum_k g_k||^2``."""
+    missing = [n for n, p in params if p.grad is not None and id(p) not in fg.folded and bool(p.grad.abs().sum() > 0)]
+    if missing:
+        raise ValueError(
+            f"parameters {missing[:5]} are used outside the modules that own them (e.g. through F.linear on "
+            "another module's weight), so the fused engine cannot split their gradient by task; use "
+            "method='loop', or wrap the use in a module"
+        )
+    total = sum(float(p.grad.double().pow(2).sum()) for _, p in params if p.grad is not None)
+    G = fg.gram
+    scale = float(torch.sqrt(torch.clamp(torch.diagonal(G), min=0)).sum()) ** 2
+    dtype = params[0][1].dtype
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    if scale > 0 and abs(float(G.sum()) - total) > tol * scale + 1e-300:
+        raise ValueError(
+            f"internal check failed: the per-task gradients do not add up to the full gradient "
+            f"(1^T G 1 = {float(G.sum()):.6g} vs ||grad||^2 = {total:.6g}). A parameter is probably used in a "
+            "way the fused engine does not see; use method='loop'"
+        )

@@ -1,0 +1,68 @@
+"""Grouping of a batch's samples by task, so per-task sums become batched matrix products."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TaskIndex"]
+
+
+@dataclass
+class TaskIndex:
+    """Which samples of a batch of N belong to which of K tasks.
+
+    ``group(x)`` turns a per-sample tensor ``(N, ...)`` into ``(K, m, ...)`` with m the largest task size;
+    the slots of smaller tasks are filled with zeros, so sums over the second axis are per-task sums.
+    """
+
+    task: torch.Tensor  # (N,) long, values in [0, K)
+    K: int
+
+    def __post_init__(self) -> None:
+        task = self.task
+        if task.ndim != 1:
+            raise ValueError(f"task must be a 1-D tensor of task ids, got shape {tuple(task.shape)}")
+        if task.is_floating_point():
+            raise ValueError("task must hold integer task ids; use task.long()")
+        self.task = task.long()
+        self.N = int(task.numel())
+        if self.N == 0:
+            raise ValueError("the batch is empty: give at least one sample per task")
+        if int(task.min()) < 0 or int(task.max()) >= self.K:
+            raise ValueError(f"task ids must lie in [0, {self.K - 1}], got {int(task.min())}..{int(task.max())}")
+        self.counts = torch.bincount(self.task.cpu(), minlength=self.K)
+        empty = torch.nonzero(self.counts == 0).flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"task(s) {empty[:10]} have no samples; every task needs at least one sample "
+                "(draw timesteps with TimestepBins.sample, or use fewer bins)"
+            )
+        self.m = int(self.counts.max())
+        order = torch.argsort(self.task.cpu(), stable=True)
+        sorted_task = self.task.cpu()[order]
+        self.contiguous_equal = bool(
+            torch.equal(order, torch.arange(self.N)) and torch.all(self.counts == self.m)
+        )
+        # padded index (K, m): position j of task k holds a sample index, or N (a zero row) when k is short
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        slot = torch.arange(self.N) - starts[sorted_task]
+        index = torch.full((self.K, self.m), self.N, dtype=torch.long)
+        index[sorted_task, slot] = order
+        self._index = index
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._cache:
+            self._cache[device] = self._index.to(device)
+        return self._cache[device]
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, ...)`` -> ``(K, m, ...)`` (a view when tasks are contiguous and equal-sized, else a padded copy)."""
+        if x.shape[0] != self.N:
+            raise ValueError(f"expected a leading batch dimension of {self.N}, got shape {tuple(x.shape)}")
+        if self.contiguous_equal:
+            return x.reshape(self.K, self.m, *x.shape[1:])
+        padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))], 0)
+        return padded[self.index(x.device)]

@@ -1,0 +1,54 @@
+"""The per-sample diffusion loss that defines each task: ``l_i = mean_elements (y_i - y_hat_i)^2`` in loss-space units."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..schedule import NoiseSchedule
+from ..targets import convert, expand_like, normalize_prediction, target
+
+__all__ = ["per_sample_losses", "model_output"]
+
+
+def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+    """Call ``model(x_t, t, **model_kwargs)`` and unwrap common output types (a diffusers ``.sample``, a tuple)."""
+    out = model(x_t, t, **model_kwargs)
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}; it must return a tensor shaped like x_t")
+    if out.shape != x_t.shape:
+        raise ValueError(f"the model output has shape {tuple(out.shape)} but x_t has {tuple(x_t.shape)}; they must match")
+    return out
+
+
+def per_sample_losses(
+    model: nn.Module,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction: str = "eps",
+    loss_space: str = "x0",
+    model_kwargs: Optional[dict] = None,
+) -> torch.Tensor:
+    """Per-sample loss ``(N,)``: ``x_t = alpha_t x0 + sigma_t noise``; the model's output, read as a
+    ``prediction`` (eps, x0 or v), is converted to ``loss_space`` and compared with the true value there:
+    ``l_i = mean over elements of (y_i - y_hat_i)^2`` (x0 units by default, i.e. data units squared)."""
+    space = normalize_prediction(loss_space)
+    alpha = schedule.alpha(t).to(x0.dtype)
+    sigma = schedule.sigma(t).to(x0.dtype)
+    x_t = expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * noise
+    out = model_output(model, x_t, t, model_kwargs or {})
+    y_hat = convert(out, x_t, alpha.to(out.dtype), sigma.to(out.dtype), source=prediction, to=space)
+    y = target(x0, noise, alpha, sigma, space)
+    err = (y_hat.float() if y_hat.dtype in (torch.float16, torch.bfloat16) else y_hat) - y.to(
+        torch.float32 if y_hat.dtype in (torch.float16, torch.bfloat16) else y_hat.dtype
+    )
+    return err.pow(2).reshape(err.shape[0], -1).mean(1)

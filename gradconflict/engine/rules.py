@@ -1,0 +1,178 @@
+"""Per-layer rules: each layer's K per-task parameter gradients from its input and its output gradient.
+
+For a layer used on a batch whose samples are grouped into tasks, the gradient of ``sum_k L_k`` with respect
+to the layer's output, ``B``, holds for sample i the term of its own task only (samples do not interact), so
+task k's parameter gradient is the layer's usual weight-gradient formula summed over task k's samples:
+
+* Linear ``y = x W^T + b``: ``dW_k = sum_{i in k} B_i^T A_i`` (summed over any token axes), ``db_k = sum B_i``.
+* Conv: the same with the unfolded input (im2col) as ``A``.
+* LayerNorm / GroupNorm ``y = xhat * w + b``: ``dw_k = sum_{i in k} B_i * xhat_i`` (over the non-channel axes).
+* Embedding: ``dE_k[j] = sum_{i in k} sum_{positions p with index j} B_{i,p}``.
+
+Layers not listed here go to the generic torch.func fallback (``fallback.py``), as in Opacus' registry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .grouping import TaskIndex
+
+__all__ = ["RULES", "register_rule", "rule_for"]
+
+Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[str, torch.Tensor]]
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Register a per-task gradient rule for module types (exact type match, then subclasses)."""
+
+    def deco(fn: Rule) -> Rule:
+        for t in types:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    rule = RULES.get(type(module))
+    if rule is not None:
+        return rule
+    for t, r in RULES.items():
+        if isinstance(module, t) and type(module).forward is t.forward:
+            return r
+    return None
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+@register_rule(nn.Linear)
+def linear_rule(module: nn.Linear, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    a = inputs[0]
+    out: dict[str, torch.Tensor] = {}
+    b = idx.group(grad.to(dtype)).reshape(idx.K, -1, grad.shape[-1])  # (K, m*S, out)
+    if _trainable(module, "weight"):
+        x = idx.group(a.to(dtype)).reshape(idx.K, -1, a.shape[-1])  # (K, m*S, in)
+        out["weight"] = torch.bmm(b.transpose(1, 2), x)
+    if module.bias is not None and _trainable(module, "bias"):
+        out["bias"] = b.sum(1)
+    return out
+
+
+def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """im2col of a Conv1d/Conv2d input: ``(N, C_in * prod(kernel), L)``."""
+    nd = x.ndim - 2
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0,) * nd
+    elif isinstance(module.padding, str):
+        if module.padding == "valid":
+            padding = (0,) * nd
+        else:  # "same": explicit asymmetric padding as torch does, then no padding
+            pads = []
+            for d, k, s in zip(module.dilation[::-1], module.kernel_size[::-1], module.stride[::-1]):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+            padding = (0,) * nd
+    else:
+        padding = module.padding
+    if nd == 1:
+        cols = F.unfold(
+            x.unsqueeze(2),
+            kernel_size=(1, module.kernel_size[0]),
+            dilation=(1, module.dilation[0]),
+            padding=(0, padding[0]),
+            stride=(1, module.stride[0]),
+        )
+    elif nd == 2:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    else:
+        raise NotImplementedError
+    return cols
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    x = inputs[0]
+    if x.ndim == module.weight.ndim - 1:  # unbatched input: not a batch of samples
+        raise ValueError(f"{type(module).__name__} received an unbatched input; the batch dimension is required")
+    out: dict[str, torch.Tensor] = {}
+    n, c_out = grad.shape[0], grad.shape[1]
+    b = grad.to(dtype).reshape(n, c_out, -1)  # (N, C_out, L)
+    g = module.groups
+    if _trainable(module, "weight"):
+        cols = _conv_columns(module, x.to(dtype))  # (N, C_in*k, L)
+        L = cols.shape[-1]
+        cols = cols.reshape(n, g, -1, L)  # (N, g, C_in/g*k, L)
+        bg = b.reshape(n, g, c_out // g, L)
+        # per task: sum over samples and positions of B (C_out/g x L) @ cols^T (L x C_in/g*k), per group
+        colsk = idx.group(cols).permute(0, 2, 3, 1, 4).reshape(idx.K * g, cols.shape[2], -1)  # (K*g, Cin/g*k, m*L)
+        bk = idx.group(bg).permute(0, 2, 3, 1, 4).reshape(idx.K * g, c_out // g, -1)  # (K*g, Cout/g, m*L)
+        dw = torch.bmm(bk, colsk.transpose(1, 2))  # (K*g, Cout/g, Cin/g*k)
+        out["weight"] = dw.reshape(idx.K, *module.weight.shape)
+    if module.bias is not None and _trainable(module, "bias"):
+        out["bias"] = idx.group(b.sum(-1)).sum(1)
+    return out
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_rule(module: nn.LayerNorm, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if not module.elementwise_affine:
+        return out
+    shape = module.normalized_shape
+    b = idx.group(grad.to(dtype)).reshape(idx.K, -1, *shape)
+    if _trainable(module, "weight"):
+        xhat = F.layer_norm(inputs[0].to(dtype), shape, eps=module.eps)
+        out["weight"] = (b * idx.group(xhat).reshape(idx.K, -1, *shape)).sum(1)
+    if getattr(module, "bias", None) is not None and _trainable(module, "bias"):
+        out["bias"] = b.sum(1)
+    return out
+
+
+@register_rule(nn.GroupNorm)
+def group_norm_rule(module: nn.GroupNorm, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if not module.affine:
+        return out
+    n, c = grad.shape[0], grad.shape[1]
+    b = grad.to(dtype).reshape(n, c, -1)
+    if _trainable(module, "weight"):
+        xhat = F.group_norm(inputs[0].to(dtype), module.num_groups, eps=module.eps).reshape(n, c, -1)
+        out["weight"] = idx.group((b * xhat).sum(-1)).sum(1)
+    if _trainable(module, "bias"):
+        out["bias"] = idx.group(b.sum(-1)).sum(1)
+    return out
+
+
+@register_rule(nn.Embedding)
+def embedding_rule(module: nn.Embedding, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if not _trainable(module, "weight"):
+        return {}
+    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+        raise ValueError(
+            "Embedding with max_norm, scale_grad_by_freq or sparse gradients is not supported by the fused "
+            "engine; use method='loop'"
+        )
+    ids = inputs[0]
+    n = ids.shape[0]
+    num, dim = module.weight.shape
+    flat_ids = ids.reshape(n, -1)  # (N, S)
+    task = idx.task.to(ids.device)
+    rows = (task[:, None] * num + flat_ids).reshape(-1)  # row in a stacked (K*num, dim) table
+    src = grad.to(dtype).reshape(-1, dim)
+    table = torch.zeros(idx.K * num, dim, dtype=dtype, device=grad.device)
+    table.index_add_(0, rows, src)
+    table = table.reshape(idx.K, num, dim)
+    if module.padding_idx is not None:
+        table[:, module.padding_idx] = 0
+    return {"weight": table}
