@@ -39,7 +39,7 @@ def as_index_numpy(t: Any, T: int, *, name: str = "t") -> np.ndarray:
 def like_input(values: np.ndarray, reference: Any) -> Any:
     """Return ``values`` as the same kind as ``reference``: tensor (float64, same device), array or float."""
     if isinstance(reference, torch.Tensor):
-        return torch.from_numpy(np.ascontiguousarray(values)).to(reference.device)
+        return torch.from_numpy(np.array(values, copy=True)).reshape(np.shape(values)).to(reference.device)
     if np.ndim(reference) == 0 and not isinstance(reference, np.ndarray):
         return float(values)
     return values

@@ -126,7 +126,7 @@ class TimestepBins:
         if np.any(outside):
             raise ValueError(f"timesteps outside the binned range [{self.edges[0]}, {self.edges[-1]}) have no task")
         if isinstance(t, torch.Tensor):
-            return torch.from_numpy(task).to(t.device)
+            return torch.from_numpy(np.array(task, dtype=np.int64)).reshape(np.shape(task)).to(t.device)
         return like_input(task, t) if np.ndim(t) else int(task)
 
     def sample(

@@ -225,8 +225,11 @@ def by_name(spec: str) -> WeightingStrategy:
                 break
     if name not in _REGISTRY:
         raise ValueError(f"unknown weighting {spec!r}; use one of {sorted(_REGISTRY)} (e.g. 'min_snr:5')")
-    values = [float(a) for a in args.split(",") if a] if args else []
-    return _REGISTRY[name](*values)
+    try:
+        values = [float(a) for a in args.split(",") if a] if args else []
+        return _REGISTRY[name](*values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bad weighting spec {spec!r}: {err}") from None
 
 
 def DEFAULT_STRATEGIES() -> list[WeightingStrategy]:

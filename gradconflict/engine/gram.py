@@ -76,7 +76,6 @@ def task_gram(
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     prediction = normalize_prediction(prediction)
     loss_space = normalize_prediction(loss_space)
-    check_samples_independent(model)
     x0, t, task_ids, K, labels = _prepare(x0, t, task, K, labels)
     device = x0.device
     if noise is None:
@@ -99,6 +98,7 @@ def task_gram(
     sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
     start = time.perf_counter()
     with _mode(model, train_mode), _saved_grads(params), _precise_matmul():
+        check_samples_independent(model)
         if method == "loop":
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
