@@ -3,8 +3,9 @@
 See README.md for the quickstart. The public API is listed in ``__all__``.
 """
 
-from . import pareto, targets, weighting
+from . import conflict, engine, pareto, targets, weighting
 from .bins import TimestepBins
+from .engine import TaskGradients, task_gram
 from .schedule import NoiseSchedule, prediction_type_of
 from .targets import PREDICTIONS
 
@@ -12,10 +13,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NoiseSchedule",
+    "TaskGradients",
     "PREDICTIONS",
     "TimestepBins",
+    "conflict",
+    "engine",
     "pareto",
     "prediction_type_of",
+    "task_gram",
     "targets",
     "weighting",
     "__version__",

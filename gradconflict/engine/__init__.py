@@ -1,5 +1,6 @@
 """Per-task gradient engine: exact Gram of task gradients from one combined backward pass."""
 
+from .batch import TaskBatch, sample_task_batch
 from .checks import check_samples_independent
 from .gram import METHODS, task_gram
 from .grouping import TaskIndex
@@ -13,10 +14,12 @@ __all__ = [
     "RULES",
     "CountSketch",
     "TaskGradients",
+    "TaskBatch",
     "TaskIndex",
     "check_samples_independent",
     "model_output",
     "per_sample_losses",
     "register_rule",
+    "sample_task_batch",
     "task_gram",
 ]

@@ -158,12 +158,15 @@ class FusedGram:
     def _fold(self, pid: int) -> None:
         J = self._buffers.pop(pid).reshape(self.idx.K, -1)
         name = self._param_name.get(pid, "?")
-        finite = torch.isfinite(J).all(dim=1)
-        if not bool(finite.all()):
-            self.nonfinite[name] = torch.nonzero(~finite).flatten().tolist()
-            J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
         Jd = J if J.dtype == torch.float64 else J.to(torch.float64) if J.device.type == "cpu" else J.float()
-        self.gram += (Jd @ Jd.T).to("cpu", torch.float64)
+        layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
+        bad_rows = ~torch.isfinite(torch.diagonal(layer_gram))  # a non-finite entry of J spoils its row's norm
+        if bool(bad_rows.any()):
+            self.nonfinite[name] = torch.nonzero(bad_rows).flatten().tolist()
+            J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
+            Jd = J.to(Jd.dtype)
+            layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
+        self.gram += layer_gram
         if self.sketch is not None:
             self.sketch.add(name, J)
         if self.keep_gradients:

@@ -1,0 +1,57 @@
+"""Seeded batches for per-task gradients: n samples per timestep bin, the same on every device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..bins import TimestepBins
+
+__all__ = ["TaskBatch", "sample_task_batch"]
+
+
+@dataclass
+class TaskBatch:
+    """``x0`` (N, ...), integer timesteps ``t`` (N,), task ids ``task`` (N,), ``noise`` (N, ...), per-sample
+    ``model_kwargs`` (e.g. class labels ``y``)."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    task: torch.Tensor
+    noise: torch.Tensor
+    model_kwargs: dict = field(default_factory=dict)
+
+    def to(self, device: Any) -> "TaskBatch":
+        return TaskBatch(self.x0.to(device), self.t.to(device), self.task.to(device), self.noise.to(device),
+                         {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.model_kwargs.items()})
+
+
+def sample_task_batch(
+    images: torch.Tensor,
+    bins: TimestepBins,
+    per_task: int,
+    seed: int,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    conditional: bool = False,
+) -> TaskBatch:
+    """Draw ``per_task`` samples for each bin: images uniformly from ``images`` (N, C, H, W), timesteps
+    uniformly inside the bin, Gaussian noise; all from one CPU generator seeded with ``seed``.
+    With ``conditional`` the labels are passed to the model as ``y``."""
+    if per_task < 1:
+        raise ValueError(f"per_task must be >= 1 sample per task, got {per_task}")
+    if images.shape[0] == 0:
+        raise ValueError("the dataset is empty")
+    g = torch.Generator().manual_seed(int(seed))
+    t, task = bins.sample(per_task, g)
+    pick = torch.randint(0, images.shape[0], (t.numel(),), generator=g)
+    x0 = images[pick].to(torch.float32)
+    noise = torch.randn(x0.shape, generator=g)
+    kwargs: dict = {}
+    if conditional:
+        if labels is None or bool((labels[pick] < 0).any()):
+            raise ValueError("the model is class-conditional but the dataset has no labels")
+        kwargs["y"] = labels[pick].long()
+    return TaskBatch(x0, t, task, noise, kwargs)

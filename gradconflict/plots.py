@@ -1,0 +1,73 @@
+"""Figures: each one a PNG with labelled axes, units and a title, its data written beside it as CSV."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["save_figure", "write_csv", "matrix_heatmap"]
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> Path:
+    """Write a DataFrame as CSV atomically (temporary file, then rename)."""
+    path = Path(path)
+    _atomic(path, lambda tmp: frame.to_csv(tmp, index=index))
+    return path
+
+
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    path = Path(path)
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return path
+
+
+def matrix_heatmap(
+    frame: pd.DataFrame,
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colorbar: str,
+    center: Optional[float] = 0.0,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    cmap: str = "RdBu_r",
+    annotate: Optional[bool] = None,
+) -> Path:
+    """A labelled K x K heatmap (diverging around ``center``) of a DataFrame whose index and columns are bins."""
+    K = frame.shape[0]
+    size = max(4.5, min(12.0, 0.55 * K + 2.5))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    annot = K <= 12 if annotate is None else annotate
+    sns.heatmap(frame, ax=ax, cmap=cmap, center=center, vmin=vmin, vmax=vmax, annot=annot, fmt=".2f",
+                square=True, cbar_kws={"label": colorbar}, annot_kws={"fontsize": 7})
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.tick_params(axis="y", labelrotation=0)
+    return save_figure(fig, path)

@@ -1,0 +1,52 @@
+"""Conflict metrics against values computed by hand from explicit gradient vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradconflict as gc
+from gradconflict import conflict
+
+G_VECS = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_cosine_magnitude_and_ratios_from_vectors() -> None:
+    G = G_VECS @ G_VECS.T
+    c = conflict.cosine(G)
+    assert c[0, 1] == pytest.approx(1 / np.sqrt(2))
+    assert c[0, 2] == pytest.approx(-1.0)
+    assert c[1, 2] == pytest.approx(-1 / np.sqrt(2))
+    assert c[3, 0] == 0.0 and c[3, 3] == 0.0  # zero gradient: cosine defined as 0
+    m = conflict.magnitude_similarity(G)
+    assert m[0, 2] == pytest.approx(2 * 1 * 2 / (1 + 4))
+    r = conflict.norm_ratios(G)
+    assert r[2, 0] == pytest.approx(2.0) and r[0, 2] == pytest.approx(0.5)
+    # pairs among the first three tasks: (0,1) +, (0,2) -, (1,2) -; with task 3: cosine 0 is not a conflict
+    assert conflict.conflict_share(G[:3, :3]) == pytest.approx(2 / 3)
+    assert conflict.conflict_share(G) == pytest.approx(2 / 6)
+
+
+def test_pairwise_frame_distances() -> None:
+    schedule = gc.NoiseSchedule.linear(T=100)
+    bins = gc.TimestepBins.uniform(100, 4)
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(4, 6))
+    df = conflict.pairwise_frame(A @ A.T, bins, schedule)
+    assert len(df) == 6
+    row = df[(df.task_i == 0) & (df.task_j == 3)].iloc[0]
+    assert row.t_distance == pytest.approx(75.0)
+    lam = np.asarray(schedule.log_snr(np.arange(100)))
+    assert row.log_snr_distance == pytest.approx(abs(lam[75:100].mean() - lam[0:25].mean()))
+    cos = (A[0] @ A[3]) / np.linalg.norm(A[0]) / np.linalg.norm(A[3])
+    assert row.cosine == pytest.approx(cos)
+    assert row.label_i == "0-24"
+
+
+def test_bad_gram() -> None:
+    with pytest.raises(ValueError, match="square"):
+        conflict.cosine(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        conflict.cosine(np.array([[np.nan]]))
+    with pytest.raises(ValueError, match="bins define"):
+        conflict.pairwise_frame(np.eye(3), gc.TimestepBins.uniform(10, 2))
