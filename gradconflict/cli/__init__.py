@@ -39,9 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    from ..distributed import init_from_env, shutdown
+
+    init_from_env()  # under torchrun: a process group from the environment; otherwise nothing
     try:
         result = args.handler(args)
     except ValueError as err:
         print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
         return 2
+    shutdown()
     return int(result or 0)

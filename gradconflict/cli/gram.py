@@ -32,8 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import conflict
     from ..bins import TimestepBins
     from ..data import load_dataset
@@ -41,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from ..plots import matrix_heatmap, write_csv
     from ..spec import load_model
 
-    loaded = load_model(args.model, args.checkpoint, device=args.device)
+    from ..distributed import is_main, local_device, shard
+
+    device = local_device(args.device)
+    loaded = load_model(args.model, args.checkpoint, device=device)
     model, schedule = loaded.model, loaded.schedule
     config = getattr(model, "config", None)
     size = args.image_size or getattr(config, "image_size", None) or 16
@@ -52,9 +53,14 @@ def run(args: argparse.Namespace) -> int:
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     conditional = bool(getattr(config, "num_classes", 0))
     batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels, conditional=conditional)
-    batch = batch.to(torch.device(args.device))
+    # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union
+    mine = shard(batch.t.numel())
+    batch = type(batch)(batch.x0[mine], batch.t[mine], batch.task[mine], batch.noise[mine],
+                        {k: v[mine] for k, v in batch.model_kwargs.items()}).to(device)
     res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
                     loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method)
+    if not is_main():
+        return 0
     out = Path(args.out)
     write_csv(res.gram_frame(), out / "gram.csv", index=True)
     write_csv(res.cosine_frame(), out / "cosine.csv", index=True)

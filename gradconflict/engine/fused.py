@@ -40,12 +40,14 @@ class FusedGram:
     """Accumulates the K x K task Gram of a model's trainable parameters during one backward pass."""
 
     def __init__(self, model: nn.Module, idx: TaskIndex, *, compute_dtype: Optional[torch.dtype] = None,
-                 keep_gradients: bool = False, sketch: Optional["Any"] = None) -> None:
+                 keep_gradients: bool = False, sketch: Optional["Any"] = None,
+                 reduce: Optional[Any] = None) -> None:
         self.model = model
         self.idx = idx
         self.compute_dtype = compute_dtype
         self.keep_gradients = keep_gradients
         self.sketch = sketch
+        self.reduce = reduce  # e.g. a sum over torch.distributed ranks, applied to each layer's J before folding
         self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)
         self.gradients: dict[nn.Parameter, torch.Tensor] = {}
         self.nonfinite: dict[str, list[int]] = {}
@@ -157,6 +159,8 @@ class FusedGram:
 
     def _fold(self, pid: int) -> None:
         J = self._buffers.pop(pid).reshape(self.idx.K, -1)
+        if self.reduce is not None:
+            J = self.reduce(J)
         name = self._param_name.get(pid, "?")
         Jd = J if J.dtype == torch.float64 else J.to(torch.float64) if J.device.type == "cpu" else J.float()
         layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)

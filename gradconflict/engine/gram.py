@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 
+from .. import distributed as dist_utils
 from ..bins import TimestepBins
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
@@ -86,7 +87,10 @@ def task_gram(
     for name, v in (("x0", x0), ("noise", noise)):
         if not torch.isfinite(v).all():
             raise ValueError(f"{name} contains NaN or Inf; clean the data before computing gradients")
-    idx = TaskIndex(task_ids.cpu(), K)
+    global_counts = None
+    if dist_utils.is_distributed():
+        global_counts = dist_utils.all_reduce_sum(torch.bincount(task_ids.cpu(), minlength=K))
+    idx = TaskIndex(task_ids.cpu(), K, global_counts)
     model_kwargs = dict(model_kwargs or {})
     for key, v in model_kwargs.items():
         if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] != x0.shape[0]:
@@ -195,11 +199,15 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
     rows, losses = [], []
     for k in range(idx.K):
         sel = torch.nonzero(idx.task == k).flatten().to(x0.device)
+        if sel.numel() == 0:  # possible on one rank under torch.distributed: contributes nothing
+            rows.append(torch.zeros(sum(p.numel() for _, p in params), dtype=torch.float64))
+            losses.append(0.0)
+            continue
         kw_k = {key: (v[sel] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for key, v in model_kwargs.items()}
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0[sel], t[sel], noise[sel], model_kwargs=kw_k, **kw)
         _check_losses(l, _One(k, len(sel)))
-        L = l.mean()
+        L = l.sum() / float(idx.counts[k])
         grads = torch.autograd.grad(L, [p for _, p in params], allow_unused=True)
         flat = []
         for (name, p), g in zip(params, grads):
@@ -209,7 +217,8 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
             flat.append(g.detach().to("cpu", torch.float64).reshape(-1))
         rows.append(torch.cat(flat))
         losses.append(float(L.detach()))
-    J = torch.stack(rows)
+    J = dist_utils.all_reduce_sum(torch.stack(rows))
+    losses = dist_utils.all_reduce_sum(torch.tensor(losses, dtype=torch.float64)).tolist()
     if sketch is not None:
         offset = 0
         for name, p in params:
@@ -227,7 +236,8 @@ class _One:
 
 
 def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw):
-    fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch)
+    reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
+    fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce)
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
@@ -236,7 +246,7 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketc
         (l * scale).sum().backward()
         fg.finish()
     losses = torch.zeros(idx.K, dtype=torch.float64).index_add_(0, idx.task, l.detach().to("cpu", torch.float64))
-    losses = losses / idx.counts.to(torch.float64)
+    losses = dist_utils.all_reduce_sum(losses) / idx.counts.to(torch.float64)
     if fg.nonfinite:
         name, tasks = next(iter(fg.nonfinite.items()))
         raise ValueError(f"the gradient of task(s) {tasks[:10]} is NaN or Inf in parameter {name!r}")
@@ -256,7 +266,7 @@ def _check_coverage(fg: FusedGram, params: list) -> None:
             "another module's weight), so the fused engine cannot split their gradient by task; use "
             "method='loop', or wrap the use in a module"
         )
-    total = sum(float(p.grad.double().pow(2).sum()) for _, p in params if p.grad is not None)
+    total = sum(float(dist_utils.all_reduce_sum(p.grad.double()).pow(2).sum()) for _, p in params if p.grad is not None)
     G = fg.gram
     scale = float(torch.sqrt(torch.clamp(torch.diagonal(G), min=0)).sum()) ** 2
     dtype = params[0][1].dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,7 @@ class TaskIndex:
 
     task: torch.Tensor  # (N,) long, values in [0, K)
     K: int
+    global_counts: Optional[torch.Tensor] = None  # under torch.distributed: samples per task over all ranks
 
     def __post_init__(self) -> None:
         task = self.task
@@ -32,21 +34,22 @@ class TaskIndex:
             raise ValueError("the batch is empty: give at least one sample per task")
         if int(task.min()) < 0 or int(task.max()) >= self.K:
             raise ValueError(f"task ids must lie in [0, {self.K - 1}], got {int(task.min())}..{int(task.max())}")
-        self.counts = torch.bincount(self.task.cpu(), minlength=self.K)
+        self.local_counts = torch.bincount(self.task.cpu(), minlength=self.K)
+        self.counts = self.local_counts if self.global_counts is None else self.global_counts.cpu().long()
         empty = torch.nonzero(self.counts == 0).flatten().tolist()
         if empty:
             raise ValueError(
                 f"task(s) {empty[:10]} have no samples; every task needs at least one sample "
                 "(draw timesteps with TimestepBins.sample, or use fewer bins)"
             )
-        self.m = int(self.counts.max())
+        self.m = int(self.local_counts.max())
         order = torch.argsort(self.task.cpu(), stable=True)
         sorted_task = self.task.cpu()[order]
         self.contiguous_equal = bool(
-            torch.equal(order, torch.arange(self.N)) and torch.all(self.counts == self.m)
+            torch.equal(order, torch.arange(self.N)) and torch.all(self.local_counts == self.m)
         )
         # padded index (K, m): position j of task k holds a sample index, or N (a zero row) when k is short
-        starts = torch.cumsum(self.counts, 0) - self.counts
+        starts = torch.cumsum(self.local_counts, 0) - self.local_counts
         slot = torch.arange(self.N) - starts[sorted_task]
         index = torch.full((self.K, self.m), self.N, dtype=torch.long)
         index[sorted_task, slot] = order

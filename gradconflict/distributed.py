@@ -1,0 +1,87 @@
+"""torch.distributed helpers: every heavy command runs unchanged under ``torchrun``; plain runs stay single-process.
+
+``torchrun --nproc_per_node M -m gradconflict gram ...`` sets RANK/WORLD_SIZE/MASTER_ADDR; ``init_from_env``
+then starts a process group (NCCL when CUDA is available, gloo otherwise) with a timeout, so a rank that
+fails makes the others fail instead of hanging. Without those variables nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "shard", "local_device"]
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files and prints summaries."""
+    return rank() == 0
+
+
+def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Initialise the default process group from torchrun's environment; returns True when distributed."""
+    if not dist.is_available() or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return is_distributed()
+
+
+def local_device(requested: str) -> torch.device:
+    """``cuda`` becomes this rank's GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _backend_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over all ranks (returns ``x`` unchanged when not distributed); keeps x's device and dtype."""
+    if not is_distributed():
+        return x
+    dev = _backend_device()
+    y = x.detach().to(dev).contiguous().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def shard(n: int) -> torch.Tensor:
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: this rank's share of a batch drawn identically on all ranks."""
+    return torch.arange(rank(), n, world_size())
+
+
+def shutdown() -> None:
+    """Wait for every rank, then destroy the process group (a rank that exits with it alive can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        if is_distributed():
+            dist.barrier()
+        dist.destroy_process_group()

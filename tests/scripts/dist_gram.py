@@ -1,0 +1,29 @@
+"""Run under torchrun (2 gloo ranks): each rank computes the Gram on its share of one seeded batch."""
+
+import sys
+
+import torch
+
+import gradconflict as gc
+from gradconflict import distributed as D
+
+sys.path.insert(0, sys.argv[2])
+from zoo import UNetLike  # noqa: E402
+
+D.init_from_env()
+mode = sys.argv[3]
+if mode == "fail" and D.rank() == 1:
+    raise RuntimeError("rank 1 failed on purpose")
+torch.manual_seed(0)
+model = UNetLike().double()
+bins = gc.TimestepBins.uniform(1000, 4)
+g = torch.Generator().manual_seed(0)
+t, task = bins.sample(3, g)
+x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
+noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+mine = D.shard(len(t))
+res = gc.task_gram(model, x0[mine], t[mine], task[mine], K=4, schedule=gc.NoiseSchedule.linear(), noise=noise[mine],
+                   method=mode if mode in ("fused", "loop") else "fused", sketch_dim=64)
+if D.is_main():
+    torch.save({"gram": res.gram, "losses": res.losses, "counts": res.counts, "sketch": res.sketch}, sys.argv[1])
+D.shutdown()

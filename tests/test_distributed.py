@@ -1,0 +1,54 @@
+"""Two gloo processes under torchrun give the single-process Gram; a failing rank fails the run, no hang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradconflict as gc
+
+from zoo import UNetLike
+
+HERE = Path(__file__).parent
+
+
+def _torchrun(out: Path, mode: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "scripts" / "dist_gram.py"), str(out), str(HERE), mode]
+    env = {**__import__("os").environ, "GRADCONFLICT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _single() -> gc.TaskGradients:
+    torch.manual_seed(0)
+    model = UNetLike().double()
+    bins = gc.TimestepBins.uniform(1000, 4)
+    g = torch.Generator().manual_seed(0)
+    t, task = bins.sample(3, g)
+    x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    return gc.task_gram(model, x0, t, task, K=4, schedule=gc.NoiseSchedule.linear(), noise=noise, sketch_dim=64)
+
+
+@pytest.mark.parametrize("method", ["fused", "loop"])
+def test_two_ranks_equal_one_process(tmp_path: Path, method: str) -> None:
+    out = tmp_path / "res.pt"
+    proc = _torchrun(out, method)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    ref = _single()
+    assert float((got["gram"] - ref.gram).norm() / ref.gram.norm()) <= 1e-10
+    torch.testing.assert_close(got["losses"], ref.losses, rtol=1e-12, atol=0)
+    assert got["counts"].tolist() == [3, 3, 3, 3]
+    torch.testing.assert_close(got["sketch"], ref.sketch, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failing_rank_fails_the_run_with_its_error(tmp_path: Path) -> None:
+    proc = _torchrun(tmp_path / "res.pt", "fail", timeout=200)
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stderr + proc.stdout
+    assert not (tmp_path / "res.pt").exists()
