@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._arrays import as_float64_numpy, as_index_numpy, like_input
 
@@ -132,6 +133,15 @@ class NoiseSchedule:
         return 1.0 - a / prev
 
     def _at(self, t: Any, values: np.ndarray) -> Any:
+        if isinstance(t, torch.Tensor):  # pure torch path: works inside torch.func transforms and on any device
+            if t.is_floating_point() or t.is_complex():
+                raise ValueError(f"t must hold integer timesteps, got a {t.dtype} tensor; use t.long()")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.T):
+                raise ValueError(
+                    f"t out of range: timesteps must lie in [0, {self.T - 1}], got min {int(t.min())} and max {int(t.max())}"
+                )
+            table = torch.from_numpy(values)
+            return table.to(t.device)[t.long()]
         idx = as_index_numpy(t, self.T)
         return like_input(values[idx], t)
 

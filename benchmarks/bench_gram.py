@@ -1,0 +1,150 @@
+"""Per-task Gram: fused vs loop vs torch.func vmap, as ratios to one ordinary training step on the same batch.
+
+    python benchmarks/bench_gram.py --quick            # CPU, tiny models, small K
+    python benchmarks/bench_gram.py                    # K in {10, 100}, n in {1, 8}
+    python benchmarks/bench_gram.py --device cuda --size s --bf16   # GPU sizes (DiT-S/2-like, UNet ~27M)
+
+Every row is measured in the same run as its baseline (the training step: forward + backward over the same
+K*n samples), because these machines are noisy. Errors are relative Frobenius errors against "loop" run on
+the same model in float32 (autocast off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import gradconflict as gc
+from gradconflict.engine import per_sample_losses
+from gradconflict.models import build_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, object]:
+    """Best-of-``repeats`` seconds, peak extra memory (GiB, CUDA only) and the last result."""
+    best, peak, out = float("inf"), float("nan"), None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return best, peak, out
+
+
+def vmap_gram(model, x0, t, task, K, noise, schedule, prediction, chunk: int) -> torch.Tensor:
+    """Baseline: torch.func vmap over tasks of the gradient of the task-masked loss, then J J^T."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    counts = torch.bincount(task, minlength=K).to(x0.dtype)
+
+    def loss_of(p, mask):
+        def m(x_t, tt):
+            return functional_call(model, p, (x_t, tt))
+
+        losses = per_sample_losses(m, x0, t, noise, schedule, prediction=prediction)
+        return (losses * mask).sum()
+
+    g = vmap(grad(loss_of), in_dims=(None, 0), chunk_size=chunk)
+    masks = (torch.nn.functional.one_hot(task, K).T.to(x0.dtype) / counts[:, None]).to(x0.device)
+    # fused attention kernels fail under vmap's backward; the math backend works (shared/GPU-NOTES.md)
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = g(params, masks)
+    J = torch.cat([v.reshape(K, -1).float() for v in grads.values()], 1)
+    return (J.double() @ J.double().T).cpu()
+
+
+def run(args: argparse.Namespace) -> pd.DataFrame:
+    device = torch.device(args.device)
+    schedule = gc.NoiseSchedule.linear()
+    rows = []
+    amp = torch.bfloat16 if args.bf16 and device.type == "cuda" else None
+    for arch in args.models:
+        name = f"{arch}-{args.size}"
+        torch.manual_seed(0)
+        model = build_model(name).to(device)
+        # adaLN-zero / zero-init output layers give exactly-zero gradients at init: perturb so every layer counts
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        cfg = model.config
+        P = sum(p.numel() for p in model.parameters())
+        for K in args.K:
+            for n in args.n:
+                bins = gc.TimestepBins.uniform(schedule.T, K)
+                g = torch.Generator().manual_seed(0)
+                t, task = bins.sample(n, g)
+                x0 = torch.randn(len(t), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+                noise = torch.randn(x0.shape, generator=g).to(device)
+                t_d = t.to(device)
+
+                def step():
+                    with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+                        l = per_sample_losses(model, x0, t_d, noise, schedule, prediction=cfg.prediction)
+                    l.mean().backward()
+                    model.zero_grad(set_to_none=True)
+
+                base, base_mem, _ = timed(step, device, args.repeats)
+                common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
+                ref_s, ref_mem, ref = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", **common),
+                                            device, 1) if K * n <= args.max_loop else (float("nan"), float("nan"), None)
+                f_s, f_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
+                                                               autocast_dtype=amp, **common), device, args.repeats)
+                err = float((fused.gram - ref.gram).norm() / ref.gram.norm()) if ref is not None else float("nan")
+                row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
+                           fused_x=f_s / base, fused_GiB=f_mem, fused_err=err, loop_x=ref_s / base)
+                if args.vmap and K * n <= args.max_loop:
+                    try:
+                        v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,
+                                                                 cfg.prediction, args.vmap_chunk), device, 1)
+                        row.update(vmap_x=v_s / base, vmap_GiB=v_mem,
+                                   vmap_err=float((vg - ref.gram).norm() / ref.gram.norm()) if ref is not None else float("nan"))
+                    except (RuntimeError, NotImplementedError) as err_v:  # out of memory or unsupported op
+                        row.update(vmap_x=float("nan"), vmap_note=str(err_v).splitlines()[0][:60])
+                rows.append(row)
+                print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", default="tiny", choices=["tiny", "s"])
+    p.add_argument("--models", nargs="+", default=["dit", "unet"])
+    p.add_argument("--K", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--n", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-loop", type=int, default=800, help="skip loop/vmap above this many samples")
+    p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--vmap-chunk", type=int, default=10)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the step and fused (CUDA)")
+    p.add_argument("--quick", action="store_true", help="K = 10, n = 8 only, one repeat")
+    p.add_argument("--csv", default=None, help="also write the table here")
+    args = p.parse_args()
+    if args.quick:
+        args.K, args.n, args.repeats = [10], [8], 1
+    torch.manual_seed(0)
+    table = run(args)
+    print("\nratios are seconds / one training step (forward + backward) on the same batch, same run")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()
