@@ -1,0 +1,82 @@
+"""One prepared script for a lent GPU: correctness of the fused Gram on CUDA, then the benchmark table.
+
+    python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
+
+1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast on dit-s) -> relative errors;
+2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
+   plain run (checked on the CSVs);
+3. bench_gram at the GPU size (K = 100, n = 8 and K = 1000, n = 1), ratios to one training step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import gradconflict as gc
+from gradconflict.models import build_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None = None) -> dict:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(name).to(dev, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    cfg = model.config
+    sch = gc.NoiseSchedule.linear()
+    bins = gc.TimestepBins.uniform(1000, K)
+    g = torch.Generator().manual_seed(0)
+    t, task = bins.sample(n, g)
+    x0 = torch.randn(len(t), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(dev, dtype)
+    noise = torch.randn(x0.shape, generator=g).to(dev, dtype)
+    kw = dict(schedule=sch, noise=noise, K=K, prediction=cfg.prediction)
+    ref = gc.task_gram(model, x0, t.to(dev), task, method="loop", **kw)
+    t0 = time.perf_counter()
+    got = gc.task_gram(model, x0, t.to(dev), task, method="fused", autocast_dtype=amp, **kw)
+    torch.cuda.synchronize()
+    err = float((got.gram - ref.gram).norm() / ref.gram.norm())
+    return dict(model=name, dtype=str(dtype).split(".")[-1], autocast=str(amp).split(".")[-1] if amp else "-",
+                K=K, n=n, rel_err=err, fused_s=time.perf_counter() - t0, loop_s=ref.seconds)
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "no CUDA device"
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    rows = [
+        check("dit-tiny", torch.float64, 10, 4),
+        check("unet-tiny", torch.float64, 10, 4),
+        check("dit-tiny", torch.float32, 10, 8),
+        check("unet-tiny", torch.float32, 10, 8),
+        check("dit-s", torch.float32, 10, 8),
+        check("dit-s", torch.float32, 10, 8, amp=torch.bfloat16),
+    ]
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--model", "dit-tiny", "--data", "synthetic", "--bins", "8", "--per-task", "4", "--device", "cuda"]
+        subprocess.run([sys.executable, "-m", "gradconflict", "gram", *base, "--out", f"{tmp}/a"], check=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                        "-m", "gradconflict", "gram", *base, "--out", f"{tmp}/b"], check=True)
+        a = pd.read_csv(f"{tmp}/a/gram.csv", index_col=0).to_numpy()
+        b = pd.read_csv(f"{tmp}/b/gram.csv", index_col=0).to_numpy()
+        print(f"torchrun 1 GPU vs plain: max relative difference {np.abs(a - b).max() / np.abs(a).max():.2e}", flush=True)
+    cmd = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--models", "dit",
+           "--K", "100", "--n", "8", "--bf16", "--max-loop", "800", "--repeats", "2"]
+    subprocess.run(cmd, check=False)
+    cmd = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--models", "dit",
+           "--K", "1000", "--n", "1", "--bf16", "--max-loop", "0", "--no-vmap", "--repeats", "1"]
+    subprocess.run(cmd, check=False)
+
+
+if __name__ == "__main__":
+    main()
