@@ -1,0 +1,122 @@
+"""Benchmark the Pareto solvers of ``gradconflict.pareto``.
+
+Problem family (stated in the output): ``G = A A^T`` with ``A`` of shape
+``K x K//2`` (rank K/2), standard normal entries and columns scaled by
+``logspace(0, -3, K//2)`` (singular values of A spread over 3 decades, so G's
+nonzero spectrum spans 6), and ``lam = 1e-3 * trace(G) / K``.
+
+For each K: wall time of ``solve(...)`` per method (validation included,
+best of ``--repeats`` for auto and CVXPY alike), the relative objective gap ``(f - f_cvxpy) /
+f_cvxpy`` (negative = better than CVXPY), the certified duality gap
+relative to f, and the speed-up of "auto" over CVXPY.  Also: Frank-Wolfe to
+a duality gap of 1e-8, UGD after 100 / 1000 / 10000 steps, and a batch of
+256 problems with K = 50.
+
+    python benchmarks/bench_solvers.py           # full run (~1-3 min on 2 cores)
+    python benchmarks/bench_solvers.py --quick   # small sizes, seconds
+
+BLAS threads default to 1 (``--threads``): on a shared 2-core machine
+multi-threaded OpenBLAS is erratic under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes only (K <= 100, fewer steps)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats, best is reported (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+ARGS = _args()
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+try:
+    from gradconflict.pareto import solve
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gradconflict.pareto import solve
+
+
+def problem(K: int, rng: np.random.Generator, n: int | None = None) -> tuple[np.ndarray, float]:
+    r = max(K // 2, 1)
+    shape = (K, r) if n is None else (n, K, r)
+    A = rng.standard_normal(shape) * np.logspace(0, -3, r)
+    G = A @ np.swapaxes(A, -1, -2)
+    lam = 1e-3 * float(np.trace(G, axis1=-2, axis2=-1).mean()) / K
+    return G, lam
+
+
+def timed(G, lam, method, repeats=1, **opts):
+    best, res = np.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = solve(G, lam, method, **opts)
+        best = min(best, time.perf_counter() - t0)
+    return res, best
+
+
+def main() -> None:
+    rng = np.random.default_rng(ARGS.seed)
+    sizes = (10, 100) if ARGS.quick else (10, 100, 1000)
+    fw_cap = 20_000 if ARGS.quick else 50_000
+    ugd_steps = (100, 1000) if ARGS.quick else (100, 1000, 10_000)
+    print(f"# G = A A^T, A ~ N(0,1)^(K x K/2) * logspace(0,-3) per column; lam = 1e-3 trace(G)/K; "
+          f"BLAS threads = {ARGS.threads}; best of {ARGS.repeats}")
+    rows = []
+    solve(np.eye(3), 0.1, "cvxpy")  # import / warm-up
+    for K in sizes:
+        G, lam = problem(K, rng)
+        ref, t_ref = timed(G, lam, "cvxpy", ARGS.repeats)
+        f_ref = ref.objective
+
+        def row(name, res, t, **extra):
+            rows.append({
+                "K": K, "method": name, "seconds": t, "iterations": int(res.iterations),
+                "converged": bool(res.converged), "rel_obj_vs_cvxpy": (res.objective - f_ref) / f_ref,
+                "gap/f": res.gap / res.objective, **extra,
+            })
+
+        row("cvxpy (Clarabel)", ref, t_ref, support=int(np.sum(ref.weights > 1e-9)))
+        auto, t_auto = timed(G, lam, "auto", ARGS.repeats)
+        row("auto", auto, t_auto, support=int(np.sum(auto.weights > 0)), speedup=t_ref / t_auto)
+        fast, t_fast = timed(G, lam, "auto", ARGS.repeats, check_psd=False)
+        row("auto check_psd=False", fast, t_fast, speedup=t_ref / t_fast)
+        for variant in ("away", "pairwise", "vanilla"):
+            fw, t_fw = timed(G, lam, "frank_wolfe", 1, variant=variant, tol=1e-8, max_iter=fw_cap)
+            row(f"frank_wolfe {variant} tol=1e-8", fw, t_fw)
+        for steps in ugd_steps:
+            ug, t_ug = timed(G, lam, "ugd", 1, steps=steps, tol=0.0)
+            row(f"ugd adam {steps} steps", ug, t_ug)
+    Gb, lamb = problem(50, rng, n=256)
+    for method, opts in (("auto", {}), ("frank_wolfe", {"max_iter": 2000}), ("ugd", {"steps": 1000})):
+        res, t = timed(Gb, lamb, method, ARGS.repeats if method == "auto" else 1, **opts)
+        rows.append({
+            "K": "50 x256", "method": f"{method} batched", "seconds": t,
+            "iterations": int(np.max(res.iterations)), "converged": f"{int(np.sum(res.converged))}/256",
+            "gap/f": float(np.max(res.gap / res.objective)),
+        })
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3g}".format):
+        print(table.astype(object).where(table.notna(), "").to_string(index=False))
+    if not ARGS.quick:
+        k = table[(table.K == 1000) & (table.method == "auto")].iloc[0]
+        print(f"\nK=1000: cvxpy/auto time ratio = {k.speedup:.1f}x (goal >= 100x), "
+              f"auto rel objective vs cvxpy = {k.rel_obj_vs_cvxpy:.2e} (goal <= 1e-9)")
+
+
+if __name__ == "__main__":
+    main()

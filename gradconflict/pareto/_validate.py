@@ -1,0 +1,211 @@
+"""Input validation for the regularized Pareto problem.
+
+Every check raises :class:`ValueError` with a message that names the problem
+and says how to fix it.  Accepted containers for a Gram matrix are numpy
+arrays, torch tensors (any device/dtype; converted to float64 numpy) and
+pandas DataFrames.
+
+Tolerances are relative and depend on the precision of the input: with
+``eps`` the machine epsilon of the input dtype (float64 for integers),
+``rtol = max(1e-8, 100 * eps)``, i.e. ``1e-8`` for float64 and ``~1.2e-5``
+for float32 inputs.
+
+* symmetry:  ``max|G - G^T| <= rtol * max|G|``; G is then replaced by
+  ``(G + G^T) / 2``.
+* PSD:       ``lambda_min(G) >= -rtol * max_i |lambda_i(G)|`` (scale-free).
+  Checked with one Cholesky factorization of ``G + rtol * max_i G_ii * I``
+  (sound, because ``max_i G_ii <= lambda_max``); only if that fails are the
+  eigenvalues computed to decide and to report the most negative one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.linalg import lapack
+
+METHODS: tuple[str, ...] = ("auto", "frank_wolfe", "ugd", "cvxpy")
+
+
+def _rtol(dtype: np.dtype) -> float:
+    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else np.finfo(np.float64).eps
+    return max(1e-8, 100.0 * float(eps))
+
+
+def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
+    """Convert numpy / torch / pandas / nested lists to float64 numpy.
+
+    Returns ``(array, rtol)`` where ``rtol`` is the relative tolerance that
+    matches the precision of the original data.
+    """
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, duck-typed
+        x = x.detach().cpu()
+        if getattr(x, "is_complex", lambda: False)():
+            raise ValueError(f"{name} is a complex tensor; pass a real-valued tensor")
+        arr = x.numpy()
+    elif hasattr(x, "to_numpy"):  # pandas DataFrame / Series
+        arr = x.to_numpy()
+    else:
+        arr = np.asarray(x)
+    if arr.dtype == object:
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} has non-numeric entries ({exc}); pass a numeric array") from None
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} is complex-valued; pass a real-valued array")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} has dtype {arr.dtype}; pass a real floating-point array")
+    rtol = _rtol(arr.dtype)
+    return np.asarray(arr, dtype=np.float64), rtol
+
+
+def _where_nonfinite(arr: np.ndarray, limit: int = 5) -> str:
+    bad = np.argwhere(~np.isfinite(arr))
+    parts = []
+    for idx in bad[:limit]:
+        val = arr[tuple(idx)]
+        parts.append(f"{'NaN' if np.isnan(val) else val} at {list(map(int, idx))}")
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return ", ".join(parts) + more
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Raise if ``arr`` contains NaN or +-Inf, reporting where."""
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"{name} contains non-finite values ({_where_nonfinite(arr)}); "
+            "remove or impute NaN/Inf entries before solving"
+        )
+
+
+def as_gram(G: Any, check_psd: bool = True, check_symmetry: bool = True) -> tuple[np.ndarray, bool]:
+    """Validate a Gram matrix or a stack of them.
+
+    Returns ``(Gs, batched)`` with ``Gs`` a symmetrized float64 array of shape
+    ``(n, K, K)`` and ``batched`` telling whether the input was 3-D.
+    """
+    arr, rtol = to_numpy(G, "G")
+    if arr.ndim not in (2, 3):
+        raise ValueError(
+            f"G must be a 2-D (K, K) Gram matrix or a 3-D (n, K, K) stack, got shape {arr.shape}"
+        )
+    batched = arr.ndim == 3
+    if arr.shape[-1] != arr.shape[-2]:
+        raise ValueError(f"G must be square (K, K) in its last two axes, got shape {arr.shape}")
+    if arr.shape[-1] == 0:
+        raise ValueError("G has K = 0 tasks; a Pareto problem needs at least one task (K >= 1)")
+    if batched and arr.shape[0] == 0:
+        raise ValueError("G is an empty stack (n = 0); pass at least one (K, K) matrix")
+    check_finite(arr, "G")
+    Gs = arr if batched else arr[None]
+    if check_symmetry:
+        diff = Gs - np.swapaxes(Gs, -1, -2)
+        asym = np.maximum(diff.max(axis=(-2, -1)), -diff.min(axis=(-2, -1)))
+        size = np.maximum(Gs.max(axis=(-2, -1)), -Gs.min(axis=(-2, -1)))
+        bad = np.flatnonzero(asym > rtol * size)
+        if bad.size:
+            i = int(bad[0])
+            loc = f" (matrix {i})" if batched else ""
+            raise ValueError(
+                f"G is not symmetric{loc}: max |G - G^T| = {asym[i]:.3e} exceeds "
+                f"{rtol:.1e} * max|G| = {rtol * size[i]:.3e}; pass a Gram matrix "
+                "(e.g. A @ A.T) or symmetrize it with (G + G.T) / 2"
+            )
+        diff *= -0.5
+        diff += Gs  # (G + G^T) / 2, a fresh array
+        Gs = diff
+    else:
+        Gs = Gs.copy()  # never hand out (and later modify) the caller's memory
+    if check_psd:
+        _check_psd(Gs, rtol, batched)
+    return Gs, batched
+
+
+def _check_psd(Gs: np.ndarray, rtol: float, batched: bool) -> None:
+    K = Gs.shape[-1]
+    diag = np.einsum("nii->ni", Gs)
+    shift = rtol * np.maximum(diag.max(axis=1), 0.0) + np.finfo(np.float64).tiny
+    shifted = Gs.copy()
+    idx = np.arange(K)
+    shifted[:, idx, idx] += shift[:, None]
+    # success => lambda_min > -shift >= -rtol * lambda_max
+    if shifted.shape[0] == 1:
+        if lapack.dpotrf(shifted[0].T, lower=1, clean=0, overwrite_a=1)[1] == 0:
+            return
+    else:
+        try:
+            np.linalg.cholesky(shifted)
+            return
+        except np.linalg.LinAlgError:
+            pass
+    eig = np.linalg.eigvalsh(Gs)
+    lo, hi = eig[:, 0], eig[:, -1]
+    tol = rtol * np.maximum(np.abs(lo), np.abs(hi))
+    bad = np.flatnonzero(lo < -tol)
+    if bad.size:
+        i = int(bad[0])
+        loc = f" (matrix {i})" if batched else ""
+        raise ValueError(
+            f"G is not positive semidefinite{loc}: most negative eigenvalue {lo[i]:.3e} "
+            f"is below the tolerance -{rtol:.1e} * max|lambda| = {-tol[i]:.3e} "
+            f"(largest eigenvalue {hi[i]:.3e}); a Gram matrix of gradients is PSD, so recompute "
+            "it as A @ A.T or clip its negative eigenvalues"
+        )
+
+
+def check_lam(lam: Any) -> float:
+    """Return ``lam`` as a float; raise if it is negative, NaN or infinite."""
+    if hasattr(lam, "item") and not isinstance(lam, (int, float)):
+        lam = lam.item()
+    if isinstance(lam, bool):
+        raise ValueError("lam must be a real number >= 0, got a bool")
+    try:
+        lam_f = float(lam)
+    except (TypeError, ValueError):
+        raise ValueError(f"lam must be a real number >= 0, got {lam!r}") from None
+    if not np.isfinite(lam_f):
+        raise ValueError(f"lam must be finite, got {lam_f}; pass a finite lam >= 0")
+    if lam_f < 0:
+        raise ValueError(f"lam must be >= 0, got {lam_f}; the ridge term lam * ||w||^2 needs lam >= 0")
+    return lam_f
+
+
+def check_method(method: Any) -> str:
+    """Return ``method`` if it is one of :data:`METHODS`, else raise."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
+    return method
+
+
+def check_simplex(w: Any, K: int | None = None, atol: float = 1e-8, name: str = "w") -> np.ndarray:
+    """Validate weights on the probability simplex (last axis).
+
+    ``w_i >= -atol`` and ``|sum_i w_i - 1| <= atol``.  Returns float64 numpy.
+    """
+    arr, _ = to_numpy(w, name)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name} must be a (K,) vector or an (n, K) stack, got shape {arr.shape}")
+    if K is not None and arr.shape[-1] != K:
+        raise ValueError(f"{name} has {arr.shape[-1]} entries but G has K = {K} tasks; pass one weight per task")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"{name} is empty (K = 0); pass at least one weight")
+    check_finite(arr, name)
+    lo = arr.min()
+    if lo < -atol:
+        pos = list(map(int, np.unravel_index(int(np.argmin(arr)), arr.shape)))
+        raise ValueError(
+            f"{name} is not on the probability simplex: entry {lo:.3e} at {pos} is negative "
+            f"(tolerance {atol:.0e}); clip negatives to 0 and renormalize with w / w.sum()"
+        )
+    sums = arr.sum(axis=-1)
+    err = np.abs(sums - 1.0)
+    if (err > atol).any():
+        i = int(np.argmax(err))
+        s = float(np.atleast_1d(sums)[i])
+        raise ValueError(
+            f"{name} is not on the probability simplex: weights sum to {s:.12g}, not 1 "
+            f"(tolerance {atol:.0e}); renormalize with w / w.sum()"
+        )
+    return arr.copy()

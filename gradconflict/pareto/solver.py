@@ -1,0 +1,111 @@
+"""``solve``: one entry point for every method, single or batched.
+
+Every method works on the normalized matrix ``Q = (G + lam I) / s`` with
+``s = max_i (G_ii + lam)`` (``s = 1`` when that is 0), which makes the
+largest value of the objective on the simplex equal to 1.  Tolerances
+(``tol``) are therefore relative to ``s``; objective and gap are reported
+on the original scale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ._validate import METHODS, as_gram, check_lam, check_method, check_simplex
+from .active_set import active_set
+from .cvxpy_ref import cvxpy_solve
+from .frank_wolfe import frank_wolfe
+from .result import ParetoResult
+from .ugd import ugd
+
+SOLVERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+    "auto": active_set,
+    "frank_wolfe": frank_wolfe,
+    "ugd": ugd,
+    "cvxpy": cvxpy_solve,
+}
+
+
+def _options(method: str, options: dict[str, Any]) -> None:
+    params = inspect.signature(SOLVERS[method]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [name for name in params if name != "Q"]
+    for name in options:
+        if name not in valid:
+            raise ValueError(f"unknown option {name!r} for method {method!r}; valid options: {', '.join(valid)}")
+
+
+def normalize(Gs: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """In place: ``Gs <- (Gs + lam I) / s``; returns ``(Q, s)`` with s of shape (n,)."""
+    K = Gs.shape[-1]
+    idx = np.arange(K)
+    Gs[:, idx, idx] += lam
+    scale = Gs[:, idx, idx].max(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    Gs /= scale[:, None, None]
+    return Gs, scale
+
+
+def solve(
+    G: Any,
+    lam: float = 0.0,
+    method: str = "auto",
+    *,
+    check_psd: bool = True,
+    **options: Any,
+) -> ParetoResult:
+    """Minimize ``f(w) = w^T G w + lam ||w||^2`` over the probability simplex.
+
+    Args:
+        G: (K, K) PSD Gram matrix or (n, K, K) stack; numpy, torch or pandas.
+            It is validated (see :mod:`._validate`) and symmetrized.
+        lam: ridge coefficient ``lam >= 0``.
+        method: one of :data:`METHODS`:
+            ``"auto"`` exact active-set solver (:mod:`.active_set`;
+            options ``tol=1e-10, max_iter, w0``);
+            ``"frank_wolfe"`` (:mod:`.frank_wolfe`; options ``tol=1e-8,
+            max_iter=10_000, variant="away"|"vanilla"|"pairwise", w0``);
+            ``"ugd"`` softmax gradient descent (:mod:`.ugd`; options
+            ``optimizer="adam"|"sgd", lr, steps=1000, tol=1e-8, init,
+            beta0, w0``);
+            ``"cvxpy"`` reference (:mod:`.cvxpy_ref`; options ``solver=
+            "CLARABEL"`` and solver keywords).
+        check_psd: run the O(K^3) PSD check (default True).  Skipping it
+            saves one Cholesky factorization of G.
+        **options: method options; ``tol`` is relative to ``max_i (G_ii + lam)``.
+
+    Returns:
+        :class:`ParetoResult`; scalars for a single problem, arrays of length
+        n for a stack.
+    """
+    t0 = time.perf_counter()
+    method = check_method(method)
+    lam_f = check_lam(lam)
+    _options(method, options)
+    Gs, batched = as_gram(G, check_psd=check_psd)
+    n, K, _ = Gs.shape
+    if options.get("w0") is not None:
+        w0 = check_simplex(options["w0"], K=K, name="w0")
+        if w0.ndim == 2 and w0.shape[0] != n:
+            raise ValueError(f"w0 holds {w0.shape[0]} vectors but G holds {n} matrices; pass (K,) or (n, K)")
+        options["w0"] = w0
+    Q, scale = normalize(Gs, lam_f)
+    W, iters, conv = SOLVERS[method](Q, **options)
+    g = np.einsum("nij,nj->ni", Q, W)
+    f_n = np.einsum("ni,ni->n", W, g)
+    objective = scale * f_n
+    gap = scale * np.maximum(2.0 * (f_n - g.min(axis=1)), 0.0)
+    seconds = time.perf_counter() - t0
+    if batched:
+        return ParetoResult(W, objective, gap, iters, conv, seconds, method, lam_f, True)
+    return ParetoResult(
+        W[0], float(objective[0]), float(gap[0]), int(iters[0]), bool(conv[0]), seconds, method, lam_f, False
+    )
+
+
+__all__ = ["METHODS", "SOLVERS", "normalize", "solve"]

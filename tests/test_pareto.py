@@ -1,0 +1,515 @@
+"""Tests for gradconflict.pareto.
+
+References are independent of the code under test: KKT conditions checked
+with plain numpy, CVXPY called directly here, closed forms for K = 1, 2 and
+lam -> infinity, and hand-computed objectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cvxpy as cp
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gradconflict.pareto import METHODS, ParetoResult, objective, score, solve
+
+EXACT = ("auto", "cvxpy")
+
+
+# ----------------------------------------------------------------- helpers
+def gram(K: int, rank: int, seed: int, scale: float = 1.0) -> np.ndarray:
+    A = np.random.default_rng(seed).standard_normal((K, rank))
+    G = scale * (A @ A.T)
+    return (G + G.T) / 2
+
+
+def reference(G: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    """Direct CVXPY solve (independent of gradconflict.pareto.cvxpy_ref)."""
+    K = G.shape[0]
+    Q = (G + G.T) / 2 + lam * np.eye(K)
+    s = max(float(np.max(np.diag(Q))), 1e-300)
+    w = cp.Variable(K)
+    prob = cp.Problem(cp.Minimize(cp.quad_form(w, cp.psd_wrap(Q / s))), [w >= 0, cp.sum(w) == 1])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    x = np.clip(w.value, 0, None)
+    x /= x.sum()
+    return x, float(x @ G @ x + lam * x @ x)
+
+
+def assert_kkt(G: np.ndarray, lam: float, w: np.ndarray, tol: float, wtol: float = 1e-9) -> None:
+    """Simplex QP optimality: grad_i = mu on the support, grad_i >= mu elsewhere."""
+    K = G.shape[0]
+    Q = G + lam * np.eye(K)
+    s = float(np.max(np.diag(Q)))
+    assert w.shape == (K,)
+    assert w.min() >= -1e-12 and abs(w.sum() - 1) <= 1e-10
+    grad = 2 * Q @ w
+    mu = float(w @ grad)
+    support = w > wtol
+    assert np.all(np.abs(grad[support] - mu) <= tol * s), np.abs(grad[support] - mu).max() / s
+    assert np.all(grad >= mu - tol * s), (mu - grad.min()) / s
+
+
+def solve_fw(G, lam, variant="away", **kw):
+    return solve(G, lam, "frank_wolfe", variant=variant, **kw)
+
+
+# --------------------------------------------------------------- objective
+def test_objective_hand_example():
+    G = np.array([[2.0, 1.0], [1.0, 3.0]])
+    w = np.array([0.25, 0.75])
+    # 2 * 1/16 + 2 * 1 * 3/16 + 3 * 9/16 = 35/16 ; 0.5 * (1/16 + 9/16) = 5/16
+    assert objective(G, w, 0.5) == pytest.approx(40 / 16, rel=1e-15)
+    assert objective(G, w, 0.0) == pytest.approx(35 / 16, rel=1e-15)
+
+
+def test_objective_stacked():
+    Gs = np.stack([gram(3, 2, 0), gram(3, 3, 1)])
+    W = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    out = objective(Gs, W, 0.1)
+    expect = [w @ g @ w + 0.1 * w @ w for g, w in zip(Gs, W)]
+    np.testing.assert_allclose(out, expect, rtol=1e-14)
+    np.testing.assert_allclose(objective(Gs[0], W, 0.1), [w @ Gs[0] @ w + 0.1 * w @ w for w in W], rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "w, match",
+    [
+        ([0.5, 0.6, -0.1], "negative"),
+        ([0.2, 0.2, 0.2], "sum to"),
+        ([0.5, 0.5], "K = 3"),
+        ([np.nan, 0.5, 0.5], "NaN"),
+    ],
+)
+def test_objective_rejects_off_simplex(w, match):
+    with pytest.raises(ValueError, match=match):
+        objective(gram(3, 3, 0), np.array(w), 0.0)
+
+
+# ------------------------------------------------------- solvers vs CVXPY
+CASES = [  # (K, rank, lam, seed)
+    (6, 1, 0.1, 0),  # rank 1
+    (8, 3, 0.05, 1),  # rank r < K
+    (10, 10, 0.01, 2),  # full rank
+    (12, 4, 0.0, 3),  # lam = 0, rank deficient (non-unique optimum)
+    (7, 7, 0.0, 4),  # lam = 0, full rank
+    (30, 10, 1e-3, 5),
+]
+
+
+@pytest.mark.parametrize("K, rank, lam, seed", CASES)
+def test_auto_kkt_and_matches_cvxpy(K, rank, lam, seed):
+    G = gram(K, rank, seed)
+    lam = lam * np.trace(G) / K
+    res = solve(G, lam)
+    assert res.converged and res.method == "auto"
+    assert_kkt(G, lam, res.weights, tol=1e-10)
+    w_ref, f_ref = reference(G, lam)
+    s = np.max(np.diag(G)) + lam
+    assert res.objective <= f_ref + 1e-12 * s
+    assert res.objective >= f_ref - 1e-8 * s
+    assert res.objective == pytest.approx(res.weights @ G @ res.weights + lam * res.weights @ res.weights, rel=1e-12, abs=1e-15 * s)
+    if lam > 0:
+        np.testing.assert_allclose(res.weights, w_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ("away", "pairwise"))
+@pytest.mark.parametrize("K, rank, lam, seed", CASES[:3] + CASES[4:5])
+def test_frank_wolfe_matches_cvxpy(variant, K, rank, lam, seed):
+    G = gram(K, rank, seed)
+    lam = lam * np.trace(G) / K
+    s = np.max(np.diag(G)) + lam
+    res = solve_fw(G, lam, variant, tol=1e-9, max_iter=50_000)
+    assert res.converged and res.gap <= 1e-9 * s
+    _, f_ref = reference(G, lam)
+    assert -1e-10 * s <= res.objective - f_ref <= res.gap
+    assert_kkt(G, lam, res.weights, tol=1e-3, wtol=1e-3)
+
+
+@pytest.mark.parametrize("K, rank, lam, seed", CASES[:3])
+def test_vanilla_frank_wolfe_converges_sublinearly(K, rank, lam, seed):
+    G = gram(K, rank, seed)
+    lam = lam * np.trace(G) / K
+    s = np.max(np.diag(G)) + lam
+    _, f_ref = reference(G, lam)
+    prev = np.inf
+    for n in (10, 100, 1000, 10_000):  # O(1/t): no tight tolerance for plain FW
+        res = solve_fw(G, lam, "vanilla", tol=0.0, max_iter=n)
+        assert res.iterations == n and not res.converged
+        assert -1e-10 * s <= res.objective - f_ref <= res.gap  # the gap certifies suboptimality
+        assert res.objective <= prev
+        prev = res.objective
+    assert res.objective - f_ref <= 2e-3 * s
+    easy = solve_fw(G, 10 * np.trace(G), "vanilla", tol=1e-8)  # interior optimum: converges
+    assert easy.converged
+
+
+@pytest.mark.parametrize("K, rank, lam, seed", CASES)
+def test_cvxpy_method_matches_direct_cvxpy(K, rank, lam, seed):
+    G = gram(K, rank, seed)
+    lam = lam * np.trace(G) / K
+    res = solve(G, lam, "cvxpy")
+    _, f_ref = reference(G, lam)
+    s = np.max(np.diag(G)) + lam
+    assert res.converged and abs(res.objective - f_ref) <= 1e-7 * s
+    assert_kkt(G, lam, res.weights, tol=1e-5, wtol=1e-5)
+
+
+def test_ugd_close_after_enough_steps_and_gap_decreases():
+    G = gram(8, 8, 7)
+    lam = 0.05 * np.trace(G) / 8
+    _, f_ref = reference(G, lam)
+    gaps = [solve(G, lam, "ugd", steps=n, tol=0.0).gap for n in (10, 100, 1000)]
+    assert gaps[0] > gaps[1] > gaps[2]
+    res = solve(G, lam, "ugd", steps=5000)
+    assert abs(res.objective - f_ref) <= 1e-4 * f_ref  # loose: softmax never hits exact zeros
+    sgd = solve(G, lam, "ugd", optimizer="sgd", steps=5000)
+    assert abs(sgd.objective - f_ref) <= 1e-3 * f_ref
+    assert sgd.gap < solve(G, lam, "ugd", optimizer="sgd", steps=50, tol=0.0).gap
+
+
+def test_ugd_warm_start():
+    G = gram(6, 6, 8)
+    w_ref, f_ref = reference(G, 0.1)
+    cold = solve(G, 0.1, "ugd", steps=20, tol=0.0)
+    warm = solve(G, 0.1, "ugd", steps=20, tol=0.0, w0=np.clip(w_ref, 1e-6, None) / np.clip(w_ref, 1e-6, None).sum())
+    assert warm.objective - f_ref < cold.objective - f_ref
+    beta = solve(G, 0.1, "ugd", steps=0, beta0=np.log(np.clip(w_ref, 1e-6, None)))
+    assert beta.iterations == 0 and beta.objective - f_ref < cold.objective - f_ref
+
+
+# ------------------------------------------------------ special structure
+@pytest.mark.parametrize("method", METHODS)
+def test_single_task(method):
+    res = solve(np.array([[3.0]]), 0.5, method)
+    np.testing.assert_array_equal(res.weights, [1.0])
+    assert res.objective == pytest.approx(3.5) and res.gap == 0
+
+
+@pytest.mark.parametrize("method", ("auto", "frank_wolfe", "cvxpy"))
+@pytest.mark.parametrize("lam", [0.0, 0.3])
+@pytest.mark.parametrize("seed", range(4))
+def test_two_tasks_closed_form(method, lam, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((2, 2)) * [[1.0], [rng.uniform(0.1, 3)]]
+    G = A @ A.T
+    w1 = np.clip((G[1, 1] - G[0, 1] + lam) / (G[0, 0] + G[1, 1] - 2 * G[0, 1] + 2 * lam), 0, 1)
+    res = solve(G, lam, method)
+    np.testing.assert_allclose(res.weights, [w1, 1 - w1], atol=1e-6 if method == "cvxpy" else 1e-9)
+
+
+def test_exact_line_search_one_step_on_two_tasks():
+    G = np.array([[2.0, 0.5], [0.5, 1.0]])  # interior optimum w1 = 0.5 / 2 = 0.25
+    for variant in ("vanilla", "away", "pairwise"):
+        for w0 in (None, np.array([1.0, 0.0])):  # default start: best vertex e_1 (step 0.75 from e_0)
+            res = solve_fw(G, 0.0, variant, w0=w0)
+            assert res.iterations == 1 and res.converged
+            np.testing.assert_allclose(res.weights, [0.25, 0.75], atol=1e-15)
+
+
+def test_two_tasks_one_dominates():
+    G = np.array([[1.0, 2.0], [2.0, 5.0]])  # w1 = clip(3 / 2) = 1
+    for method in ("auto", "frank_wolfe"):
+        np.testing.assert_allclose(solve(G, 0.0, method).weights, [1.0, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.2])
+def test_duplicated_tasks(lam):
+    base = gram(5, 3, 9)
+    idx = [0, 1, 1, 2, 3, 3, 3, 4]  # tasks 1 and 3 duplicated
+    G = base[np.ix_(idx, idx)]
+    _, f_ref = reference(G, lam)
+    for method in ("auto", "frank_wolfe"):
+        res = solve(G, lam, method, tol=1e-10)
+        assert res.objective == pytest.approx(f_ref, rel=1e-6, abs=1e-9)
+        if method == "auto":
+            assert_kkt(G, lam, res.weights, tol=1e-10)
+    if lam > 0:  # strictly convex: identical tasks share weight equally
+        w = solve(G, lam).weights
+        assert w[1] == pytest.approx(w[2], abs=1e-10)
+        assert w[4] == pytest.approx(w[5], abs=1e-10) and w[5] == pytest.approx(w[6], abs=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+@pytest.mark.parametrize("lam", [0.0, 0.05])
+def test_extreme_scales(scale, lam):
+    G1 = gram(10, 6, 10)
+    base = solve(G1, lam)
+    G = G1 * scale
+    for method in ("auto", "frank_wolfe", "cvxpy"):
+        res = solve(G, lam * scale, method)
+        assert res.objective == pytest.approx(base.objective * scale, rel=1e-6, abs=1e-9 * scale)
+        if lam > 0:
+            np.testing.assert_allclose(res.weights, base.weights, atol=1e-5)
+    assert_kkt(G, lam * scale, solve(G, lam * scale).weights, tol=1e-10)
+
+
+@pytest.mark.parametrize("method", ("auto", "frank_wolfe", "ugd", "cvxpy"))
+def test_huge_lam_gives_uniform(method):
+    K = 9
+    G = gram(K, 4, 11)
+    lam = 1e6 * np.trace(G)
+    res = solve(G, lam, method)
+    # w* = uniform + O(||G|| / lam) (first-order perturbation of the KKT system)
+    np.testing.assert_allclose(res.weights, np.full(K, 1 / K), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("auto", "frank_wolfe", "cvxpy"))
+def test_permutation_invariance(method):
+    G = gram(9, 5, 12)
+    lam = 0.02 * np.trace(G) / 9
+    perm = np.random.default_rng(0).permutation(9)
+    w = solve(G, lam, method, tol=1e-10).weights if method != "cvxpy" else solve(G, lam, method).weights
+    wp = solve(G[np.ix_(perm, perm)], lam, method, **({} if method == "cvxpy" else {"tol": 1e-10})).weights
+    np.testing.assert_allclose(wp, w[perm], atol=1e-6 if method != "auto" else 1e-10)
+
+
+def test_all_zero_gram():
+    res = solve(np.zeros((4, 4)), 0.0)
+    assert res.objective == 0 and res.converged
+    assert res.weights.sum() == pytest.approx(1)
+
+
+# -------------------------------------------------------- batching & caps
+@pytest.mark.parametrize(
+    "method, opts",
+    [("auto", {}), ("frank_wolfe", {"variant": "away"}), ("frank_wolfe", {"variant": "vanilla"}), ("ugd", {"steps": 200}), ("cvxpy", {})],
+)
+def test_batched_equals_per_item(method, opts):
+    Gs = np.stack([gram(7, r, 20 + r) for r in (1, 3, 7, 5)])
+    res = solve(Gs, 0.05, method, **opts)
+    assert res.batched and res.weights.shape == (4, 7) and res.objective.shape == (4,)
+    for i, G in enumerate(Gs):
+        one = solve(G, 0.05, method, **opts)
+        np.testing.assert_allclose(res.weights[i], one.weights, atol=1e-9)
+        assert res.objective[i] == pytest.approx(one.objective, rel=1e-9)
+        assert res.converged[i] == one.converged
+        if method != "cvxpy":
+            assert res.iterations[i] == one.iterations
+
+
+def test_batched_torch_input():
+    Gs = torch.tensor(np.stack([gram(5, 2, 30), gram(5, 5, 31)]))
+    res = solve(Gs, 0.1)
+    for i in range(2):
+        assert_kkt(Gs[i].numpy(), 0.1, res.weights[i], tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "method, capped, enough",
+    [
+        ("frank_wolfe", {"max_iter": 3}, {"max_iter": 100_000}),
+        ("ugd", {"steps": 3}, {"steps": 3000, "tol": 1e-3}),
+        ("auto", {"max_iter": 1}, {}),
+    ],
+)
+def test_iteration_cap(method, capped, enough):
+    G = gram(40, 40, 40)  # needs many FW / UGD steps and several pivots
+    G[np.arange(40), np.arange(40)] += np.linspace(0, 50, 40)
+    res = solve(G, 0.01, method, **capped)
+    assert not res.converged
+    assert res.iterations == next(iter(capped.values()))
+    assert solve(G, 0.01, method, **enough).converged
+
+
+# -------------------------------------------------------------- inputs
+def test_accepts_torch_and_pandas():
+    G = gram(6, 4, 50)
+    ref = solve(G, 0.1).weights
+    np.testing.assert_allclose(solve(torch.tensor(G), 0.1).weights, ref, atol=1e-14)
+    np.testing.assert_allclose(solve(torch.tensor(G, dtype=torch.float32, requires_grad=True), torch.tensor(0.1)).weights, ref, atol=1e-5)
+    np.testing.assert_allclose(solve(pd.DataFrame(G, index=list("abcdef"), columns=list("abcdef")), 0.1).weights, ref, atol=1e-14)
+
+
+def test_symmetrizes_small_asymmetry():
+    G = gram(5, 5, 51)
+    noise = 1e-12 * np.triu(np.ones((5, 5)), 1)
+    np.testing.assert_allclose(solve(G + noise, 0.1).weights, solve(G + noise.T, 0.1).weights, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "G, lam, method, match",
+    [
+        (np.ones((2, 3)), 0.0, "auto", "square"),
+        (np.ones(3), 0.0, "auto", "2-D"),
+        (np.ones((2, 2, 2, 2)), 0.0, "auto", "shape"),
+        (np.zeros((0, 0)), 0.0, "auto", "K = 0"),
+        (np.array([[1.0, 0.5], [0.0, 1.0]]), 0.0, "auto", r"not symmetric.*max \|G - G\^T\| = 5\.000e-01"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), 0.0, "auto", r"NaN at \[0, 1\]"),
+        (np.array([[1.0, 0.0], [0.0, np.inf]]), 0.0, "auto", r"inf at \[1, 1\]"),
+        (np.array([[1.0, 2.0], [2.0, 1.0]]), 0.0, "auto", r"not positive semidefinite.*-1\.000e\+00"),
+        (np.eye(2), -0.1, "auto", "lam must be >= 0"),
+        (np.eye(2), np.nan, "auto", "lam must be finite"),
+        (np.eye(2), np.inf, "auto", "lam must be finite"),
+        (np.eye(2), 0.0, "newton", "unknown method 'newton'; valid methods are auto, frank_wolfe, ugd, cvxpy"),
+    ],
+)
+def test_bad_inputs(G, lam, method, match):
+    with pytest.raises(ValueError, match=match):
+        solve(G, lam, method)
+
+
+def test_bad_options_and_stack_messages():
+    with pytest.raises(ValueError, match="unknown option 'foo'.*valid options"):
+        solve(np.eye(3), 0.0, "auto", foo=1)
+    with pytest.raises(ValueError, match="variant"):
+        solve(np.eye(3), 0.0, "frank_wolfe", variant="fast")
+    with pytest.raises(ValueError, match="optimizer"):
+        solve(np.eye(3), 0.0, "ugd", optimizer="rmsprop")
+    bad = np.stack([np.eye(2), np.array([[0.0, 1.0], [1.0, 0.0]])])
+    with pytest.raises(ValueError, match=r"matrix 1.*most negative eigenvalue -1"):
+        solve(bad, 0.0)
+
+
+def test_psd_tolerance_is_relative():
+    G = gram(5, 2, 60) * 1e8
+    G -= 1e-9 * 1e8 * np.eye(5) * np.linalg.eigvalsh(G)[-1] / 1e8  # tiny negative eigenvalues, within 1e-8
+    solve(G, 0.0)
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        solve(G - 1e-6 * np.linalg.eigvalsh(G)[-1] * np.eye(5), 0.0)
+
+
+# -------------------------------------------------------------- result
+def test_result_is_frozen_and_tidy():
+    res = solve(np.stack([gram(3, 3, 70), gram(3, 1, 71)]), 0.1)
+    assert isinstance(res, ParetoResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.method = "x"  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        res.weights[0, 0] = 1.0
+    df = res.to_frame()
+    assert len(df) == 6 and {"problem", "task", "weight", "objective", "gap", "converged", "method"} <= set(df.columns)
+    np.testing.assert_allclose(df.pivot(index="problem", columns="task", values="weight").to_numpy(), res.weights)
+    single = solve(gram(3, 3, 70), 0.1)
+    assert isinstance(single.objective, float) and isinstance(single.converged, bool)
+    assert len(single.to_frame()) == 3
+
+
+# --------------------------------------------------------------- score
+class FakeStrategy:
+    def __init__(self, name, raw):
+        self.name = name
+        self.raw = np.asarray(raw, dtype=float)
+
+
+class FakeBins:
+    """Duck-typed stand-in for gradconflict.bins.TimestepBins."""
+
+    def __init__(self):
+        self.calls = []
+
+    def strategy_weights(self, strategy, schedule):
+        self.calls.append((strategy.name, schedule))
+        return strategy.raw / strategy.raw.sum()
+
+
+def test_score_with_fake_bins():
+    G = gram(4, 3, 80)
+    lam = 0.05
+    strategies = [FakeStrategy("uniform", [1, 1, 1, 1]), FakeStrategy("early", [4, 3, 2, 1]), FakeStrategy("late", [0, 0, 1, 3])]
+    bins = FakeBins()
+    df = score(G, lam, strategies, bins, schedule="cosine")
+    assert list(df["strategy"]) == ["uniform", "early", "late", "pareto_optimum"]
+    assert bins.calls == [("uniform", "cosine"), ("early", "cosine"), ("late", "cosine")]
+    assert (df["excess"] >= 0).all() and (df["ratio"] >= 1).all()
+    for s in strategies:
+        w = s.raw / s.raw.sum()
+        row = df[df["strategy"] == s.name].iloc[0]
+        assert row["objective"] == pytest.approx(w @ G @ w + lam * w @ w, rel=1e-12)
+        np.testing.assert_allclose(row["weights"], w)
+    _, f_ref = reference(G, lam)
+    opt = df[df["strategy"] == "pareto_optimum"].iloc[0]
+    assert opt["objective"] == pytest.approx(f_ref, rel=1e-7)
+    assert opt["excess"] == 0 and opt["ratio"] == 1
+    uni = df.iloc[0]
+    assert uni["excess"] == pytest.approx(uni["objective"] - opt["objective"])
+    assert uni["ratio"] == pytest.approx(uni["objective"] / opt["objective"])
+
+
+def test_score_dict_inputs_and_batch():
+    G = gram(3, 3, 81)
+    d = score(G, 0.0, {"a": np.array([1.0, 0, 0]), "b": np.full(3, 1 / 3)})
+    assert list(d["strategy"]) == ["a", "b", "pareto_optimum"]
+    assert d.loc[0, "objective"] == pytest.approx(G[0, 0])
+    by_name = score(G, 0.0, {"u": FakeStrategy("ignored", [1, 1, 1])}, FakeBins())
+    assert by_name["strategy"].iloc[0] == "u"
+    Gs = np.stack([G, gram(3, 1, 82)])
+    batch = score(Gs, 0.1, {"u": np.full(3, 1 / 3)})
+    assert list(batch["index"]) == [0, 0, 1, 1] and (batch["ratio"] >= 1).all()
+    for i in range(2):
+        u, opt = batch[batch["index"] == i].iloc[0], batch[batch["index"] == i].iloc[1]
+        w = np.full(3, 1 / 3)
+        assert u["objective"] == pytest.approx(w @ Gs[i] @ w + 0.1 * w @ w, rel=1e-12)
+        assert opt["objective"] == pytest.approx(reference(Gs[i], 0.1)[1], rel=1e-7)
+        assert u["ratio"] == pytest.approx(u["objective"] / opt["objective"], rel=1e-12)
+    with pytest.raises(ValueError, match="dict name -> weight vector"):
+        score(G, 0.0, [FakeStrategy("x", [1, 1, 1])])
+    with pytest.raises(ValueError, match="simplex"):
+        score(G, 0.0, {"bad": np.array([1.0, 1.0, 1.0])})
+
+
+def test_score_zero_optimum_ratio():
+    G = np.array([[1.0, -1.0], [-1.0, 1.0]])  # optimum 0 at w = (1/2, 1/2)
+    df = score(G, 0.0, {"half": np.array([0.5, 0.5]), "first": np.array([1.0, 0.0])})
+    assert df.loc[0, "ratio"] == 1.0 and np.isinf(df.loc[1, "ratio"])
+
+
+# ------------------------------------------- exact solver internals (K > 128)
+def test_auto_large_uses_updates_and_matches_cvxpy():
+    K = 200  # above the size where the Schur-complement updates kick in
+    A = np.random.default_rng(90).standard_normal((K, K // 2)) * np.logspace(0, -2, K // 2)
+    G = A @ A.T
+    lam = 1e-3 * np.trace(G) / K
+    res = solve(G, lam)
+    assert res.converged
+    assert_kkt(G, lam, res.weights, tol=1e-12)
+    _, f_ref = reference(G, lam)
+    assert f_ref - 1e-6 * f_ref <= res.objective <= f_ref + 1e-12 * np.max(np.diag(G))
+
+
+def test_auto_rank_deficient_lam0_large():
+    G = gram(150, 20, 91)  # singular KKT systems: exercises the min-norm-point phase
+    res = solve(G, 0.0)
+    assert res.converged
+    assert_kkt(G, 0.0, res.weights, tol=1e-10)
+    assert np.sum(res.weights > 0) <= 21  # Caratheodory: an affinely independent support
+    _, f_ref = reference(G, 0.0)
+    assert res.objective <= f_ref + 1e-10 * np.max(np.diag(G))
+
+
+def test_subset_solver_against_direct_solve():
+    from gradconflict.pareto._cholesky import SubsetSolver
+
+    rng = np.random.default_rng(92)
+    K = 300
+    A = rng.standard_normal((K, K))
+    Q = A @ A.T / K + 0.1 * np.eye(K)
+    sub = SubsetSolver(Q)
+    F = rng.random(K) < 0.9
+    refactor_cost = 0.0
+    for step in range(6):  # a few removals / additions per step, as in pivoting
+        flip = rng.choice(K, size=3 + 2 * step, replace=False)
+        F[flip] = ~F[flip]
+        assert sub.update(F)
+        refactor_cost += F.sum() ** 3 / 3
+        idx, v = sub.affine_weights()
+        np.testing.assert_array_equal(np.sort(idx), np.flatnonzero(F))
+        order = np.argsort(idx)
+        QF = Q[np.ix_(F, F)]
+        x = np.linalg.solve(QF, np.ones(F.sum()))
+        np.testing.assert_allclose(v[order], x / x.sum(), rtol=1e-9, atol=1e-13)
+    assert sub.flops < 0.5 * refactor_cost  # much cheaper than refactoring at every step
+
+
+def test_wolfe_phase_alone_is_exact():
+    from gradconflict.pareto.active_set import _wolfe
+
+    G = gram(25, 25, 93)
+    s = np.max(np.diag(G)) + 0.01
+    Q = (G + 0.01 * np.eye(25)) / s
+    w, _ = _wolfe(Q, None, 10_000)
+    assert_kkt(G, 0.01, w, tol=1e-10)
