@@ -1,0 +1,18 @@
+"""Over-training Pareto analysis: Gram -> Pareto weights (every solver) and strategy scores, checkpoint by checkpoint."""
+
+from .analyze import absolute_lam, analyze_gram
+from .config import TrackConfig
+from .run import TrackResult, load_track, make_bins, track_models, track_training
+from .sweep import lambda_sweep
+
+__all__ = [
+    "TrackConfig",
+    "TrackResult",
+    "absolute_lam",
+    "analyze_gram",
+    "lambda_sweep",
+    "load_track",
+    "make_bins",
+    "track_models",
+    "track_training",
+]

@@ -1,0 +1,79 @@
+"""Over-training tracking: strategy scores equal the objective of their normalized bin weights; resume; refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradconflict as gc
+from gradconflict.track import TrackConfig, lambda_sweep, track_models
+
+from zoo import UNetLike
+
+SCHEDULE = gc.NoiseSchedule.linear(T=1000)
+
+
+def _models():
+    torch.manual_seed(0)
+    return [(0, UNetLike()), (5, UNetLike())]
+
+
+def _cfg(**kw) -> TrackConfig:
+    base = dict(bins=4, per_task=2, resamples=2, ugd_steps=300, fw_max_iter=500, lam=0.1)
+    base.update(kw)
+    return TrackConfig(**base)
+
+
+def test_strategy_scores_equal_objective_of_their_bin_weights(tmp_path: Path) -> None:
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    res = track_models(_models(), images, SCHEDULE, "eps", _cfg(), out_dir=tmp_path, progress=False)
+    snr = np.array([SCHEDULE.alphas_cumprod[t] / (1 - SCHEDULE.alphas_cumprod[t]) for t in range(1000)])
+    hand = {"constant": np.ones(1000), "snr": snr, "max_snr_1": np.maximum(snr, 1.0), "min_snr_5": np.minimum(snr, 5.0)}
+    objectives = res.objectives
+    for (step, r), G in res.grams.items():
+        lam_abs = 0.1 * np.trace(G) / 4
+        rows = objectives[(objectives["step"] == step) & (objectives["resample"] == r)].set_index("name")
+        for name, x0_weight in hand.items():
+            w = np.array([x0_weight[k * 250:(k + 1) * 250].sum() for k in range(4)])
+            w = w / w.sum()
+            expected = float(w @ G @ w + lam_abs * w @ w)
+            assert rows.loc[name, "objective"] == pytest.approx(expected, rel=1e-12)
+            assert rows.loc[name, "ratio"] >= 1 - 1e-9
+        # every exact solver agrees with the optimum; UGD is never below it
+        assert rows.loc["cvxpy", "ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert rows.loc["ugd", "ratio"] >= 1 - 1e-9
+    weights = res.weights.groupby(["step", "resample", "name"])["weight"].sum()
+    np.testing.assert_allclose(weights.to_numpy(), 1.0, atol=1e-6)
+
+
+def test_resume_skips_done_steps_and_refuses_other_config(tmp_path: Path) -> None:
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path, progress=False)
+    calls = []
+
+    def loader():
+        calls.append(1)
+        return UNetLike()
+
+    both = track_models([(0, loader), (5, loader)], images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path,
+                        progress=False)
+    assert len(calls) == 1  # step 0 was already done and was not recomputed (nor loaded)
+    assert sorted(both.objectives["step"].unique()) == [0, 5]
+    np.testing.assert_array_equal(both.grams[(0, 0)], first.grams[(0, 0)])
+    with pytest.raises(ValueError, match="another config"):
+        track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1, lam=1.0), out_dir=tmp_path, progress=False)
+
+
+def test_lambda_sweep_goes_from_sparse_to_uniform() -> None:
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(6, 3)) * np.array([1.0, 0.1, 0.01])
+    G = A @ A.T
+    df = lambda_sweep(G, gc.TimestepBins.uniform(60, 6), lams=[0.0, 1e4])
+    w_big = df[df["lam"] == 1e4].weight.to_numpy()
+    np.testing.assert_allclose(w_big, 1 / 6, atol=1e-3)  # huge lam: uniform
+    assert df[df["lam"] == 0.0].entropy.iloc[0] < df[df["lam"] == 1e4].entropy.iloc[0]
+    with pytest.raises(ValueError, match="lam"):
+        lambda_sweep(G, gc.TimestepBins.uniform(60, 6), lams=[-1.0])
