@@ -1,0 +1,104 @@
+"""Verdicts on the paper's claims C1-C3 (shared/PAPER.md), each with the numbers behind it and their uncertainty.
+
+* C1 (transfer): fine-tuning bin i lowers the loss of neighbouring bins (|i - j| = 1) and raises it for
+  distant bins (|i - j| >= K/2). Holds when the mean transfer of neighbours is > 0 and of distant bins < 0.
+* C2 (UGD instability): UGD's weights recomputed on resampled batches (and at successive checkpoints) vary by
+  much more than the solver's own tolerance. Holds when the mean L1 distance between UGD weights of two
+  resampled batches at the same checkpoint exceeds 10x UGD's own error (L1 distance to the exact optimum of
+  the same Gram).
+* C3 (strategies): among constant, SNR, Max-SNR-1 and Min-SNR-5, Min-SNR-5's weights give the lowest Pareto
+  objective. Holds when Min-SNR-5 has the lowest mean ratio to the optimum over checkpoints and batches.
+
+Each verdict says whether the difference it rests on exceeds two standard errors ("significant").
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["claim_c1", "claim_c2", "claim_c3", "PAPER_STRATEGIES"]
+
+PAPER_STRATEGIES = ("constant", "snr", "max_snr_1", "min_snr_5")
+
+
+def _mean_se(values: np.ndarray, se: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """Mean and its standard error: from per-entry standard errors when given, else from the spread."""
+    values = np.asarray(values, dtype=np.float64)
+    if se is not None and np.all(np.isfinite(se)):
+        return float(values.mean()), float(np.sqrt(np.sum(np.asarray(se) ** 2)) / values.size)
+    if values.size < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
+
+
+def claim_c1(matrix: np.ndarray, stderr: Optional[np.ndarray] = None) -> dict:
+    """C1 from a K x K transfer matrix (rows fine-tuned on, columns evaluated on) and its standard errors."""
+    M = np.asarray(matrix, dtype=np.float64)
+    K = M.shape[0]
+    i, j = np.indices(M.shape)
+    d = np.abs(i - j)
+    near_mask, far_mask = d == 1, d >= max(2, K // 2)
+    se = None if stderr is None else np.asarray(stderr, dtype=np.float64)
+    near, near_se = _mean_se(M[near_mask], None if se is None else se[near_mask])
+    far, far_se = _mean_se(M[far_mask], None if se is None else se[far_mask])
+    holds = near > 0 and far < 0
+    significant = bool(near > 2 * near_se and -far > 2 * far_se) if np.isfinite(near_se) and np.isfinite(far_se) else False
+    return dict(claim="C1", holds=bool(holds), significant=significant,
+                statement="fine-tuning bin i helps bins near i and hurts bins far from i",
+                measured=f"mean transfer to neighbours (|i-j|=1) {near:+.4f} +- {near_se:.4f}; "
+                         f"to distant bins (|i-j|>={max(2, K // 2)}) {far:+.4f} +- {far_se:.4f}",
+                near=near, near_se=near_se, far=far, far_se=far_se, diagonal=float(np.mean(np.diag(M))))
+
+
+def claim_c2(weights: pd.DataFrame, solver: str = "ugd", reference: str = "auto") -> dict:
+    """C2 from tracking weights (columns step, resample, name, bin, weight)."""
+    w = weights.pivot_table(index=["name", "step", "resample"], columns="bin", values="weight")
+    ugd, ref = w.loc[solver], w.loc[reference]
+    tolerance = np.abs(ugd.to_numpy() - ref.loc[ugd.index].to_numpy()).sum(1)  # UGD's own error per Gram
+    resample_d, drift_d = [], []
+    steps = sorted(ugd.index.get_level_values("step").unique())
+    for s in steps:
+        block = ugd.loc[s].to_numpy()
+        resample_d += [np.abs(a - b).sum() for a, b in combinations(block, 2)]
+    for a, b in zip(steps[:-1], steps[1:]):
+        drift_d.append(np.abs(ugd.loc[a].mean().to_numpy() - ugd.loc[b].mean().to_numpy()).sum())
+    tol, tol_se = _mean_se(tolerance)
+    res, res_se = _mean_se(np.array(resample_d)) if resample_d else (float("nan"), float("nan"))
+    drift = float(np.mean(drift_d)) if drift_d else float("nan")
+    ratio = res / tol if tol > 0 else float("inf")
+    holds = bool(np.isfinite(res) and ratio > 10)
+    significant = bool(np.isfinite(res_se) and res - 2 * res_se > 10 * (tol + 2 * (tol_se if np.isfinite(tol_se) else 0)))
+    return dict(claim="C2", holds=holds, significant=significant,
+                statement="UGD weights recomputed on resampled batches vary far more than the solver's own tolerance",
+                measured=f"L1 distance between UGD weights of resampled batches {res:.4f} +- {res_se:.4f}; "
+                         f"UGD's own error (L1 to the exact optimum of the same Gram) {tol:.2e} +- {tol_se:.1e}; "
+                         f"ratio {ratio:.1f}; drift between successive checkpoints {drift:.4f}",
+                resample_l1=res, resample_l1_se=res_se, tolerance_l1=tol, ratio=ratio, drift_l1=drift)
+
+
+def claim_c3(objectives: pd.DataFrame, strategies: tuple[str, ...] = PAPER_STRATEGIES, expected: str = "min_snr_5") -> dict:
+    """C3 from tracking objectives (columns step, resample, name, kind, ratio)."""
+    o = objectives[objectives["name"].isin(strategies)]
+    per = o.pivot_table(index=["step", "resample"], columns="name", values="ratio")
+    missing = [s for s in strategies if s not in per.columns]
+    if missing:
+        raise ValueError(f"tracking results lack strategies {missing}")
+    stats = {s: _mean_se(per[s].to_numpy()) for s in strategies}
+    best = min(stats, key=lambda s: stats[s][0])
+    wins = float((per.idxmin(axis=1) == expected).mean())
+    others = [s for s in strategies if s != expected]
+    runner = min(others, key=lambda s: stats[s][0])
+    diff = per[runner].to_numpy() - per[expected].to_numpy()
+    d_mean, d_se = _mean_se(diff)
+    holds = best == expected
+    significant = bool(np.isfinite(d_se) and abs(d_mean) > 2 * d_se)
+    table = "; ".join(f"{s} {stats[s][0]:.3f} +- {stats[s][1]:.3f}" for s in strategies)
+    return dict(claim="C3", holds=bool(holds), significant=significant,
+                statement="Min-SNR-5's weights give the lowest Pareto objective among the four fixed strategies",
+                measured=f"mean ratio to the optimum: {table}; lowest: {best}; {expected} lowest in {wins:.0%} of "
+                         f"(checkpoint, batch) pairs; paired difference {runner} - {expected}: {d_mean:+.3f} +- {d_se:.3f}",
+                best=best, win_share=wins, **{f"ratio_{s}": stats[s][0] for s in strategies})
