@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["save_figure", "write_csv", "matrix_heatmap"]
+__all__ = ["save_figure", "write_csv", "matrix_heatmap", "suptitle"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -23,6 +23,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -34,6 +35,13 @@ def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> Pat
     path = Path(path)
     _atomic(path, lambda tmp: frame.to_csv(tmp, index=index))
     return path
+
+
+def suptitle(fig: plt.Figure, text: str) -> None:
+    """A multi-line figure title above the panels, with the layout leaving room for it."""
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("constrained")
+    fig.suptitle(text, fontsize=10)
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:

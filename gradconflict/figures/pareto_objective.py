@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from ..plots import save_figure, write_csv
+from ..plots import save_figure, suptitle, write_csv
 
 __all__ = ["fig4_pareto_objective"]
 
@@ -25,7 +25,7 @@ def fig4_pareto_objective(objectives: pd.DataFrame, out: str | Path, *, subtitle
     write_csv(stats, out.with_suffix(".csv"))
     names = list(dict.fromkeys(list(stats.loc[stats["kind"] == "strategy", "name"]) + ["ugd", "auto"]))
     palette = dict(zip(names, sns.color_palette("tab10", n_colors=len(names))))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     for name in names:
         s = stats[stats["name"] == name]
         if s.empty:
@@ -51,6 +51,6 @@ def fig4_pareto_objective(objectives: pd.DataFrame, out: str | Path, *, subtitle
     ax2.legend(fontsize=8)
     if np.isfinite(stats["ratio_mean"]).any():
         ax2.set_ylim(bottom=0.9)
-    fig.suptitle(f"Fig. 4 - fixed weighting strategies against the regularized Pareto optimum{subtitle}")
+    suptitle(fig, f"Fig. 4 - fixed weighting strategies against the regularized Pareto optimum{subtitle}")
     save_figure(fig, out.with_suffix(".png"))
     return stats

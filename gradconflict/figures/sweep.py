@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from ..plots import save_figure, write_csv
+from ..plots import save_figure, suptitle, write_csv
 
 __all__ = ["lambda_sweep_figure"]
 
@@ -21,7 +21,7 @@ def lambda_sweep_figure(sweep: pd.DataFrame, out: str | Path, *, used_lam: float
     s = sweep[sweep["lam"] > 0]
     grid = s.pivot(index="lam", columns="label", values="weight")
     grid = grid[list(s.drop_duplicates("bin").sort_values("bin")["label"])]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), layout="constrained", gridspec_kw={"width_ratios": [1.6, 1]})
     colors = sns.color_palette("viridis", n_colors=grid.shape[1])
     ax1.stackplot(grid.index, grid.T.values, labels=grid.columns, colors=colors)
     ax1.set_xscale("log")
@@ -39,5 +39,5 @@ def lambda_sweep_figure(sweep: pd.DataFrame, out: str | Path, *, used_lam: float
         for ax in (ax1, ax2):
             ax.axvline(used_lam, color="red", ls=":", lw=1)
         ax2.text(used_lam, ax2.get_ylim()[0], " lam used", color="red", va="bottom", fontsize=8)
-    fig.suptitle(f"Regularized Pareto weights from sparse (lam -> 0) to uniform (large lam){subtitle}")
+    suptitle(fig, f"Regularized Pareto weights from sparse (lam -> 0) to uniform (large lam){subtitle}")
     save_figure(fig, out.with_suffix(".png"))

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from ..plots import save_figure, write_csv
+from ..plots import save_figure, suptitle, write_csv
 
 __all__ = ["fig3_ugd_weights"]
 
@@ -25,11 +25,12 @@ def fig3_ugd_weights(weights: pd.DataFrame, out: str | Path, *, solver: str = "u
     labels = list(w.drop_duplicates("bin").sort_values("bin")["label"])
     grid = stats.pivot(index="bin", columns="step", values="mean")
     grid.index = labels
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained", gridspec_kw={"width_ratios": [1, 1.3]})
     sns.heatmap(grid, ax=ax1, cmap="viridis", vmin=0, cbar_kws={"label": "Pareto weight (share of 1)"})
     ax1.set_xlabel("training step")
     ax1.set_ylabel("timestep bin (t range)")
     ax1.set_title("mean over resampled batches")
+    ax1.tick_params(axis="y", labelrotation=0)
     palette = sns.color_palette("viridis", n_colors=len(labels))
     for k, label in enumerate(labels):
         s = stats[stats["bin"] == k]
@@ -39,6 +40,6 @@ def fig3_ugd_weights(weights: pd.DataFrame, out: str | Path, *, solver: str = "u
     ax2.set_ylabel("Pareto weight (share of 1)")
     ax2.set_title("band: min-max over resampled batches")
     ax2.legend(title="bin (t)", fontsize=7, ncol=2, loc="upper right")
-    fig.suptitle(f"Fig. 3 - {solver.upper()} Pareto weights per timestep bin over training{subtitle}")
+    suptitle(fig, f"Fig. 3 - {solver.upper()} Pareto weights per timestep bin over training{subtitle}")
     save_figure(fig, out.with_suffix(".png"))
     return stats
