@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ from .claims import claim_c1, claim_c2, claim_c3
 from .config import ReproduceConfig
 from .report import write_report
 
-__all__ = ["reproduce"]
+__all__ = ["FIGURE_NAMES", "reproduce"]
 
 
 def _stage(cache: Path, name: str, identity: dict[str, Any], run: Callable[[], None], log: Callable[[str], None]) -> None:
@@ -46,9 +46,19 @@ def _stage(cache: Path, name: str, identity: dict[str, Any], run: Callable[[], N
     log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
 
 
+FIGURE_NAMES = ("fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "lambda_sweep", "conflict_vs_distance",
+                "cosine_final", "samples")
+
+
 def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool = True,
-              log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run every stage of ``config`` and return the claims table. Figures go to ``out/figures``."""
+              log: Callable[[str], None] = print, only: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """Run every stage of ``config``, draw the figures (``only`` a subset of ``FIGURE_NAMES``: then only the
+    stages they need run, and no report) and return the claims table. Figures go to ``out/figures``."""
+    wanted = set(FIGURE_NAMES if only is None else only)
+    unknown = wanted - set(FIGURE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown figure(s) {sorted(unknown)}; choose from {list(FIGURE_NAMES)}")
+    need_transfer = only is None or "fig2_transfer" in wanted
     out = Path(out)
     cache = out / "runs" / f"reproduce-{config.name}"
     figures = out / "figures"
@@ -64,14 +74,15 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     transfer_csv = cache / "transfer.csv"
 
     def transfer_stage() -> None:
-        model, _, prediction = load_trained(run_dir, ema=True, device=tc.device)
+        model, _, prediction = load_trained(run_dir, ema=False, device=tc.device)  # a point of the trajectory, not the EMA
         data = load_dataset(tc.data, image_size=tc.image_size, limit=tc.data_limit)
         bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
         cfg = TransferConfig(**{"progress": progress, **config.transfer})
         result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=prediction)
         write_csv(result.frame, transfer_csv)
 
-    _stage(cache, "transfer", config.identity("transfer"), transfer_stage, log)
+    if need_transfer:
+        _stage(cache, "transfer", config.identity("transfer"), transfer_stage, log)
 
     # ---------------------------------------------------------------- figures (cheap: always redrawn)
     track = load_track(track_dir / "track")
@@ -79,30 +90,41 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     setup = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
             f"trained with {tc.weighting} weighting\nK = {bins.K} bins, {config.track.per_task} samples/bin, " \
             f"{config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K"
-    fig3_ugd_weights(track.weights, figures / "fig3_ugd_weights", subtitle=setup)
-    fig4_pareto_objective(track.objectives, figures / "fig4_pareto_objective", subtitle=setup)
+    if "fig3_ugd_weights" in wanted:
+        fig3_ugd_weights(track.weights, figures / "fig3_ugd_weights", subtitle=setup)
+    if "fig4_pareto_objective" in wanted:
+        fig4_pareto_objective(track.objectives, figures / "fig4_pareto_objective", subtitle=setup)
     last = max(s for s, _ in track.grams)
     G_last = track.grams[(last, 0)]
-    lambda_sweep_figure(lambda_sweep(G_last, bins, lams=[0.0, *np.logspace(-4, 2, 13)]), figures / "lambda_sweep",
-                        used_lam=config.track.lam, subtitle=f" (step {last})" + setup)
-    pairs = pd.concat([conflict.pairwise_frame(G, bins, schedule).assign(step=s, resample=r)
-                       for (s, r), G in sorted(track.grams.items())], ignore_index=True)
-    conflict_vs_distance(pairs, figures / "conflict_vs_distance", subtitle=setup)
-    cos = pd.DataFrame(conflict.cosine(np.mean([track.grams[(last, r)] for r in range(config.track.resamples)], 0)),
-                       index=pd.Index(bins.labels, name="bin"), columns=bins.labels)
-    write_csv(cos, figures / "cosine_final.csv", index=True)
-    matrix_heatmap(cos, figures / "cosine_final.png", title=f"Cosine of per-bin task gradients at step {last}" + setup,
-                   xlabel="timestep bin (t range)", ylabel="timestep bin (t range)", colorbar="cosine similarity (1)",
-                   vmin=-1, vmax=1)
+    if "lambda_sweep" in wanted:
+        lambda_sweep_figure(lambda_sweep(G_last, bins, lams=[0.0, *np.logspace(-4, 2, 13)]), figures / "lambda_sweep",
+                            used_lam=config.track.lam, subtitle=f" (step {last})" + setup)
+    if "conflict_vs_distance" in wanted:
+        pairs = pd.concat([conflict.pairwise_frame(G, bins, schedule).assign(step=s, resample=r)
+                           for (s, r), G in sorted(track.grams.items())], ignore_index=True)
+        conflict_vs_distance(pairs, figures / "conflict_vs_distance", subtitle=setup)
+    if "cosine_final" in wanted:
+        cos = pd.DataFrame(conflict.cosine(np.mean([track.grams[(last, r)] for r in range(config.track.resamples)], 0)),
+                           index=pd.Index(bins.labels, name="bin"), columns=bins.labels)
+        write_csv(cos, figures / "cosine_final.csv", index=True)
+        matrix_heatmap(cos, figures / "cosine_final.png", title=f"Cosine of per-bin task gradients at step {last}" + setup,
+                       xlabel="timestep bin (t range)", ylabel="timestep bin (t range)", colorbar="cosine similarity (1)",
+                       vmin=-1, vmax=1)
+    if "samples" in wanted:
+        model, _, prediction = load_trained(run_dir, ema=True, device=tc.device)
+        sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0)
+    if only is not None and not need_transfer:
+        return None
     from ..transfer.matrix import _result as result_from_frame
 
     transfer = result_from_frame(pd.read_csv(transfer_csv), TimestepBins.uniform(schedule.T, config.transfer_bins),
                                  TransferConfig(**config.transfer), 0.0, True)
-    plot_transfer(transfer, figures / "fig2_transfer.png",
-                  setup=f"{tc.model} on {tc.data}, {config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "
-                        f"{transfer.frame['seed'].nunique()} seeds")
-    model, _, prediction = load_trained(run_dir, ema=True, device=tc.device)
-    sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0)
+    if "fig2_transfer" in wanted:
+        plot_transfer(transfer, figures / "fig2_transfer.png",
+                      setup=f"{tc.model} on {tc.data}, {config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "
+                            f"{transfer.frame['seed'].nunique()} seeds")
+    if only is not None:
+        return None
 
     # ---------------------------------------------------------------- claims and report
     claims = pd.DataFrame([claim_c1(transfer.matrix, transfer.stderr), claim_c2(track.weights), claim_c3(track.objectives)])

@@ -1,0 +1,12 @@
+"""Beyond the paper: the exact Pareto weights from lam = 0 (sparse) to large lam (uniform) at the last checkpoint.
+
+    python experiments/lambda_sweep.py [--preset quick|full|toy] [--device cuda] [--out DIR]
+
+Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes figures/lambda_sweep.png
+with its data in figures/lambda_sweep.csv.
+"""
+
+from _common import run_figure
+
+if __name__ == "__main__":
+    run_figure("lambda_sweep", __doc__)
