@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "shard", "local_device"]
+__all__ = ["init_from_env", "shutdown", "barrier", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "shard", "local_device"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
 
@@ -77,6 +77,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def shard(n: int) -> torch.Tensor:
     """Indices ``rank, rank + world, ...`` of ``range(n)``: this rank's share of a batch drawn identically on all ranks."""
     return torch.arange(rank(), n, world_size())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def shutdown() -> None:

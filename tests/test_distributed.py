@@ -52,3 +52,23 @@ def test_a_failing_rank_fails_the_run_with_its_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stderr + proc.stdout
     assert not (tmp_path / "res.pt").exists()
+
+
+def test_tracking_under_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    from gradconflict.track import TrackConfig, track_models
+
+    out = tmp_path / "track.pt"
+    proc = _torchrun(out, "track")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = track_models([(0, UNetLike().double())], images, gc.NoiseSchedule.linear(), "eps",
+                       TrackConfig(bins=4, per_task=3, resamples=2, ugd_steps=50, fw_max_iter=50), progress=False)
+    for key, G in ref.grams.items():
+        assert float(abs(got["grams"][key] - G).max() / abs(G).max()) <= 1e-10
+    import numpy as np
+
+    obj = got["objectives"]
+    auto = [o for o, n in zip(obj["objective"], obj["name"]) if n == "min_snr_5"]
+    np.testing.assert_allclose(auto, ref.objectives[ref.objectives["name"] == "min_snr_5"]["objective"], rtol=1e-9)

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import conflict
     from ..bins import TimestepBins
     from ..data import load_dataset
@@ -54,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
     conditional = bool(getattr(config, "num_classes", 0))
     batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels, conditional=conditional)
     # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union
-    mine = shard(batch.t.numel())
-    batch = type(batch)(batch.x0[mine], batch.t[mine], batch.task[mine], batch.noise[mine],
-                        {k: v[mine] for k, v in batch.model_kwargs.items()}).to(device)
+    dtype = next(model.parameters()).dtype
+    batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)
     res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
                     loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method)
     if not is_main():

@@ -23,8 +23,14 @@ class TaskBatch:
     noise: torch.Tensor
     model_kwargs: dict = field(default_factory=dict)
 
-    def to(self, device: Any) -> "TaskBatch":
-        return TaskBatch(self.x0.to(device), self.t.to(device), self.task.to(device), self.noise.to(device),
+    def shard(self, index: torch.Tensor) -> "TaskBatch":
+        """The samples at ``index`` (e.g. ``distributed.shard(N)``: this rank's share)."""
+        return TaskBatch(self.x0[index], self.t[index], self.task[index], self.noise[index],
+                         {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.model_kwargs.items()})
+
+    def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "TaskBatch":
+        """Move to ``device``; with ``dtype``, cast x0 and noise (e.g. to the model's parameter dtype)."""
+        return TaskBatch(self.x0.to(device, dtype), self.t.to(device), self.task.to(device), self.noise.to(device, dtype),
                          {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.model_kwargs.items()})
 
 

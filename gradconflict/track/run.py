@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
 from ..plots import write_csv
@@ -91,6 +92,11 @@ def _check_config(out: Path, identity: dict[str, Any]) -> None:
         path.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
+def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None and p.dtype in (torch.float64, torch.float32) else None
+
+
 def track_models(
     models: Iterable[tuple[int, ModelAt]],
     images: torch.Tensor,
@@ -112,9 +118,10 @@ def track_models(
     strategies = _strategies(config, extra_strategies)
     out = Path(out_dir) if out_dir is not None else None
     previous = None
-    if out is not None:
+    if out is not None and dist.is_main():
         _check_config(out, {**config.to_dict(), "prediction": prediction, "T": schedule.T,
                             "extra_strategies": [s.name for s in extra_strategies]})
+    if out is not None:
         previous = load_track(out)
     obj_rows = [previous.objectives] if previous is not None else []
     w_rows = [previous.weights] if previous is not None else []
@@ -130,7 +137,7 @@ def track_models(
         for r in range(config.resamples):
             seed = (config.seed * 1_000_003 + int(step)) * 101 + r
             batch = sample_task_batch(images, bins, config.per_task, seed, labels=labels, conditional=conditional)
-            batch = batch.to(torch.device(device))
+            batch = batch.shard(dist.shard(batch.t.numel())).to(torch.device(device), _float_dtype(model))  # this rank's share
             res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=prediction,
                             loss_space=config.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs)
             G = res.gram.numpy()
@@ -142,7 +149,7 @@ def track_models(
         obj_rows.append(pd.DataFrame(new_o))
         w_rows.append(pd.DataFrame(new_w))
         result = TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
-        if out is not None:
+        if out is not None and dist.is_main():
             _save(out, result)
     if not obj_rows:
         raise ValueError("nothing to track: give at least one (step, model)")
@@ -186,7 +193,7 @@ def track_training(
     def at(step: int) -> Callable[[], nn.Module]:
         def load() -> nn.Module:
             snap = snapshots / f"step{step}.safetensors"
-            if not snap.is_file():
+            if dist.is_main() and not snap.is_file():  # under torchrun rank 0 trains, the others wait for it
                 train(replace(train_config, steps=step), run_dir, progress=progress)
                 trained_to = _trained_step(run_dir / "model.safetensors")
                 if trained_to != step:
@@ -196,6 +203,7 @@ def track_training(
                 tmp = snapshots / f".step{step}.tmp.safetensors"
                 shutil.copyfile(run_dir / "model.safetensors", tmp)
                 tmp.replace(snap)
+            dist.barrier()
             return load_trained(snap, ema=False)[0]
 
         return load

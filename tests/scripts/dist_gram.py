@@ -14,6 +14,17 @@ D.init_from_env()
 mode = sys.argv[3]
 if mode == "fail" and D.rank() == 1:
     raise RuntimeError("rank 1 failed on purpose")
+if mode == "track":
+    from gradconflict.track import TrackConfig, track_models
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = track_models([(0, UNetLike().double())], images, gc.NoiseSchedule.linear(), "eps",
+                       TrackConfig(bins=4, per_task=3, resamples=2, ugd_steps=50, fw_max_iter=50), progress=False)
+    if D.is_main():
+        torch.save({"grams": res.grams, "objectives": res.objectives.to_dict("list")}, sys.argv[1])
+    D.shutdown()
+    sys.exit(0)
 torch.manual_seed(0)
 model = UNetLike().double()
 bins = gc.TimestepBins.uniform(1000, 4)

@@ -1,0 +1,76 @@
+"""``gradconflict train``: train a built-in diffusion model (resumes when the output directory holds the same run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``train`` subcommand."""
+    from ..models import MODEL_NAMES
+    from ..train.config import SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a diffusion model (writes checkpoint.pt, model.safetensors, losses.csv)",
+        description="Train a built-in diffusion model. Running again with a larger --steps on the same --out resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=d.data, help="mnist | digits | synthetic | path to .npy/.npz/image folder")
+    p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5")
+    p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")
+    p.add_argument("--schedule", default=d.schedule, choices=list(SCHEDULES), help="noise schedule")
+    p.add_argument("--T", type=int, default=d.T, help="number of diffusion timesteps")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0 = off)")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's; 1 is fastest for the tiny models)")
+    p.add_argument("--no-bf16", action="store_true", help="disable bfloat16 autocast on CUDA")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="pixels (height = width)")
+    p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
+    p.add_argument("--model-overrides", default="{}", help='JSON dict of model config fields, e.g. \'{"depth": 4}\'')
+    p.add_argument("--bins", type=int, default=d.bins, help="timestep bins for the per-bin loss log")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build a TrainConfig from the arguments and train."""
+    from ..train import TrainConfig, train
+
+    try:
+        overrides = json.loads(args.model_overrides)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-overrides is not valid JSON: {err}") from err
+    if not isinstance(overrides, dict):
+        raise ValueError("--model-overrides must be a JSON object such as '{\"depth\": 4}'")
+    config = TrainConfig(
+        data=args.data, model=args.model, weighting=args.weighting, prediction=args.prediction,
+        schedule=args.schedule, T=args.T, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads, bf16=not args.no_bf16,
+        image_size=args.image_size, data_limit=args.data_limit, conditional=args.conditional,
+        model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+    )
+    log = train(config, args.out, progress=not args.quiet)
+    if len(log):
+        last = log.tail(min(len(log), config.log_every))
+        print(f"step {int(log['step'].iloc[-1])}: loss {last['loss'].mean():.4f} (mean of the last {len(last)} steps)")
+    print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv")
+    return 0

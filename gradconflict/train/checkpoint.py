@@ -1,0 +1,159 @@
+"""Checkpoints, final weights and reloading a trained run.
+
+Files in a run directory:
+
+* ``config.json``: the ``TrainConfig`` (written at the start of every training segment);
+* ``checkpoint.pt``: ``torch.save`` of a dict with ``format``, ``step``, ``config``, ``model_spec``, ``model``,
+  ``ema``, ``optimizer``, ``rng`` (the data/timestep/noise ``torch.Generator`` state and the global CPU RNG)
+  and ``data_order`` (current permutation and position); loadable with ``weights_only=True``;
+* ``model.safetensors``: model weights plus EMA weights under the prefix ``ema.``; the metadata holds
+  ``config`` and ``model_spec`` as JSON, so it is self-contained;
+* ``log.csv`` (per step) and ``losses.csv`` (per bin), see ``gradconflict.train.loop``.
+
+Every file is written atomically: to a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..models import model_from_spec
+from ..schedule import NoiseSchedule
+from .config import TrainConfig
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_weights",
+    "make_schedule",
+    "load_trained",
+]
+
+CHECKPOINT_FORMAT = "gradconflict-train-v1"
+EMA_PREFIX = "ema."
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path next to ``path`` and move it into place with ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Atomically write ``data`` as indented JSON."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    """Atomically write a DataFrame as CSV without the index."""
+    atomic_write(path, lambda p: frame.to_csv(p, index=False))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically ``torch.save`` a checkpoint dict (``format`` is added)."""
+    atomic_write(path, lambda p: torch.save({"format": CHECKPOINT_FORMAT, **state}, p))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load ``checkpoint.pt`` (tensors only, ``weights_only=True``); raises on a foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt or foreign pickle
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a gradconflict training checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def save_weights(path: str | Path, model: nn.Module, ema_state: Optional[dict[str, torch.Tensor]], metadata: dict[str, Any]) -> None:
+    """Atomically write ``model.safetensors``: model weights, EMA weights as ``ema.<name>``, JSON metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema_state is not None:
+        tensors.update({EMA_PREFIX + k: v.detach().cpu().contiguous() for k, v in ema_state.items()})
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def make_schedule(name: str, T: int) -> NoiseSchedule:
+    """The noise schedule of a run: "linear" (betas 1e-4..0.02) or "cosine" (Nichol & Dhariwal)."""
+    if name == "linear":
+        return NoiseSchedule.linear(T)
+    if name == "cosine":
+        return NoiseSchedule.cosine(T)
+    raise ValueError(f"unknown schedule {name!r}; use 'linear' or 'cosine'")
+
+
+def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if "config" not in meta or "model_spec" not in meta:
+        raise ValueError(f"{path} has no gradconflict metadata (config, model_spec); was it written by gradconflict train?")
+    tensors = load_file(str(path))
+    if ema:
+        weights = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        if not weights:
+            raise ValueError(f"{path} holds no EMA weights; load it with ema=False")
+    else:
+        weights = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+    return weights, json.loads(meta["config"]), json.loads(meta["model_spec"])
+
+
+def load_trained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, NoiseSchedule, str]:
+    """``(model, schedule, prediction)`` of a trained run, the model in eval mode on ``device``.
+
+    ``path``: a run directory (uses ``model.safetensors``, else ``checkpoint.pt``), a ``.safetensors`` file
+    or a ``.pt`` checkpoint. ``ema``: load the EMA weights (True) or the raw final weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "checkpoint.pt"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoint.pt; is it a training run directory?")
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"no such run directory or weights file: {path}")
+    if path.suffix == ".safetensors":
+        weights, config, spec = _from_safetensors(path, ema)
+    else:
+        state = load_checkpoint(path)
+        config, spec = state["config"], state["model_spec"]
+        weights = state["ema"]["shadow"] if ema else state["model"]
+    cfg = TrainConfig.from_dict(config)
+    model = model_from_spec(spec)
+    reference = model.state_dict()
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
+    model.to(device).eval()
+    return model, make_schedule(cfg.schedule, cfg.T), cfg.prediction

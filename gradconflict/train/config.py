@@ -1,0 +1,105 @@
+"""Configuration of a diffusion training run (a plain dataclass, saved as ``config.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..targets import normalize_prediction
+
+__all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES"]
+
+SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+
+# fields that may differ between a run on disk and the config that resumes it
+RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads"})
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    * ``data``: dataset name or path (see ``gradconflict.data.load_dataset``); ``data_limit``: first N images;
+      ``image_size``: pixels (height = width).
+    * ``model``: a name in ``gradconflict.models.MODEL_NAMES``; ``model_overrides``: config fields to change
+      (``in_channels``/``image_size``/``prediction`` follow the data and ``prediction`` automatically);
+      ``conditional``: give the model the dataset's class labels.
+    * ``weighting``: a ``weighting.by_name`` spec (e.g. "min_snr:5"); ``prediction``: "eps" | "x0" | "v".
+    * ``schedule``: "linear" | "cosine", ``T`` timesteps.
+    * optimisation: AdamW with ``lr`` (per step), ``weight_decay``, ``betas``, linear warm-up over
+      ``warmup_steps`` steps then a constant rate (so extending ``steps`` never changes earlier steps),
+      global-norm gradient clipping at ``grad_clip`` (0 = off), EMA with ``ema_decay``.
+    * ``bf16``: bfloat16 autocast of the forward pass, on CUDA only. ``device``: "cpu" or "cuda".
+      ``cpu_threads``: torch intra-op threads during training (None = leave torch's setting); the tiny
+      models run fastest with 1. Bit-exact resume on the CPU needs the same thread count in every segment.
+    * logging: per-step log every step, per-bin losses over ``bins`` uniform timestep bins aggregated over
+      every ``log_every`` steps; checkpoints every ``checkpoint_every`` steps and at the end.
+    """
+
+    data: str = "mnist"
+    model: str = "dit-tiny"
+    weighting: str = "min_snr:5"
+    prediction: str = "eps"
+    schedule: str = "linear"
+    T: int = 1000
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    cpu_threads: Optional[int] = None
+    bf16: bool = True
+    image_size: int = 16
+    data_limit: Optional[int] = None
+    conditional: bool = False
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    log_every: int = 10
+    checkpoint_every: int = 500
+    bins: int = 10
+
+    def __post_init__(self) -> None:
+        self.prediction = normalize_prediction(self.prediction)
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.model_overrides = dict(self.model_overrides)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; use one of {list(SCHEDULES)}")
+        for name in ("steps", "batch_size", "T", "log_every", "checkpoint_every", "bins", "image_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or None), got {self.cpu_threads}")
+        if self.bins > self.T:
+            raise ValueError(f"bins ({self.bins}) cannot exceed T ({self.T})")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        from ..weighting import by_name
+
+        by_name(self.weighting)  # fail early on an unknown weighting
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Config from ``to_dict``'s output; unknown keys raise ``ValueError``."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(valid)}")
+        return cls(**values)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (everything except ``RESUMABLE_FIELDS``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}

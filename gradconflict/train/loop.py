@@ -1,0 +1,281 @@
+"""Diffusion training loop with Min-SNR-style loss weighting, per-bin loss logging and bit-exact resume.
+
+Loss of one sample (x0, t ~ U{0..T-1}, eps ~ N(0, I)), with ``x_t = alpha_t x0 + sigma_t eps``:
+
+    err_i  = mean over pixels of (f(x_t, t) - target)^2        (target = eps, x0 or v; the model's own space)
+    loss_i = w(SNR_t) * err_i                                   (w = strategy.weight(snr, target=prediction))
+    loss   = mean_i loss_i
+
+The per-bin log (``losses.csv``) holds the *unweighted* loss in x0 units, ``err_i / c(SNR_t)`` with
+``c = 1`` (x0), ``SNR`` (eps), ``SNR + 1`` (v), averaged over the samples of each timestep bin in each
+logging window. All randomness (data order, timesteps, noise) comes from one CPU ``torch.Generator``
+whose state is checkpointed, so on the CPU a resumed run is bit-identical to an uninterrupted one.
+
+Outputs in ``out_dir``: ``config.json``, ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
+step: step, loss, loss_x0, lr, grad_norm, seconds) and ``losses.csv`` (tidy: step, bin, label, t_low,
+t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..bins import TimestepBins
+from ..data import load_dataset
+from ..models import build_model, model_spec
+from ..schedule import NoiseSchedule
+from ..targets import expand_like, loss_factor, target
+from ..weighting import WeightingStrategy, by_name
+from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, write_csv, write_json
+from .config import TrainConfig
+from .ema import EMA
+
+__all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler"]
+
+
+def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
+                     noise: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample mean squared error ``(n,)`` of the model output against its target, in the model's own
+    prediction space (float32, or the wider of float32 and the inputs' dtype)."""
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    x_t = expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * noise
+    out = model(x_t, t, y)
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    diff = out.to(dtype) - target(x0, noise, alpha, sigma, prediction).to(dtype)
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
+                   strategy: WeightingStrategy, noise: torch.Tensor, y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, per_sample)``: per_sample_i = ``strategy.weight(SNR_t_i, target=prediction) * err_i`` with
+    ``err_i`` from ``prediction_error``; loss = mean of per_sample."""
+    err = prediction_error(model, x0, t, schedule, prediction, noise, y)
+    weight = strategy.weight(schedule.snr(t), target=prediction).to(device=err.device, dtype=err.dtype)
+    per_sample = weight * err
+    return per_sample.mean(), per_sample
+
+
+class EpochSampler:
+    """Batches of indices drawn without replacement, epoch after epoch (a fresh ``randperm`` per epoch from
+    the given generator); a batch may span two epochs. State: ``perm`` and ``pos``."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+        self.perm = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self, batch: int) -> torch.Tensor:
+        parts, need = [], batch
+        while need > 0:
+            if self.pos >= self.perm.numel():
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = self.perm[self.pos : self.pos + need]
+            parts.append(take)
+            self.pos += take.numel()
+            need -= take.numel()
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.perm, self.pos = state["perm"].detach().cpu().clone().long(), int(state["pos"])
+
+
+def _lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): linear warm-up, then constant."""
+    if config.warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def _check_run_dir(out: Path, config: TrainConfig) -> None:
+    """Refuse a directory that holds a run with a different config."""
+    previous: Optional[dict[str, Any]] = None
+    if (out / "config.json").is_file():
+        previous = json.loads((out / "config.json").read_text())
+    elif (out / "checkpoint.pt").is_file():
+        previous = load_checkpoint(out / "checkpoint.pt")["config"]
+    if previous is None:
+        return
+    mine = config.identity()
+    theirs = TrainConfig.from_dict(previous).identity()
+    diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
+    if diff:
+        text = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(
+            f"{out} holds a run with a different config ({text}); use another output directory or the same "
+            "settings (only steps, log_every, checkpoint_every and device may change to resume)"
+        )
+
+
+def _read_log(path: Path, upto: int) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame()
+    frame = pd.read_csv(path)
+    return frame[frame["step"] <= upto].reset_index(drop=True) if "step" in frame else pd.DataFrame()
+
+
+def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
+    dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit)
+    if config.conditional and dataset.num_classes == 0:
+        raise ValueError(f"conditional=True but dataset {dataset.name!r} has no labels")
+    overrides = {
+        **config.model_overrides,
+        "image_size": config.image_size,
+        "in_channels": dataset.channels,
+        "prediction": config.prediction,
+        "num_classes": dataset.num_classes if config.conditional else 0,
+    }
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, **overrides).to(device)
+    return dataset, model
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def train(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> pd.DataFrame:
+    """Train (or resume) a run in ``out_dir`` up to ``config.steps`` optimiser steps; returns the per-step log.
+
+    A directory holding a checkpoint of the same run (same config except steps / log / checkpoint cadence /
+    device / cpu_threads) is resumed from it; a different run raises ``ValueError`` and leaves the directory
+    untouched.
+    """
+    threads = torch.get_num_threads()
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _train(config, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataFrame:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(out, config)
+    device = _device(config.device)
+    dataset, model = _build(config, device)
+    schedule = make_schedule(config.schedule, config.T)
+    strategy = by_name(config.weighting)
+    bins = TimestepBins.uniform(config.T, config.bins)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = EpochSampler(len(dataset), generator)
+    step = 0
+    if (out / "checkpoint.pt").is_file():
+        state = load_checkpoint(out / "checkpoint.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["rng"]["generator"].cpu())
+        torch.set_rng_state(state["rng"]["torch_cpu"].cpu())
+        sampler.load_state_dict(state["data_order"])
+        step = int(state["step"])
+    write_json(out / "config.json", config.to_dict())
+    step_log = _read_log(out / "log.csv", step)
+    bin_log = _read_log(out / "losses.csv", step)
+    meta = {"config": config.to_dict(), "model_spec": model_spec(model), "dataset": dataset.name}
+
+    images, labels = dataset.images.to(device), dataset.labels.to(device)
+    use_bf16 = config.bf16 and device.type == "cuda"
+    factor = torch.as_tensor(np.asarray(loss_factor(schedule.snr(np.arange(config.T)), config.prediction)), device=device)
+    task_of = torch.as_tensor(np.asarray(bins.task_of(np.arange(config.T))), device=device)
+    sums = torch.zeros(bins.K, dtype=torch.float64, device=device)
+    counts = torch.zeros(bins.K, dtype=torch.float64, device=device)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float, torch.Tensor, float]] = []
+    rows: list[pd.DataFrame] = [step_log] if len(step_log) else []
+    bin_rows: list[pd.DataFrame] = [bin_log] if len(bin_log) else []
+    elapsed0 = float(step_log["seconds"].iloc[-1]) if len(step_log) else 0.0
+    start = time.perf_counter()
+
+    def flush(at: int) -> None:
+        if pending:
+            rows.append(pd.DataFrame(
+                [(s, float(l), float(lx), lr, float(g), sec) for s, l, lx, lr, g, sec in pending],
+                columns=["step", "loss", "loss_x0", "lr", "grad_norm", "seconds"],
+            ))
+            pending.clear()
+        if counts.sum() > 0:
+            c = counts.cpu().numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = sums.cpu().numpy() / c
+            total = float(sums.sum().cpu()) / float(c.sum())
+            bin_rows.append(pd.DataFrame({
+                "step": at, "bin": list(range(bins.K)) + [-1], "label": bins.labels + ["total"],
+                "t_low": list(bins.lows) + [0], "t_high": list(bins.highs - 1) + [config.T - 1],
+                "loss": list(mean) + [total], "count": list(c.astype(np.int64)) + [int(c.sum())],
+            }))
+            sums.zero_()
+            counts.zero_()
+
+    def save(at: int) -> pd.DataFrame:
+        flush(at)
+        frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["step", "loss", "loss_x0", "lr", "grad_norm", "seconds"])
+        save_checkpoint(out / "checkpoint.pt", {
+            "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
+            "data_order": sampler.state_dict(),
+        })
+        save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
+        write_csv(out / "log.csv", frame)
+        if bin_rows:
+            write_csv(out / "losses.csv", pd.concat(bin_rows, ignore_index=True))
+        return frame
+
+    if step >= config.steps:
+        if not (out / "model.safetensors").is_file() or step == 0:
+            return save(step)
+        return step_log
+    model.train()
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model}", dynamic_ncols=True)
+    for step in range(step, config.steps):
+        idx = sampler.next(config.batch_size)
+        t = torch.randint(0, config.T, (config.batch_size,), generator=generator)
+        noise = torch.randn((config.batch_size, *images.shape[1:]), generator=generator)
+        x0, t, noise = images[idx.to(device)], t.to(device), noise.to(device)
+        y = labels[idx.to(device)] if config.conditional else None
+        lr = _lr_at(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+            err = prediction_error(model, x0, t, schedule, config.prediction, noise, y)
+        weight = strategy.weight(schedule.snr(t), target=config.prediction).to(device=err.device, dtype=err.dtype)
+        loss = (weight * err).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        ema.update(model)
+        with torch.no_grad():
+            x0_err = err.detach().double() / factor[t]
+            sums.index_add_(0, task_of[t], x0_err)
+            counts.index_add_(0, task_of[t], torch.ones_like(x0_err))
+        done = step + 1
+        pending.append((done, loss.detach(), x0_err.mean(), lr, grad_norm.detach(), elapsed0 + time.perf_counter() - start))
+        if done % config.log_every == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            flush(done)
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            save(done)
+        bar.update(1)
+    bar.close()
+    return save(config.steps)

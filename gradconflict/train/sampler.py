@@ -1,0 +1,158 @@
+"""Samplers for a trained denoiser: DDIM (Song et al. 2021) and DDPM ancestral sampling (Ho et al. 2020).
+
+Both walk down a decreasing sub-sequence of timesteps ``t_1 > t_2 > ... > t_S`` (evenly spaced from T-1 to 0)
+and then to "t = -1" where ``alphabar = 1`` (clean data). With ``abar`` = alphabar, ``t`` the current and
+``s`` the next timestep, and the model's estimates ``x0_hat`` (clipped to [-1, 1] when ``clip``) and
+``eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``:
+
+* DDIM:  ``x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sig^2) eps_hat + sig z`` with
+  ``sig = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)`` (eta = 0: deterministic).
+* DDPM:  ``x_s ~ N(mu, var)``, the posterior q(x_s | x_t, x0 = x0_hat):
+  ``mu = sqrt(abar_s) b / (1 - abar_t) x0_hat + sqrt(a) (1 - abar_s) / (1 - abar_t) x_t``,
+  ``var = b (1 - abar_s) / (1 - abar_t)`` with ``a = abar_t / abar_s`` and ``b = 1 - a``.
+
+DDPM with all T steps is the original ancestral sampler; on any sub-sequence it equals DDIM with eta = 1.
+The initial noise and every ``z`` come from a CPU ``torch.Generator`` (seeded), so results do not depend
+on the device's RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..schedule import NoiseSchedule
+from ..targets import to_x0
+
+__all__ = ["timestep_sequence", "ddim_sample", "ddpm_sample", "sample", "sample_grid_png"]
+
+
+def timestep_sequence(T: int, steps: int) -> list[int]:
+    """``steps`` distinct timesteps evenly spaced from T-1 down to 0 (fewer if steps > T)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ts = np.unique(np.round(np.linspace(0, T - 1, min(steps, T))).astype(np.int64))
+    return [int(t) for t in ts[::-1]]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _default_labels(model: nn.Module, n: int, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    k = int(getattr(getattr(model, "config", None), "num_classes", 0) or 0)
+    if y is not None or k == 0:
+        return y
+    return torch.arange(n) % k
+
+
+def _loop(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], steps: int, *,
+          ddpm: bool, eta: float, y: Optional[torch.Tensor], generator: Optional[torch.Generator],
+          device: Optional[torch.device], clip: bool) -> torch.Tensor:
+    device = device or _device_of(model)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    n = shape[0]
+    y = _default_labels(model, n, y)
+    y = y.to(device) if y is not None else None
+    abar = schedule.alphas_cumprod
+    ts = timestep_sequence(schedule.T, steps)
+    x = torch.randn(tuple(shape), generator=generator).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1
+            a_t, a_s = float(abar[t]), (float(abar[s]) if s >= 0 else 1.0)
+            alpha, sigma = torch.tensor([math.sqrt(a_t)] * n), torch.tensor([math.sqrt(1.0 - a_t)] * n)
+            out = model(x, torch.full((n,), t, dtype=torch.long, device=device), y).float()
+            x0 = to_x0(out, x, alpha.to(device), sigma.to(device), prediction)
+            if clip:
+                x0 = x0.clamp(-1.0, 1.0)
+            if ddpm:
+                a, b = a_t / a_s, 1.0 - a_t / a_s
+                mean = (math.sqrt(a_s) * b / (1 - a_t)) * x0 + (math.sqrt(a) * (1 - a_s) / (1 - a_t)) * x
+                var = b * (1 - a_s) / (1 - a_t)
+                x = mean + math.sqrt(var) * torch.randn(x.shape, generator=generator).to(device) if s >= 0 else mean
+            else:
+                eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+                sig = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s) if s >= 0 else 0.0
+                x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sig**2, 0.0)) * eps
+                if sig > 0:
+                    x = x + sig * torch.randn(x.shape, generator=generator).to(device)
+    finally:
+        model.train(was_training)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], *, steps: int = 50,
+                eta: float = 0.0, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                device: Optional[torch.device] = None, clip: bool = True) -> torch.Tensor:
+    """DDIM samples of shape ``shape`` (n, C, H, W) in ``[-1, 1]``-ish units; ``eta`` in [0, 1]."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _loop(model, schedule, prediction, shape, steps, ddpm=False, eta=eta, y=y, generator=generator, device=device, clip=clip)
+
+
+@torch.no_grad()
+def ddpm_sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], *,
+                steps: Optional[int] = None, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                device: Optional[torch.device] = None, clip: bool = True) -> torch.Tensor:
+    """DDPM ancestral samples over ``steps`` timesteps (default: all T)."""
+    return _loop(model, schedule, prediction, shape, steps or schedule.T, ddpm=True, eta=1.0, y=y, generator=generator, device=device, clip=clip)
+
+
+def sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, n: int = 16, *, method: str = "ddim", steps: int = 50,
+           eta: float = 0.0, seed: int = 0, y: Optional[torch.Tensor] = None, clip: bool = True) -> torch.Tensor:
+    """``n`` samples shaped from ``model.config`` (image_size, in_channels), on the CPU, with a seeded generator."""
+    cfg = model.config
+    shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    if method == "ddim":
+        x = ddim_sample(model, schedule, prediction, shape, steps=steps, eta=eta, y=y, generator=generator, clip=clip)
+    elif method == "ddpm":
+        x = ddpm_sample(model, schedule, prediction, shape, steps=steps, y=y, generator=generator, clip=clip)
+    else:
+        raise ValueError(f"unknown sampler {method!r}; use 'ddim' or 'ddpm'")
+    return x.cpu()
+
+
+def _to_display(img: torch.Tensor) -> tuple[np.ndarray, Optional[str]]:
+    """(C, H, W) in [-1, 1] -> an array for imshow and its colormap (channel 0 of non-RGB images)."""
+    x = ((img.float().clamp(-1, 1) + 1) / 2).numpy()
+    if x.shape[0] == 3:
+        return np.moveaxis(x, 0, -1), None
+    return x[0], "gray"
+
+
+def sample_grid_png(model: nn.Module, schedule: NoiseSchedule, prediction: str, path: str | Path, n: int = 16,
+                    steps: int = 50, seed: int = 0, *, method: str = "ddim", eta: float = 0.0,
+                    y: Optional[torch.Tensor] = None, title: Optional[str] = None) -> torch.Tensor:
+    """Sample ``n`` images and write them as a labelled grid PNG (cells titled with class or index, a title
+    naming model, prediction, sampler, steps and seed). Returns the samples ``(n, C, H, W)``."""
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
+
+    y = _default_labels(model, n, y)
+    x = sample(model, schedule, prediction, n, method=method, steps=steps, eta=eta, seed=seed, y=y)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            image, cmap = _to_display(x[i])
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"y={int(y[i])}" if y is not None else f"#{i}", fontsize=8)
+    arch = type(model).__name__
+    fig.suptitle(title or f"{arch} ({prediction}-prediction), {method.upper()} {steps} steps, seed {seed}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return x

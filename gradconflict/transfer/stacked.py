@@ -1,0 +1,269 @@
+"""Fine-tune several copies of one model, each on its own timestep range, as one batched computation.
+
+Copy c starts from the model's parameters theta_0 and takes ``steps`` optimiser steps on
+
+    L_c(theta) = (1/B) sum_{b < B} l(theta; x0_b, t_b, eps_b),   t_b ~ U{low_c, ..., high_c - 1},
+
+with ``l`` the per-sample loss in x0 units (``engine.per_sample_losses``, data units squared), B the batch
+size. Only parameters with ``requires_grad`` are fine-tuned; frozen parameters and buffers are shared.
+
+Batched (``finetune_stacked``): every trainable parameter becomes one leaf of shape ``(C, *p.shape)``; the
+C copies run through ``torch.func.vmap`` over ``functional_call``, each copy with its own minibatch, and
+``sum_c L_c`` is back-propagated once (copy c's leaf slice only receives ``grad L_c``). The optimiser
+(``torch.optim.AdamW`` or ``SGD``) acts on the stacked leaves; both are elementwise, so this is exactly C
+independent runs, each with a fresh optimiser state. Gradient clipping is per copy (global norm over that
+copy's slices, as ``clip_grad_norm_``). Attention runs with the math SDPA backend (fused kernels fail in
+vmap's backward on CUDA). ``finetune_sequential`` is the reference: a deep copy per copy, one after the
+other, with the same batches (each copy draws from its own seeded CPU generator).
+
+The model runs in eval mode (dropout off), so the copies are deterministic functions of their batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from ..bins import TimestepBins
+from ..engine import per_sample_losses
+from ..schedule import NoiseSchedule
+from .config import TransferConfig
+
+__all__ = [
+    "Source",
+    "sources_of",
+    "derive_seed",
+    "BatchStream",
+    "ScheduleTables",
+    "FineTuned",
+    "clip_per_copy_",
+    "finetune_copies",
+    "finetune_sequential",
+    "finetune_stacked",
+]
+
+ALL = -1  # source index of the "all bins" control copy
+
+
+@dataclass(frozen=True)
+class Source:
+    """The timesteps a copy is fine-tuned on: ``low <= t < high``; ``index`` = bin index, or -1 for all bins."""
+
+    index: int
+    label: str
+    low: int
+    high: int
+
+
+def sources_of(bins: TimestepBins, include_all: bool = True) -> list[Source]:
+    """One source per bin, plus the "all" control (every binned timestep) when ``include_all``."""
+    out = [Source(k, lab, int(lo), int(hi)) for k, (lab, lo, hi) in enumerate(zip(bins.labels, bins.lows, bins.highs))]
+    if include_all:
+        out.append(Source(ALL, "all", int(bins.edges[0]), int(bins.edges[-1])))
+    return out
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (``numpy.random.SeedSequence``): independent streams per (seed, purpose, copy)."""
+    state = np.random.SeedSequence([int(k) % 2**32 for k in keys]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+class ScheduleTables:
+    """``alpha(t)``, ``sigma(t)`` by plain table look-up (float64): usable inside ``vmap``, where the range
+    checks of ``NoiseSchedule`` (``int(t.max())``) cannot run. Timesteps are validated when drawn."""
+
+    def __init__(self, schedule: NoiseSchedule, device: torch.device) -> None:
+        a = schedule.alphas_cumprod
+        self._alpha = torch.from_numpy(np.sqrt(a)).to(device)
+        self._sigma = torch.from_numpy(np.sqrt(1.0 - a)).to(device)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self._alpha[t]
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self._sigma[t]
+
+
+class BatchStream:
+    """Fine-tuning batches of one copy: each ``next()`` draws ``batch_size`` images uniformly (with
+    replacement), ``t ~ U{low..high-1}`` and ``eps ~ N(0, I)`` from a CPU generator seeded with ``seed``,
+    so the sequence is the same on every device, in batched and in sequential runs."""
+
+    def __init__(self, source: Source, seed: int, images: torch.Tensor, labels: Optional[torch.Tensor], batch_size: int) -> None:
+        self.source, self.images, self.labels, self.batch_size = source, images, labels, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        g, n, dev = self.generator, self.batch_size, self.images.device
+        idx = torch.randint(0, self.images.shape[0], (n,), generator=g)
+        t = torch.randint(self.source.low, self.source.high, (n,), generator=g)
+        noise = torch.randn((n, *self.images.shape[1:]), generator=g, dtype=torch.float64)
+        x0 = self.images[idx.to(dev)]
+        kwargs = {"y": self.labels[idx.to(dev)]} if self.labels is not None else {}
+        return x0, t.to(dev), noise.to(device=dev, dtype=x0.dtype), kwargs
+
+
+@dataclass
+class FineTuned:
+    """Final trainable parameters of C copies (``params[name]``: ``(C, *shape)``, detached), the training
+    loss of every step (``losses``: ``(C, steps)``, x0 units), wall time and whether vmap was used."""
+
+    params: dict[str, torch.Tensor]
+    losses: np.ndarray
+    seconds: float
+    batched: bool
+
+    def copy_params(self, c: int) -> dict[str, torch.Tensor]:
+        """Copy c's parameters as a fresh dict of tensors (cloned: own, aligned storage)."""
+        return {n: p[c].clone() for n, p in self.params.items()}
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every parameter with ``requires_grad``; raises when there is none."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: there is nothing to fine-tune")
+    return params
+
+
+def _optimizer(params: list[torch.Tensor], config: TransferConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def _check_loss(losses: torch.Tensor, sources: Sequence[Source], step: int) -> None:
+    bad = ~torch.isfinite(losses.detach())
+    if bool(bad.any()):
+        which = [sources[int(c)].label for c in torch.nonzero(bad).flatten().tolist()]
+        raise ValueError(
+            f"the fine-tuning loss is NaN or Inf at step {step} for the copy fine-tuned on bin(s) {which[:5]}; "
+            "lower lr, set grad_clip, or check the model and data"
+        )
+
+
+@torch.no_grad()
+def clip_per_copy_(grads: Sequence[Optional[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """Scale each copy's slice ``g[c]`` of the stacked gradients so that its global 2-norm (over all leaves)
+    is at most ``max_norm``: factor ``min(1, max_norm / (||g[c]|| + 1e-6))`` as ``clip_grad_norm_``.
+    Returns the pre-clip norms ``(C,)``."""
+    present = [g for g in grads if g is not None]
+    C = present[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(C, -1), dim=1) for g in present])  # (leaves, C)
+    total = torch.linalg.vector_norm(norms, dim=0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in present:
+        g.mul_(coef.to(g.dtype).reshape(C, *([1] * (g.ndim - 1))))
+    return total
+
+
+def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config: TransferConfig,
+                        schedule: NoiseSchedule, prediction: str, *, desc: str = "fine-tune") -> FineTuned:
+    """Reference: fine-tune a deep copy of ``model`` per stream, one after the other (see the module docstring)."""
+    start, sources = time.perf_counter(), [s.source for s in streams]
+    names = [n for n, _ in trainable(model)]
+    finals: list[list[torch.Tensor]] = []
+    losses = np.zeros((len(streams), config.steps))
+    bar = tqdm(total=config.steps * len(streams), desc=desc, disable=not config.progress, leave=False, dynamic_ncols=True)
+    for c, stream in enumerate(streams):
+        clone = copy.deepcopy(model).eval()
+        params = [p for _, p in trainable(clone)]
+        opt = _optimizer(params, config)
+        for step in range(config.steps):
+            x0, t, noise, kw = stream.next()
+            loss = per_sample_losses(clone, x0, t, noise, schedule, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
+            _check_loss(loss[None], [sources[c]], step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            losses[c, step] = float(loss.detach())
+            bar.update(1)
+        state = dict(clone.named_parameters())
+        finals.append([state[n].detach() for n in names])
+        del clone, opt
+    bar.close()
+    params = {n: torch.stack([f[i] for f in finals]) for i, n in enumerate(names)}
+    return FineTuned(params, losses, time.perf_counter() - start, batched=False)
+
+
+class VmapUnsupported(RuntimeError):
+    """The model cannot run under ``torch.func.vmap`` (e.g. data-dependent Python control flow)."""
+
+
+def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: TransferConfig,
+                     schedule: NoiseSchedule, prediction: str, *, desc: str = "fine-tune") -> FineTuned:
+    """Fine-tune C = ``len(streams)`` copies at once with stacked parameters (see the module docstring)."""
+    start, sources, C = time.perf_counter(), [s.source for s in streams], len(streams)
+    base = trainable(model)
+    leaves = {n: p.detach().unsqueeze(0).repeat(C, *([1] * p.ndim)).requires_grad_(True) for n, p in base}
+    opt = _optimizer(list(leaves.values()), config)
+    tables = ScheduleTables(schedule, base[0][1].device)
+
+    def one_copy(params: dict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
+        def call(x: torch.Tensor, tt: torch.Tensor, **k: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, params, (x, tt), k)
+
+        return per_sample_losses(call, x0, t, noise, tables, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
+
+    batched_loss = vmap(one_copy, in_dims=(0, 0, 0, 0, 0))
+    losses = np.zeros((C, config.steps))
+    bar = tqdm(total=config.steps, desc=f"{desc} ({C} copies, vmap)", disable=not config.progress, leave=False, dynamic_ncols=True)
+    for step in range(config.steps):
+        draws = [s.next() for s in streams]
+        x0, t, noise = (torch.stack([d[i] for d in draws]) for i in range(3))
+        kw = {k: torch.stack([d[3][k] for d in draws]) for k in draws[0][3]}
+        with sdpa_kernel(SDPBackend.MATH):
+            try:
+                per_copy = batched_loss(leaves, x0, t, noise, kw)
+            except RuntimeError as err:
+                if step == 0:
+                    raise VmapUnsupported(str(err)) from err
+                raise
+            _check_loss(per_copy, sources, step)
+            opt.zero_grad(set_to_none=True)
+            per_copy.sum().backward()
+        if config.grad_clip is not None:
+            clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
+        opt.step()
+        losses[:, step] = per_copy.detach().cpu().double().numpy()
+        bar.update(1)
+    bar.close()
+    params = {n: p.detach() for n, p in leaves.items()}
+    return FineTuned(params, losses, time.perf_counter() - start, batched=True)
+
+
+def finetune_copies(model: nn.Module, streams: Sequence[BatchStream], config: TransferConfig,
+                    schedule: NoiseSchedule, prediction: str, *, desc: str = "fine-tune") -> FineTuned:
+    """``finetune_stacked`` when ``config.batched`` (falling back, with a warning, to ``finetune_sequential``
+    for models that vmap cannot run), else ``finetune_sequential``. The model is put in eval mode."""
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        if config.batched and len(streams) > 1:
+            try:
+                return finetune_stacked(model, streams, config, schedule, prediction, desc=desc)
+            except VmapUnsupported as err:
+                warnings.warn(f"batched fine-tuning is not possible for this model under torch.func.vmap ({err}); "
+                              "fine-tuning the copies one after the other instead", RuntimeWarning, stacklevel=2)
+                streams = [BatchStream(s.source, _initial_seed(s), s.images, s.labels, s.batch_size) for s in streams]
+        return finetune_sequential(model, streams, config, schedule, prediction, desc=desc)
+    finally:
+        for m, mode in was_training:
+            m.training = mode
+
+
+def _initial_seed(stream: BatchStream) -> int:
+    return int(stream.generator.initial_seed())
