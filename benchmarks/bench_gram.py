@@ -135,9 +135,12 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the step and fused (CUDA)")
     p.add_argument("--quick", action="store_true", help="K = 10, n = 8 only, one repeat")
     p.add_argument("--csv", default=None, help="also write the table here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
     if args.quick:
         args.K, args.n, args.repeats = [10], [8], 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     table = run(args)
     print("\nratios are seconds / one training step (forward + backward) on the same batch, same run")

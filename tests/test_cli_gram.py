@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 import gradconflict as gc
 from gradconflict.cli import main

@@ -15,15 +15,6 @@ from gradconflict.data import ImageDataset, MissingDependencyError, as_dataset, 
 from gradconflict.data import embedded
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_mnist_matches_raw_csv():
     ds = load_dataset("mnist", image_size=28)
     assert len(ds) == 5000 and ds.images.shape == (5000, 1, 28, 28) and ds.num_classes == 10

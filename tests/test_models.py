@@ -10,15 +10,6 @@ import torch.nn.functional as F
 
 from gradconflict.models import MODEL_NAMES, build_model, model_from_spec, model_spec, model_summary, timestep_embedding
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TINY = ["dit-tiny", "unet-tiny"]
 
 

@@ -25,15 +25,6 @@ from gradconflict.train import (
 from gradconflict.train import loop as loop_module
 from gradconflict.weighting import by_name
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # a very small DiT so that runs take a fraction of a second per step
 SMALL = dict(data="synthetic", data_limit=64, model="dit-tiny", model_overrides={"hidden_size": 32, "depth": 1},
              image_size=8, batch_size=8, warmup_steps=3, log_every=2, checkpoint_every=4, bins=4)

@@ -15,7 +15,6 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from gradconflict.pareto import METHODS, solve

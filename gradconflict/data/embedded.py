@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .files import ImageDataset, images_to_tensor
+from .files import ImageDataset, _limit, images_to_tensor
 
 __all__ = ["MissingDependencyError", "EMBEDDED_NAMES", "SHAPE_NAMES", "load_mnist", "load_digits", "load_synthetic"]
 
@@ -37,14 +37,6 @@ SHAPE_NAMES: tuple[str, ...] = ("disk", "square", "triangle", "cross")
 
 class MissingDependencyError(ImportError, ValueError):
     """An optional package that a dataset needs is not installed (both an ImportError and a ValueError)."""
-
-
-def _limit(n: int, limit: Optional[int]) -> int:
-    if limit is None:
-        return n
-    if limit < 1:
-        raise ValueError(f"limit must be a positive number of images, got {limit}")
-    return min(n, limit)
 
 
 def _package_dir(package: str, dataset: str) -> Path:

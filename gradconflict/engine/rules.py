@@ -67,60 +67,44 @@ def linear_rule(module: nn.Linear, inputs: tuple, grad: torch.Tensor, idx: TaskI
     return out
 
 
-def _conv_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """im2col of a Conv1d/Conv2d input: ``(N, C_in * prod(kernel), L)``."""
+def _explicit_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The conv input padded as the layer pads it, and the zero padding left for the convolution itself."""
     nd = x.ndim - 2
     if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = (0,) * nd
-    elif isinstance(module.padding, str):
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
+    if isinstance(module.padding, str):
         if module.padding == "valid":
-            padding = (0,) * nd
-        else:  # "same": explicit asymmetric padding as torch does, then no padding
-            pads = []
-            for d, k, s in zip(module.dilation[::-1], module.kernel_size[::-1], module.stride[::-1]):
-                total = d * (k - 1)
-                pads += [total // 2, total - total // 2]
-            x = F.pad(x, pads)
-            padding = (0,) * nd
-    else:
-        padding = module.padding
-    if nd == 1:
-        cols = F.unfold(
-            x.unsqueeze(2),
-            kernel_size=(1, module.kernel_size[0]),
-            dilation=(1, module.dilation[0]),
-            padding=(0, padding[0]),
-            stride=(1, module.stride[0]),
-        )
-    elif nd == 2:
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    else:
-        raise NotImplementedError
-    return cols
+            return x, (0,) * nd
+        pads: list[int] = []  # "same": the asymmetric padding torch uses, applied explicitly
+        for d, k in zip(module.dilation[::-1], module.kernel_size[::-1]):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * nd
+    return x, tuple(module.padding)
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-task conv weight gradients as one grouped convolution backward: the m samples of each task become
+    the batch and the K tasks become K x groups channel groups, so the batch sum is the task sum."""
     x = inputs[0]
     if x.ndim == module.weight.ndim - 1:  # unbatched input: not a batch of samples
         raise ValueError(f"{type(module).__name__} received an unbatched input; the batch dimension is required")
     out: dict[str, torch.Tensor] = {}
-    n, c_out = grad.shape[0], grad.shape[1]
-    b = grad.to(dtype).reshape(n, c_out, -1)  # (N, C_out, L)
-    g = module.groups
+    K, c_out = idx.K, grad.shape[1]
     if _trainable(module, "weight"):
-        cols = _conv_columns(module, x.to(dtype))  # (N, C_in*k, L)
-        L = cols.shape[-1]
-        cols = cols.reshape(n, g, -1, L)  # (N, g, C_in/g*k, L)
-        bg = b.reshape(n, g, c_out // g, L)
-        # per task: sum over samples and positions of B (C_out/g x L) @ cols^T (L x C_in/g*k), per group
-        colsk = idx.group(cols).permute(0, 2, 3, 1, 4).reshape(idx.K * g, cols.shape[2], -1)  # (K*g, Cin/g*k, m*L)
-        bk = idx.group(bg).permute(0, 2, 3, 1, 4).reshape(idx.K * g, c_out // g, -1)  # (K*g, Cout/g, m*L)
-        dw = torch.bmm(bk, colsk.transpose(1, 2))  # (K*g, Cout/g, Cin/g*k)
-        out["weight"] = dw.reshape(idx.K, *module.weight.shape)
+        xp, padding = _explicit_padding(module, x.to(dtype))
+        xg = idx.group(xp)  # (K, m, C, *S)
+        xg = xg.transpose(0, 1).reshape(idx.m, K * xp.shape[1], *xp.shape[2:])
+        bg = idx.group(grad.to(dtype)).transpose(0, 1).reshape(idx.m, K * c_out, *grad.shape[2:])
+        shape = (K * c_out, *module.weight.shape[1:])
+        dw = _CONV_WEIGHT_GRAD[x.ndim - 2](xg, shape, bg, module.stride, padding, module.dilation, K * module.groups)
+        out["weight"] = dw.reshape(K, *module.weight.shape)
     if module.bias is not None and _trainable(module, "bias"):
-        out["bias"] = idx.group(b.sum(-1)).sum(1)
+        out["bias"] = idx.group(grad.to(dtype).reshape(grad.shape[0], c_out, -1).sum(-1)).sum(1)
     return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from ..track import TrackConfig
 from ..train import TrainConfig
@@ -23,6 +23,7 @@ class ReproduceConfig:
     transfer: dict[str, Any] = field(default_factory=dict)  # TransferConfig fields
     transfer_bins: int = 10
     sample_steps: int = 50
+    cpu_threads: Optional[int] = None  # torch threads on the CPU (1 is fastest for the tiny models on 2 cores)
 
     def identity(self, stage: str) -> dict[str, Any]:
         """The inputs a stage depends on (a changed value reruns that stage and what follows from it)."""
@@ -48,6 +49,7 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             transfer=dict(steps=2, lr=1e-3, eval_samples=4, seeds=2, batch_size=4, progress=False),
             transfer_bins=4,
             sample_steps=4,
+            cpu_threads=1,
         )
     if kind == "quick":
         return ReproduceConfig(
@@ -56,8 +58,9 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
                               warmup_steps=100, image_size=16, device=device, log_every=20, checkpoint_every=1000),
             track=TrackConfig(bins=10, per_task=8, resamples=3, ugd_steps=1000),
             every=200,
-            transfer=dict(steps=30, lr=1e-3, eval_samples=64, seeds=2, batch_size=32),
+            transfer=dict(steps=50, lr=1e-4, eval_samples=128, seeds=3, batch_size=32),
             transfer_bins=10,
+            cpu_threads=1,
         )
     if kind == "full":
         return ReproduceConfig(

@@ -59,6 +59,8 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     if unknown:
         raise ValueError(f"unknown figure(s) {sorted(unknown)}; choose from {list(FIGURE_NAMES)}")
     need_transfer = only is None or "fig2_transfer" in wanted
+    if config.cpu_threads and config.train.device == "cpu":
+        torch.set_num_threads(config.cpu_threads)
     out = Path(out)
     cache = out / "runs" / f"reproduce-{config.name}"
     figures = out / "figures"
