@@ -286,3 +286,14 @@ def test_diffusers_unet2d_if_installed() -> None:
     ref = task_gram(unet, x0, t, task, schedule=SCHEDULE, noise=noise, method="loop")
     got = task_gram(unet, x0, t, task, schedule=SCHEDULE, noise=noise)
     assert _rel(got.gram, ref.gram) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["dit", "unet", "conv1d", "tied_embedding_mha"])
+def test_memory_budget_chunks_give_the_same_gram(name: str) -> None:
+    model, x0, t, task, noise, kw = _batch(name)
+    args = dict(schedule=SCHEDULE, noise=noise, model_kwargs=kw, K=4)
+    whole = task_gram(model, x0, t, task, **args)
+    pieces = task_gram(model, x0, t, task, max_chunk_elements=40, **args)  # a few rows of a layer at a time
+    assert _rel(pieces.gram, whole.gram) <= 1e-12
+    ref = task_gram(model, x0, t, task, method="loop", **args)
+    assert _rel(pieces.gram, ref.gram) <= 1e-10

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .fallback import fallback_grads
 from .grouping import TaskIndex
-from .rules import rule_for
+from .rules import ROW_CHUNKED, rule_for
 
 __all__ = ["FusedGram", "OPAQUE_MODULES"]
 
@@ -41,18 +41,20 @@ class FusedGram:
 
     def __init__(self, model: nn.Module, idx: TaskIndex, *, compute_dtype: Optional[torch.dtype] = None,
                  keep_gradients: bool = False, sketch: Optional["Any"] = None,
-                 reduce: Optional[Any] = None) -> None:
+                 reduce: Optional[Any] = None, max_chunk_elements: Optional[int] = None) -> None:
         self.model = model
         self.idx = idx
         self.compute_dtype = compute_dtype
         self.keep_gradients = keep_gradients
         self.sketch = sketch
+        self.max_chunk_elements = max_chunk_elements  # memory budget: K x rows x row size per piece
         self.reduce = reduce  # e.g. a sum over torch.distributed ranks, applied to each layer's J before folding
         self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)
         self.gradients: dict[nn.Parameter, torch.Tensor] = {}
         self.nonfinite: dict[str, list[int]] = {}
         self.folded: set[int] = set()
-        self._uses: dict[int, int] = {}
+        self._uses: dict[int, int] = {}  # uses still to be seen in the backward pass
+        self._total_uses: dict[int, int] = {}  # uses in the forward pass
         self._buffers: dict[int, torch.Tensor] = {}
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._deferred: list[_Call] = []
@@ -100,6 +102,7 @@ class FusedGram:
         params = [module.get_parameter(n) for n in names]
         for p in params:
             self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+            self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
@@ -122,9 +125,38 @@ class FusedGram:
 
     def _on_rule_grad(self, call: _Call, grad: torch.Tensor) -> None:
         rule = rule_for(call.module)
-        per_task = rule(call.module, call.args, grad.detach(), self.idx, self._dtype_for(call.params[0]))
+        dtype = self._dtype_for(call.params[0])
+        rows = self._row_chunk(call, rule)
+        if rows is None:
+            per_task = rule(call.module, call.args, grad.detach(), self.idx, dtype)
+            call.args = ()
+            self._accumulate(call, per_task)
+            return
+        # memory budget: build and fold the per-task gradients of a few output rows at a time (the Gram is a sum
+        # over parameter coordinates, so the pieces add up to the same result)
+        n_rows = call.module.weight.shape[0]
+        for start in range(0, n_rows, rows):
+            piece = rule(call.module, call.args, grad.detach(), self.idx, dtype, rows=slice(start, start + rows))
+            for name, p in zip(call.names, call.params):
+                if name in piece:
+                    self._fold_piece(self._param_name.get(id(p), "?"), piece[name].reshape(self.idx.K, -1))
         call.args = ()
-        self._accumulate(call, per_task)
+        for p in call.params:
+            self._uses[id(p)] -= 1
+            self.folded.add(id(p))
+
+    def _row_chunk(self, call: _Call, rule: Any) -> Optional[int]:
+        """Rows per piece when a memory budget applies to this call, else None (one piece)."""
+        if self.max_chunk_elements is None or rule not in ROW_CHUNKED or self.keep_gradients or self.sketch is not None:
+            return None
+        module = call.module
+        if getattr(module, "groups", 1) != 1 or any(self._total_uses[id(p)] != 1 for p in call.params):
+            return None  # grouped convs and shared parameters are built whole
+        weight = module.weight
+        per_row = self.idx.K * (weight.numel() // weight.shape[0])
+        if per_row * weight.shape[0] <= self.max_chunk_elements:
+            return None
+        return max(1, self.max_chunk_elements // per_row)
 
     def finish(self) -> None:
         """Process deferred (fallback) layers and fold whatever is left; call after ``backward``."""
@@ -159,20 +191,25 @@ class FusedGram:
 
     def _fold(self, pid: int) -> None:
         J = self._buffers.pop(pid).reshape(self.idx.K, -1)
+        J = self._fold_piece(self._param_name.get(pid, "?"), J)
+        if self.keep_gradients:
+            self.gradients[pid] = J.detach().to("cpu", torch.float64)
+        self.folded.add(pid)
+
+    def _fold_piece(self, name: str, J: torch.Tensor) -> torch.Tensor:
+        """``G += J J^T`` in float64 for K x n per-task gradient coordinates of parameter ``name``."""
         if self.reduce is not None:
             J = self.reduce(J)
-        name = self._param_name.get(pid, "?")
         Jd = J if J.dtype == torch.float64 else J.to(torch.float64) if J.device.type == "cpu" else J.float()
         layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
         bad_rows = ~torch.isfinite(torch.diagonal(layer_gram))  # a non-finite entry of J spoils its row's norm
         if bool(bad_rows.any()):
-            self.nonfinite[name] = torch.nonzero(bad_rows).flatten().tolist()
+            self.nonfinite.setdefault(name, [])
+            self.nonfinite[name] = sorted(set(self.nonfinite[name]) | set(torch.nonzero(bad_rows).flatten().tolist()))
             J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
             Jd = J.to(Jd.dtype)
             layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
         self.gram += layer_gram
         if self.sketch is not None:
             self.sketch.add(name, J)
-        if self.keep_gradients:
-            self.gradients[pid] = J.detach().to("cpu", torch.float64)
-        self.folded.add(pid)
+        return J

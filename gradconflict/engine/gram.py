@@ -45,6 +45,7 @@ def task_gram(
     sketch_seed: int = 0,
     train_mode: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
+    max_chunk_elements: Optional[int] = None,
 ) -> TaskGradients:
     """Gram matrix of the per-task gradients of ``model`` on one batch.
 
@@ -68,6 +69,9 @@ def task_gram(
             mode, so dropout is off and "fused" and "loop" see the same function.
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. torch.bfloat16 on a
             GPU); per-task gradients are then formed in float32 and folded into a float64 Gram.
+        max_chunk_elements: memory budget of the fused method: a Linear or Conv layer whose K per-task
+            gradients hold more elements than this is built and folded a few output rows at a time (same
+            result; shared parameters and grouped convs are built whole).
 
     Returns:
         TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
@@ -107,7 +111,7 @@ def task_gram(
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
             gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
-                                         return_gradients, kw)
+                                         return_gradients, kw, max_chunk_elements)
     seconds = time.perf_counter() - start
     return TaskGradients(
         gram=gram,
@@ -235,9 +239,11 @@ class _One:
         self.task = torch.full((n,), k, dtype=torch.long)
 
 
-def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw):
+def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw,
+           max_chunk_elements=None):
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
-    fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce)
+    fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,
+                   max_chunk_elements=max_chunk_elements)
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)

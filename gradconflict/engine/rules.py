@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .grouping import TaskIndex
 
-__all__ = ["RULES", "register_rule", "rule_for"]
+__all__ = ["RULES", "ROW_CHUNKED", "register_rule", "rule_for"]
 
 Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[str, torch.Tensor]]
 RULES: dict[type, Rule] = {}
@@ -54,10 +54,17 @@ def _trainable(module: nn.Module, name: str) -> bool:
     return isinstance(p, torch.Tensor) and p.requires_grad
 
 
+# rules that can produce the per-task gradients of a slice of output rows (features / channels) at a time
+ROW_CHUNKED: set = set()
+
+
 @register_rule(nn.Linear)
-def linear_rule(module: nn.Linear, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def linear_rule(module: nn.Linear, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype,
+                rows: slice | None = None) -> dict[str, torch.Tensor]:
     a = inputs[0]
     out: dict[str, torch.Tensor] = {}
+    if rows is not None:
+        grad = grad[..., rows]
     b = idx.group(grad.to(dtype)).reshape(idx.K, -1, grad.shape[-1])  # (K, m*S, out)
     if _trainable(module, "weight"):
         x = idx.group(a.to(dtype)).reshape(idx.K, -1, a.shape[-1])  # (K, m*S, in)
@@ -86,26 +93,37 @@ def _explicit_padding(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 _CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
+ROW_CHUNKED.add(linear_rule)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskIndex, dtype: torch.dtype,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
     """Per-task conv weight gradients as one grouped convolution backward: the m samples of each task become
     the batch and the K tasks become K x groups channel groups, so the batch sum is the task sum."""
     x = inputs[0]
     if x.ndim == module.weight.ndim - 1:  # unbatched input: not a batch of samples
         raise ValueError(f"{type(module).__name__} received an unbatched input; the batch dimension is required")
     out: dict[str, torch.Tensor] = {}
+    weight_shape = module.weight.shape
+    if rows is not None:  # a slice of output channels (groups == 1 only)
+        grad = grad[:, rows]
+        weight_shape = (grad.shape[1], *weight_shape[1:])
     K, c_out = idx.K, grad.shape[1]
     if _trainable(module, "weight"):
         xp, padding = _explicit_padding(module, x.to(dtype))
         xg = idx.group(xp)  # (K, m, C, *S)
         xg = xg.transpose(0, 1).reshape(idx.m, K * xp.shape[1], *xp.shape[2:])
         bg = idx.group(grad.to(dtype)).transpose(0, 1).reshape(idx.m, K * c_out, *grad.shape[2:])
-        shape = (K * c_out, *module.weight.shape[1:])
+        shape = (K * c_out, *weight_shape[1:])
         dw = _CONV_WEIGHT_GRAD[x.ndim - 2](xg, shape, bg, module.stride, padding, module.dilation, K * module.groups)
-        out["weight"] = dw.reshape(K, *module.weight.shape)
+        out["weight"] = dw.reshape(K, *weight_shape)
     if module.bias is not None and _trainable(module, "bias"):
         out["bias"] = idx.group(grad.to(dtype).reshape(grad.shape[0], c_out, -1).sum(-1)).sum(1)
     return out
+
+
+ROW_CHUNKED.add(conv_rule)
 
 
 @register_rule(nn.LayerNorm)
