@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 # subcommand modules, each exposing add_parser(subparsers); a module that is missing is skipped
-_SUBCOMMANDS = ("reproduce", "gram", "solve", "transfer", "train", "sample")
+_SUBCOMMANDS = ("reproduce", "gram", "solve", "track", "transfer", "train", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--toy", dest="preset", action="store_const", const="toy", help="seconds; a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default=".", help="folder that receives figures/ and runs/ (default: here)")
+    p.add_argument("--only", nargs="+", default=None, metavar="FIGURE",
+                   help="regenerate only these figures (fig2_transfer fig3_ugd_weights fig4_pareto_objective "
+                        "lambda_sweep conflict_vs_distance cosine_final samples) and the stages they need")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run, preset="quick")
 
@@ -29,5 +32,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..reproduce import preset, reproduce
 
-    reproduce(preset(args.preset, device=args.device), args.out, progress=not args.no_progress)
+    reproduce(preset(args.preset, device=args.device), args.out, progress=not args.no_progress, only=args.only)
     return 0
