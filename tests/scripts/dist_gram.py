@@ -1,5 +1,6 @@
 """Run under torchrun (2 gloo ranks): each rank computes the Gram on its share of one seeded batch."""
 
+import os
 import sys
 
 import torch
@@ -24,7 +25,8 @@ if mode == "track":
     if D.is_main():
         torch.save({"grams": res.grams, "objectives": res.objectives.to_dict("list")}, sys.argv[1])
     D.shutdown()
-    sys.exit(0)
+    sys.stdout.flush()
+    os._exit(0)  # skip C++ static destructors: gloo threads can abort a finished process on a loaded machine
 torch.manual_seed(0)
 model = UNetLike().double()
 bins = gc.TimestepBins.uniform(1000, 4)
@@ -38,3 +40,5 @@ res = gc.task_gram(model, x0[mine], t[mine], task[mine], K=4, schedule=gc.NoiseS
 if D.is_main():
     torch.save({"gram": res.gram, "losses": res.losses, "counts": res.counts, "sketch": res.sketch}, sys.argv[1])
 D.shutdown()
+sys.stdout.flush()
+os._exit(0)  # see above
