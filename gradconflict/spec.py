@@ -7,6 +7,9 @@ A spec is one of
 * a training run directory (written by ``gradconflict train``): its EMA weights, schedule and prediction;
 * ``path/to/file.py:function`` or ``package.module:function``: a function returning ``(model, schedule,
   prediction)``, or just a model (then the linear schedule and eps prediction are assumed).
+* ``diffusers:PATH``: a diffusers UNet2DModel / DiTTransformer2DModel / Transformer2DModel and its scheduler
+  from a local pipeline or model folder (``gradconflict.adapters.load_diffusers``; needs ``pip install
+  gradconflict[diffusers]``, never downloads).
 
 ``checkpoint`` (a state dict in ``.pt`` or ``.safetensors``) is loaded into the model afterwards.
 """
@@ -87,7 +90,11 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
     """Resolve a model spec (see the module docstring) and optionally load a checkpoint into it."""
     text = str(spec)
     loaded: Optional[LoadedModel] = None
-    if Path(text).is_dir():
+    if text.startswith("diffusers:"):
+        from .adapters.diffusers import load_diffusers
+
+        loaded = load_diffusers(text[len("diffusers:"):], device=device)
+    elif Path(text).is_dir():
         from .train import load_trained
 
         model, schedule, prediction = load_trained(text)

@@ -513,3 +513,43 @@ def test_wolfe_phase_alone_is_exact():
     Q = (G + 0.01 * np.eye(25)) / s
     w, _ = _wolfe(Q, None, 10_000)
     assert_kkt(G, 0.01, w, tol=1e-10)
+
+
+# ------------------------------------- low-rank PSD certificate (K >= 256)
+def test_lowrank_psd_certificate_feeds_the_solver():
+    from gradconflict.pareto._validate import as_gram_factored
+
+    K = 300
+    J = np.random.default_rng(94).standard_normal((K, 12))
+    G = J @ J.T
+    lam = 1e-3 * np.trace(G) / K
+    _, _, factors = as_gram_factored(G)
+    L, resid = factors[0]
+    assert L.shape == (12, K) and resid <= 1e-8 * np.max(np.diag(G))
+    res, dense = solve(G, lam), solve(G, lam, check_psd=False)  # Woodbury path vs dense path
+    assert res.converged
+    assert_kkt(G, lam, res.weights, tol=1e-12)
+    assert abs(res.objective - dense.objective) <= 1e-12 * dense.objective
+    res0 = solve(G, 0.0)  # lam = 0: no ridge for Woodbury, dense fallback
+    assert res0.converged and res0.objective <= solve(G, 0.0, check_psd=False).objective + 1e-12
+
+
+def test_lowrank_not_psd_reports_most_negative_eigenvalue():
+    K = 300
+    J = np.random.default_rng(95).standard_normal((K, 8))
+    G = J @ J.T
+    G[0, 1] += 1.0  # zero-diagonal residual pattern the pivoted factor cannot see
+    G[1, 0] += 1.0
+    lo = np.linalg.eigvalsh(G)[0]
+    assert lo < -0.1
+    with pytest.raises(ValueError, match=rf"not positive semidefinite.*most negative eigenvalue {lo:.3e}"):
+        solve(G, 0.1)
+
+
+def test_failed_cholesky_reports_most_negative_eigenvalue():
+    K = 300
+    A = np.random.default_rng(96).standard_normal((K, K))
+    G = A @ A.T / K - 0.05 * np.eye(K) * np.linalg.eigvalsh(A @ A.T / K)[-1]
+    lo = np.linalg.eigvalsh(G)[0]
+    with pytest.raises(ValueError, match=rf"most negative eigenvalue {lo:.3e}"):
+        solve(G, 1.0)

@@ -16,6 +16,13 @@ for float32 inputs.
   Checked with one Cholesky factorization of ``G + rtol * max_i G_ii * I``
   (sound, because ``max_i G_ii <= lambda_max``); only if that fails are the
   eigenvalues computed to decide and to report the most negative one.
+  For K >= :data:`LOWRANK_MIN_K` a pivoted partial Cholesky runs first (at
+  most ``min(K / 8, 128)`` pivots): if it stops with every residual diagonal
+  below ``tau = rtol * max_i G_ii`` it has found ``G = L^T L + S`` with
+  rank(L) = r small, and ``||S||_F <= tau`` proves ``lambda_min(G) >= -tau``
+  (a failing bound falls through to the Cholesky check).  The factor is then
+  kept (:func:`as_gram_factored`) so that the solver needs no factorization
+  of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import numpy as np
 from scipy.linalg import lapack
 
 METHODS: tuple[str, ...] = ("auto", "frank_wolfe", "ugd", "cvxpy")
+LOWRANK_MIN_K = 256  # below this the dense path is cheap anyway
+LOWRANK_MAX_RANK = 128  # pivoted partial Cholesky gives up after min(K / 8, this) pivots
 
 
 def _rtol(dtype: np.dtype) -> float:
@@ -86,6 +95,19 @@ def as_gram(G: Any, check_psd: bool = True, check_symmetry: bool = True) -> tupl
     Returns ``(Gs, batched)`` with ``Gs`` a symmetrized float64 array of shape
     ``(n, K, K)`` and ``batched`` telling whether the input was 3-D.
     """
+    Gs, batched, _ = as_gram_factored(G, check_psd, check_symmetry)
+    return Gs, batched
+
+
+def as_gram_factored(
+    G: Any, check_psd: bool = True, check_symmetry: bool = True
+) -> tuple[np.ndarray, bool, list[tuple[np.ndarray, float] | None]]:
+    """:func:`as_gram` plus, per matrix, the low-rank factor found by the PSD check.
+
+    The third item holds, for each matrix, ``(L, resid)`` with ``L`` of shape
+    (r, K) and ``G = L^T L + S``, ``||S||_F = resid <= tau``, or None (no
+    PSD check, small K, or not low-rank).
+    """
     arr, rtol = to_numpy(G, "G")
     if arr.ndim not in (2, 3):
         raise ValueError(
@@ -118,26 +140,71 @@ def as_gram(G: Any, check_psd: bool = True, check_symmetry: bool = True) -> tupl
         Gs = diff
     else:
         Gs = Gs.copy()  # never hand out (and later modify) the caller's memory
+    factors: list[tuple[np.ndarray, float] | None] = [None] * Gs.shape[0]
     if check_psd:
-        _check_psd(Gs, rtol, batched)
-    return Gs, batched
+        factors = _check_psd(Gs, rtol, batched)
+    return Gs, batched, factors
 
 
-def _check_psd(Gs: np.ndarray, rtol: float, batched: bool) -> None:
+def pivoted_lowrank(G: np.ndarray, tau: float, max_rank: int) -> np.ndarray | None:
+    """Pivoted partial Cholesky of a symmetric ``G``: ``(r, K)`` factor or None.
+
+    Greedy diagonal pivoting; returns ``L`` (rows = factor columns, indexed by
+    task) once every residual diagonal entry is ``<= tau``, or None if that
+    needs more than ``max_rank`` pivots.  ``G - L^T L`` vanishes on the pivot
+    rows and columns; its other entries are *not* checked here.
+    """
+    K = G.shape[0]
+    d = np.diagonal(G).copy()
+    L = np.empty((max_rank, K))
+    for k in range(max_rank + 1):
+        p = int(np.argmax(d))
+        dp = d[p]
+        if dp <= tau:
+            return L[:k]
+        if k == max_rank:
+            return None
+        col = G[p] - L[:k, p] @ L[:k] if k else G[p].copy()
+        col *= 1.0 / np.sqrt(dp)
+        L[k] = col
+        d -= col * col
+        d[p] = -np.inf  # never pivot twice
+    return None  # pragma: no cover
+
+
+def _lowrank_certificate(G: np.ndarray, tau: float) -> tuple[np.ndarray, float] | None:
+    """``(L, ||G - L^T L||_F)`` if that residual norm is ``<= tau`` (=> lambda_min(G) >= -tau)."""
+    K = G.shape[0]
+    if K < LOWRANK_MIN_K or tau <= 0:
+        return None
+    L = pivoted_lowrank(G, tau, min(K // 8, LOWRANK_MAX_RANK))
+    if L is None:
+        return None
+    R = L.T @ L
+    R -= G  # ||R||_F bounds every eigenvalue of the residual
+    resid = float(np.sqrt(np.einsum("ij,ij->", R, R)))
+    return (L, resid) if resid <= tau else None
+
+
+def _check_psd(Gs: np.ndarray, rtol: float, batched: bool) -> list[tuple[np.ndarray, float] | None]:
     K = Gs.shape[-1]
     diag = np.einsum("nii->ni", Gs)
     shift = rtol * np.maximum(diag.max(axis=1), 0.0) + np.finfo(np.float64).tiny
+    if Gs.shape[0] == 1:
+        cert = _lowrank_certificate(Gs[0], float(shift[0]) - np.finfo(np.float64).tiny)
+        if cert is not None:
+            return [cert]
     shifted = Gs.copy()
     idx = np.arange(K)
     shifted[:, idx, idx] += shift[:, None]
     # success => lambda_min > -shift >= -rtol * lambda_max
     if shifted.shape[0] == 1:
         if lapack.dpotrf(shifted[0].T, lower=1, clean=0, overwrite_a=1)[1] == 0:
-            return
+            return [None]
     else:
         try:
             np.linalg.cholesky(shifted)
-            return
+            return [None] * Gs.shape[0]
         except np.linalg.LinAlgError:
             pass
     eig = np.linalg.eigvalsh(Gs)
@@ -153,6 +220,7 @@ def _check_psd(Gs: np.ndarray, rtol: float, batched: bool) -> None:
             f"(largest eigenvalue {hi[i]:.3e}); a Gram matrix of gradients is PSD, so recompute "
             "it as A @ A.T or clip its negative eigenvalues"
         )
+    return [None] * Gs.shape[0]
 
 
 def check_lam(lam: Any) -> float:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._cholesky import SubsetSolver
+from ._cholesky import LowRankSubsetSolver, SubsetSolver
 
 EPS = 1e-13  # sign threshold for weights and reduced gradients (normalized units)
 BPP_CAP = 100  # phase-1 pivots before handing over to phase 2
@@ -54,6 +54,7 @@ def active_set(
     tol: float = 1e-10,
     max_iter: int | None = None,
     w0: np.ndarray | None = None,
+    _lowrank: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Solve every normalized problem in the (n, K, K) stack ``Q`` exactly.
 
@@ -63,6 +64,9 @@ def active_set(
         max_iter: cap on the total number of phase-1 pivots (at most
             100) and phase-2 cycles (default ``max(100, 10 K)``).
         w0: optional (K,) or (n, K) warm start; its support starts phase 1.
+        _lowrank: internal, per problem None or ``(B, alpha, resid)`` with
+            ``Q = B^T B + alpha I + E``, ``||E||_F <= resid`` (from the PSD
+            check); phase 1 then uses :class:`LowRankSubsetSolver`.
 
     Returns:
         ``(W, iterations, converged)``; ``iterations`` counts the linear
@@ -77,19 +81,38 @@ def active_set(
     iters = np.zeros(n, dtype=np.int64)
     ok = np.zeros(n, dtype=bool)
     for i in range(n):
-        W[i], iters[i], ok[i] = solve_one(Q[i], tol=tol, max_iter=cap, start=None if starts is None else starts[i])
+        lr = None if _lowrank is None else _lowrank[i]
+        W[i], iters[i], ok[i] = solve_one(
+            Q[i], tol=tol, max_iter=cap, start=None if starts is None else starts[i], lowrank=lr
+        )
     return W, iters, ok
 
 
 def solve_one(
-    Q: np.ndarray, *, tol: float = 1e-10, max_iter: int = 1000, start: np.ndarray | None = None
+    Q: np.ndarray,
+    *,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    start: np.ndarray | None = None,
+    lowrank: tuple[np.ndarray, float, float] | None = None,
 ) -> tuple[np.ndarray, int, bool]:
-    """Exact solve of one normalized problem: ``(w, iterations, converged)``."""
+    """Exact solve of one normalized problem: ``(w, iterations, converged)``.
+
+    ``lowrank = (B, alpha, resid)`` (``Q = B^T B + alpha I + E``,
+    ``||E||_F <= resid``) switches phase 1 to Woodbury solves when
+    ``resid <= alpha / 10``; it falls back to the dense phase 1 on failure.
+    """
     K = Q.shape[0]
     if K == 1:
         return np.ones(1), 0, True
-    F = np.ones(K, dtype=bool) if start is None or not start.any() else start.copy()
-    w, it = _bpp(Q, F, min(max_iter, BPP_CAP))
+    F0 = np.ones(K, dtype=bool) if start is None or not start.any() else start.copy()
+    w = None
+    if lowrank is not None and lowrank[1] > 0 and lowrank[2] <= 0.1 * lowrank[1]:
+        w, it = _bpp(Q, F0.copy(), min(max_iter, BPP_CAP), LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
+        if w is not None and _gap(Q, w) > tol:
+            w = None
+    if w is None:
+        w, it = _bpp(Q, F0, min(max_iter, BPP_CAP))
     gap = _gap(Q, w) if w is not None else np.inf
     if gap > tol and it < max_iter:
         w2, it2 = _wolfe(Q, w, max_iter - it)
@@ -105,10 +128,10 @@ def _gap(Q: np.ndarray, w: np.ndarray) -> float:
     return float(2.0 * (w @ g - g.min()))
 
 
-def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int) -> tuple[np.ndarray | None, int]:
+def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndarray | None, int]:
     """Phase 1: block principal pivoting.  Returns ``(w or None, solves)``."""
     K = Q.shape[0]
-    sub = SubsetSolver(Q)
+    sub = SubsetSolver(Q) if sub is None else sub
     best, budget = K + 1, 3
     for it in range(1, max_iter + 1):
         out = sub.affine_weights() if sub.update(F) else None

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._validate import METHODS, as_gram, check_lam, check_method, check_simplex
+from ._validate import METHODS, as_gram_factored, check_lam, check_method, check_simplex
 from .active_set import active_set
 from .cvxpy_ref import cvxpy_solve
 from .frank_wolfe import frank_wolfe
@@ -34,7 +34,7 @@ def _options(method: str, options: dict[str, Any]) -> None:
     params = inspect.signature(SOLVERS[method]).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [name for name in params if name != "Q"]
+    valid = [name for name in params if name != "Q" and not name.startswith("_")]
     for name in options:
         if name not in valid:
             raise ValueError(f"unknown option {name!r} for method {method!r}; valid options: {', '.join(valid)}")
@@ -87,7 +87,7 @@ def solve(
     method = check_method(method)
     lam_f = check_lam(lam)
     _options(method, options)
-    Gs, batched = as_gram(G, check_psd=check_psd)
+    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd)
     n, K, _ = Gs.shape
     if options.get("w0") is not None:
         w0 = check_simplex(options["w0"], K=K, name="w0")
@@ -95,6 +95,12 @@ def solve(
             raise ValueError(f"w0 holds {w0.shape[0]} vectors but G holds {n} matrices; pass (K,) or (n, K)")
         options["w0"] = w0
     Q, scale = normalize(Gs, lam_f)
+    if method == "auto" and any(f is not None for f in factors):
+        # the PSD check found G = L^T L + S (low rank): Q = B^T B + alpha I + S / s
+        options["_lowrank"] = [
+            None if f is None else (f[0] / np.sqrt(scale[i]), lam_f / scale[i], f[1] / scale[i])
+            for i, f in enumerate(factors)
+        ]
     W, iters, conv = SOLVERS[method](Q, **options)
     g = np.einsum("nij,nj->ni", Q, W)
     f_n = np.einsum("ni,ni->n", W, g)
