@@ -200,7 +200,8 @@ class FusedGram:
         """``G += J J^T`` in float64 for K x n per-task gradient coordinates of parameter ``name``."""
         if self.reduce is not None:
             J = self.reduce(J)
-        Jd = J if J.dtype == torch.float64 else J.to(torch.float64) if J.device.type == "cpu" else J.float()
+        # float64 models: float64 products; otherwise each layer's J J^T in float32 (TF32 off), summed in float64
+        Jd = J if J.dtype == torch.float64 else J.float()
         layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
         bad_rows = ~torch.isfinite(torch.diagonal(layer_gram))  # a non-finite entry of J spoils its row's norm
         if bool(bad_rows.any()):
