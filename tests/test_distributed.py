@@ -11,7 +11,7 @@ import torch
 
 import gradconflict as gc
 
-from zoo import UNetLike
+from zoo import UNetLike, seeded_problem
 
 HERE = Path(__file__).parent
 
@@ -31,13 +31,7 @@ def _torchrun(out: Path, mode: str, timeout: float = 240) -> subprocess.Complete
 
 
 def _single() -> gc.TaskGradients:
-    torch.manual_seed(0)
-    model = UNetLike().double()
-    bins = gc.TimestepBins.uniform(1000, 4)
-    g = torch.Generator().manual_seed(0)
-    t, task = bins.sample(3, g)
-    x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    model, x0, t, task, noise = seeded_problem()
     return gc.task_gram(model, x0, t, task, K=4, schedule=gc.NoiseSchedule.linear(), noise=noise, sketch_dim=64)
 
 

@@ -132,3 +132,17 @@ def frozen(model: nn.Module, prefixes: tuple[str, ...]) -> nn.Module:
         if n.startswith(prefixes):
             p.requires_grad_(False)
     return model
+
+
+def seeded_problem():
+    """The problem the distributed tests solve in one process and across ranks: a float64 UNetLike,
+    K = 4 uniform bins of T = 1000, 3 samples per bin; returns (model, x0, t, task, noise)."""
+    import gradconflict as gc
+
+    torch.manual_seed(0)
+    model = UNetLike().double()
+    g = torch.Generator().manual_seed(0)
+    t, task = gc.TimestepBins.uniform(1000, 4).sample(3, g)
+    x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    return model, x0, t, task, noise

@@ -9,7 +9,7 @@ import gradconflict as gc
 from gradconflict import distributed as D
 
 sys.path.insert(0, sys.argv[2])
-from zoo import UNetLike  # noqa: E402
+from zoo import UNetLike, seeded_problem  # noqa: E402
 
 D.init_from_env()
 mode = sys.argv[3]
@@ -27,13 +27,7 @@ if mode == "track":
     D.shutdown()
     sys.stdout.flush()
     os._exit(0)  # skip C++ static destructors: gloo threads can abort a finished process on a loaded machine
-torch.manual_seed(0)
-model = UNetLike().double()
-bins = gc.TimestepBins.uniform(1000, 4)
-g = torch.Generator().manual_seed(0)
-t, task = bins.sample(3, g)
-x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
-noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+model, x0, t, task, noise = seeded_problem()
 mine = D.shard(len(t))
 res = gc.task_gram(model, x0[mine], t[mine], task[mine], K=4, schedule=gc.NoiseSchedule.linear(), noise=noise[mine],
                    method=mode if mode in ("fused", "loop") else "fused", sketch_dim=64)
