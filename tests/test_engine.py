@@ -297,3 +297,12 @@ def test_memory_budget_chunks_give_the_same_gram(name: str) -> None:
     assert _rel(pieces.gram, whole.gram) <= 1e-12
     ref = task_gram(model, x0, t, task, method="loop", **args)
     assert _rel(pieces.gram, ref.gram) <= 1e-10
+
+
+def test_float32_gram_is_exactly_symmetric_and_accepted_by_the_solver() -> None:
+    from gradconflict import pareto
+
+    model, x0, t, task, noise, kw = _batch("dit", K=6, n=4, dtype=torch.float32)
+    res = task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, K=6)
+    assert torch.equal(res.gram, res.gram.T)
+    pareto.solve(res.gram, lam=0.1 * float(torch.trace(res.gram)) / 6)  # strict symmetry check passes

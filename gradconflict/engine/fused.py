@@ -210,7 +210,7 @@ class FusedGram:
             J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
             Jd = J.to(Jd.dtype)
             layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
-        self.gram += layer_gram
+        self.gram += (layer_gram + layer_gram.T) / 2  # exactly symmetric (a float32 product may differ in the last bit)
         if self.sketch is not None:
             self.sketch.add(name, J)
         return J

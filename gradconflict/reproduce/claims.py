@@ -1,7 +1,7 @@
 """Verdicts on the paper's claims C1-C3 (shared/PAPER.md), each with the numbers behind it and their uncertainty.
 
-* C1 (transfer): fine-tuning bin i lowers the loss of neighbouring bins (|i - j| = 1) and raises it for
-  distant bins (|i - j| >= K/2). Holds when the mean transfer of neighbours is > 0 and of distant bins < 0.
+* C1 (transfer): fine-tuning bin i lowers the loss of neighbouring bins (abs(i - j) = 1) and raises it for
+  distant bins (abs(i - j) >= K/2). Holds when the mean transfer of neighbours is > 0 and of distant bins < 0.
 * C2 (UGD instability): UGD's weights recomputed on resampled batches (and at successive checkpoints) vary by
   much more than the solver's own tolerance. Holds when the mean L1 distance between UGD weights of two
   resampled batches at the same checkpoint exceeds 10x UGD's own error (L1 distance to the exact optimum of
@@ -49,8 +49,8 @@ def claim_c1(matrix: np.ndarray, stderr: Optional[np.ndarray] = None) -> dict:
     significant = bool(near > 2 * near_se and -far > 2 * far_se) if np.isfinite(near_se) and np.isfinite(far_se) else False
     return dict(claim="C1", holds=bool(holds), significant=significant,
                 statement="fine-tuning bin i helps bins near i and hurts bins far from i",
-                measured=f"mean transfer to neighbours (|i-j|=1) {near:+.4f} +- {near_se:.4f}; "
-                         f"to distant bins (|i-j|>={max(2, K // 2)}) {far:+.4f} +- {far_se:.4f}",
+                measured=f"mean transfer to neighbours (abs(i-j) = 1) {near:+.4f} +- {near_se:.4f}; "
+                         f"to distant bins (abs(i-j) >= {max(2, K // 2)}) {far:+.4f} +- {far_se:.4f}",
                 near=near, near_se=near_se, far=far, far_se=far_se, diagonal=float(np.mean(np.diag(M))))
 
 

@@ -36,7 +36,8 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
     ]
     for _, c in claims.iterrows():
         verdict = VERDICT_HOLDS if c["holds"] else VERDICT_FAILS
-        lines.append(f"| {c['claim']} | {c['statement']} | {verdict} | {'yes' if c['significant'] else 'no'} | {c['measured']} |")
+        cells = [str(c["claim"]), str(c["statement"]), verdict, "yes" if c["significant"] else "no", str(c["measured"])]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += [
         "",
         "## Figures",
