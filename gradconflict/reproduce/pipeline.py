@@ -24,6 +24,7 @@ from ..plots import matrix_heatmap, write_csv
 from ..track import lambda_sweep, load_track, make_bins, track_training
 from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
+from ..transfer.matrix import result_from_frame
 from ..transfer.plot import plot_transfer
 from .claims import claim_c1, claim_c2, claim_c3
 from .config import ReproduceConfig
@@ -117,10 +118,8 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0)
     if only is not None and not need_transfer:
         return None
-    from ..transfer.matrix import _result as result_from_frame
-
     transfer = result_from_frame(pd.read_csv(transfer_csv), TimestepBins.uniform(schedule.T, config.transfer_bins),
-                                 TransferConfig(**config.transfer), 0.0, True)
+                                 TransferConfig(**config.transfer))
     if "fig2_transfer" in wanted:
         plot_transfer(transfer, figures / "fig2_transfer.png",
                       setup=f"{tc.model} on {tc.data}, {config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "

@@ -254,6 +254,11 @@ def _result(frame: pd.DataFrame, bins: TimestepBins, config: TransferConfig, sec
     return TransferResult(frame, list(bins.labels), matrix, stderr, all_row, all_se, fo, config, seconds, batched)
 
 
+def result_from_frame(frame: pd.DataFrame, bins: TimestepBins, config: TransferConfig) -> TransferResult:
+    """A ``TransferResult`` rebuilt from its tidy ``frame`` (e.g. read back from CSV by a cached pipeline)."""
+    return _result(frame, bins, config, 0.0, config.batched)
+
+
 def transfer_matrix(model: nn.Module, data: Any, bins: TimestepBins, *, steps: Optional[int] = None, lr: float,
                     optimizer: str = "adamw", eval_samples: int = 64, seeds: Union[int, Sequence[int]] = 1,
                     schedule: NoiseSchedule, prediction: Optional[str] = None, batch_size: int = 16,
