@@ -106,8 +106,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                 f_s, f_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
                                                                autocast_dtype=amp, **common), device, args.repeats)
                 err = float((fused.gram - ref.gram).norm() / ref.gram.norm()) if ref is not None else float("nan")
+                u_s, _, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=False,
+                                                       autocast_dtype=amp, **common), device, args.repeats)
                 row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
-                           fused_x=f_s / base, fused_GiB=f_mem, fused_err=err, loop_x=ref_s / base)
+                           fused_x=f_s / base, fused_nocheck_x=u_s / base, fused_GiB=f_mem, fused_err=err,
+                           loop_x=ref_s / base)
                 if args.vmap and K * n <= args.max_loop:
                     try:
                         v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,

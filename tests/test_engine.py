@@ -306,3 +306,20 @@ def test_float32_gram_is_exactly_symmetric_and_accepted_by_the_solver() -> None:
     res = task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, K=6)
     assert torch.equal(res.gram, res.gram.T)
     pareto.solve(res.gram, lam=0.1 * float(torch.trace(res.gram)) / 6)  # strict symmetry check passes
+
+
+@pytest.mark.parametrize("name", ["dit", "unet", "tied_embedding_mha", "frozen"])
+def test_unchecked_parameter_free_backward_gives_the_same_gram(name: str) -> None:
+    model, x0, t, task, noise, kw = _batch(name)
+    args = dict(schedule=SCHEDULE, noise=noise, model_kwargs=kw, K=4)
+    ref = task_gram(model, x0, t, task, method="loop", **args)
+    accumulated = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p: accumulated.append(1))
+               for p in model.parameters() if p.requires_grad]
+    fast = task_gram(model, x0, t, task, check=False, **args)
+    assert _rel(fast.gram, ref.gram) <= 1e-10
+    assert not accumulated  # autograd formed no parameter gradient
+    task_gram(model, x0, t, task, **args)
+    assert accumulated  # the checked path does (it needs the full gradient for the self-check)
+    for h in handles:
+        h.remove()

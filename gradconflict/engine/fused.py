@@ -58,6 +58,7 @@ class FusedGram:
         self._buffers: dict[int, torch.Tensor] = {}
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._deferred: list[_Call] = []
+        self.outputs: list[torch.Tensor] = []  # every hooked layer output (the targets of a parameter-free backward)
         self._handles: list[Any] = []
         self._active = False
         self._plan = self._make_plan()
@@ -106,12 +107,14 @@ class FusedGram:
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
+            self.outputs.append(output)
             return
         outs = output if isinstance(output, (tuple, list)) else (output,)
         call.grads = [None] * len(outs)
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor) and o.requires_grad:
                 o.register_hook(lambda g, c=call, i=i: self._store_grad(c, i, g))
+                self.outputs.append(o)
         call.single = not isinstance(output, (tuple, list))  # type: ignore[attr-defined]
         self._deferred.append(call)
 
