@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -14,27 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ._io import atomic_write, write_csv  # noqa: E402  (write_csv is part of this module's API)
+
 __all__ = ["save_figure", "write_csv", "matrix_heatmap", "suptitle"]
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> Path:
-    """Write a DataFrame as CSV atomically (temporary file, then rename)."""
-    path = Path(path)
-    _atomic(path, lambda tmp: frame.to_csv(tmp, index=index))
-    return path
 
 
 def suptitle(fig: plt.Figure, text: str) -> None:
@@ -47,7 +27,7 @@ def suptitle(fig: plt.Figure, text: str) -> None:
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
     """Save a figure as PNG atomically and close it."""
     path = Path(path)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     plt.close(fig)
     return path
 

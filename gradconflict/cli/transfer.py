@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bins import TimestepBins
     from ..data import load_dataset
     from ..distributed import is_main, local_device
-    from ..plots import write_csv
+    from .._io import write_csv
     from ..spec import load_model
     from ..transfer import TransferConfig, plot_transfer, run_transfer
     from ..transfer.plot import describe_setup

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from .. import conflict
+from .._io import write_text
 from ..bins import TimestepBins
 from ..data import load_dataset
 from ..figures import conflict_vs_distance, fig3_ugd_weights, fig4_pareto_objective, lambda_sweep_figure
@@ -41,9 +42,7 @@ def _stage(cache: Path, name: str, identity: dict[str, Any], run: Callable[[], N
         return
     t0 = time.perf_counter()
     run()
-    tmp = stamp.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(stamp)
+    write_text(stamp, text)
     log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
 
 

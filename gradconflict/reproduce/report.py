@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .._io import write_text
 
 __all__ = ["write_report", "VERDICT_HOLDS", "VERDICT_FAILS"]
 
@@ -50,9 +50,4 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         "- `cosine_final.png` / `.csv`: cosine matrix at the last checkpoint; `samples.png`: DDIM samples of the model.",
         "",
     ]
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".REPORT.", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "\n".join(lines))

@@ -23,9 +23,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
+from .._io import atomic_write, write_csv, write_json
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
-from ..plots import write_csv
 from ..schedule import NoiseSchedule
 from ..weighting import WeightingStrategy, by_name
 from .analyze import analyze_gram
@@ -75,9 +75,7 @@ def load_track(out_dir: Union[str, Path]) -> Optional[TrackResult]:
 def _save(out: Path, result: TrackResult) -> None:
     write_csv(result.objectives, out / "track_objectives.csv")
     write_csv(result.weights, out / "track_weights.csv")
-    tmp = out / ".track_grams.tmp.npz"
-    np.savez(tmp, **{f"step{s}_r{r}": g for (s, r), g in result.grams.items()})
-    tmp.replace(out / "track_grams.npz")
+    atomic_write(out / "track_grams.npz", lambda p: np.savez(p, **{f"step{s}_r{r}": g for (s, r), g in result.grams.items()}))
 
 
 def _check_config(out: Path, identity: dict[str, Any]) -> None:
@@ -89,7 +87,7 @@ def _check_config(out: Path, identity: dict[str, Any]) -> None:
             raise ValueError(f"{out} holds tracking results of another config (differs in {diff}); use another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+        write_json(path, identity)
 
 
 def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
@@ -200,9 +198,7 @@ def track_training(
                     raise ValueError(f"{run_dir} is already trained to step {trained_to} > {step} and has no snapshot "
                                      f"of step {step}; remove {out} to start the tracking run again")
                 snapshots.mkdir(parents=True, exist_ok=True)
-                tmp = snapshots / f".step{step}.tmp.safetensors"
-                shutil.copyfile(run_dir / "model.safetensors", tmp)
-                tmp.replace(snap)
+                atomic_write(snap, lambda p: shutil.copyfile(run_dir / "model.safetensors", p))
             dist.barrier()
             return load_trained(snap, ema=False)[0]
 

@@ -16,22 +16,19 @@ Every file is written atomically: to a temporary file in the same folder, then `
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import pandas as pd
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..models import model_from_spec
 from ..schedule import NoiseSchedule
 from .config import TrainConfig
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
     "save_weights",
@@ -41,36 +38,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "gradconflict-train-v1"
 EMA_PREFIX = "ema."
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path next to ``path`` and move it into place with ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Atomically write ``data`` as indented JSON."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    """Atomically write a DataFrame as CSV without the index."""
-    atomic_write(path, lambda p: frame.to_csv(p, index=False))
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

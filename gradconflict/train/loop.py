@@ -36,7 +36,8 @@ from ..models import build_model, model_spec
 from ..schedule import NoiseSchedule
 from ..targets import expand_like, loss_factor, target
 from ..weighting import WeightingStrategy, by_name
-from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, write_csv, write_json
+from .._io import write_csv, write_json
+from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights
 from .config import TrainConfig
 from .ema import EMA
 
@@ -235,9 +236,9 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
             "data_order": sampler.state_dict(),
         })
         save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
-        write_csv(out / "log.csv", frame)
+        write_csv(frame, out / "log.csv")
         if bin_rows:
-            write_csv(out / "losses.csv", pd.concat(bin_rows, ignore_index=True))
+            write_csv(pd.concat(bin_rows, ignore_index=True), out / "losses.csv")
         return frame
 
     if step >= config.steps:

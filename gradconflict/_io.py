@@ -1,0 +1,54 @@
+"""Atomic file writes: every result file is written to a temporary file in its folder, then renamed.
+
+An interrupted run therefore never leaves a half-written CSV, checkpoint or figure behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+__all__ = ["atomic_write", "write_csv", "write_json", "write_text"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path next to ``path`` (same suffix, so writers that look at it, like
+    ``np.savez`` or ``savefig``, behave) and move it into place with ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> Path:
+    """Write a DataFrame as CSV atomically."""
+    return atomic_write(path, lambda p: frame.to_csv(p, index=index))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented, key-sorted JSON atomically."""
+    return atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text atomically."""
+    return atomic_write(path, lambda p: p.write_text(text))
