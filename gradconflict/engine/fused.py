@@ -64,8 +64,9 @@ class FusedGram:
         self._plan = self._make_plan()
 
     # ------------------------------------------------------------------ planning
-    def _make_plan(self) -> dict[nn.Module, tuple[str, list[str]]]:
-        plan: dict[nn.Module, tuple[str, list[str]]] = {}
+    def _make_plan(self) -> dict[nn.Module, tuple[str, list[str], Any]]:
+        """Per module with trainable parameters: ("rule" | "fallback", parameter names, the rule or None)."""
+        plan: dict[nn.Module, tuple[str, list[str], Any]] = {}
         skip: set[int] = set()
         for _, m in self.model.named_modules():
             if id(m) in skip:
@@ -75,16 +76,17 @@ class FusedGram:
                 for c in m.modules():
                     skip.add(id(c))
                 if names:
-                    plan[m] = ("fallback", names)
+                    plan[m] = ("fallback", names, None)
                 continue
             names = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
             if not names:
                 continue
-            plan[m] = ("rule" if rule_for(m) is not None else "fallback", names)
+            rule = rule_for(m)
+            plan[m] = ("rule" if rule is not None else "fallback", names, rule)
         return plan
 
     def __enter__(self) -> "FusedGram":
-        for m, (kind, names) in self._plan.items():
+        for m in self._plan:
             self._handles.append(m.register_forward_hook(self._forward_hook, with_kwargs=True))
         self._active = True
         return self
@@ -99,7 +101,7 @@ class FusedGram:
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._active or not torch.is_grad_enabled():
             return
-        kind, names = self._plan[module]
+        kind, names, _ = self._plan[module]
         params = [module.get_parameter(n) for n in names]
         for p in params:
             self._uses[id(p)] = self._uses.get(id(p), 0) + 1
@@ -127,7 +129,7 @@ class FusedGram:
         return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
     def _on_rule_grad(self, call: _Call, grad: torch.Tensor) -> None:
-        rule = rule_for(call.module)
+        rule = self._plan[call.module][2]
         dtype = self._dtype_for(call.params[0])
         rows = self._row_chunk(call, rule)
         if rows is None:

@@ -194,10 +194,11 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _check_losses(losses: torch.Tensor, idx: TaskIndex) -> None:
+def _check_losses(losses: torch.Tensor, task: torch.Tensor) -> None:
+    """Raise, naming the tasks, when a per-sample loss is NaN or Inf (``task``: the task id of each sample)."""
     bad = ~torch.isfinite(losses.detach().cpu())
     if bool(bad.any()):
-        tasks = sorted(set(idx.task[bad].tolist()))
+        tasks = sorted(set(task.cpu()[bad].tolist()))
         raise ValueError(
             f"the loss is NaN or Inf for {int(bad.sum())} sample(s) of task(s) {tasks[:10]}; check the model "
             "output and the schedule (eps-prediction cannot recover x0 where alpha = 0; use x0 or v prediction)"
@@ -215,7 +216,7 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
         kw_k = {key: (v[sel] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for key, v in model_kwargs.items()}
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0[sel], t[sel], noise[sel], model_kwargs=kw_k, **kw)
-        _check_losses(l, _One(k, len(sel)))
+        _check_losses(l, torch.full((len(sel),), k))
         L = l.sum() / float(idx.counts[k])
         grads = torch.autograd.grad(L, [p for _, p in params], allow_unused=True)
         flat = []
@@ -237,13 +238,6 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
     return J @ J.T, torch.tensor(losses, dtype=torch.float64), J
 
 
-class _One:
-    """Minimal stand-in for TaskIndex when every sample belongs to one task (loop method)."""
-
-    def __init__(self, k: int, n: int) -> None:
-        self.task = torch.full((n,), k, dtype=torch.long)
-
-
 def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw,
            max_chunk_elements=None, check=True):
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
@@ -252,7 +246,7 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketc
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
-        _check_losses(l, idx)
+        _check_losses(l, idx.task)
         scale = (1.0 / idx.counts.to(l.device, l.dtype))[idx.task.to(l.device)]
         total = (l * scale).sum()
         if check:

@@ -41,10 +41,11 @@ class TaskGradients:
         return torch.sqrt(torch.clamp(torch.diagonal(self.gram), min=0.0))
 
     def cosine(self) -> torch.Tensor:
-        """Cosine similarity ``G_kl / (||g_k|| ||g_l||)``; 0 where a gradient is exactly zero."""
-        n = self.norms
-        denom = torch.outer(n, n)
-        return torch.where(denom > 0, self.gram / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+        """Cosine similarity ``G_kl / (||g_k|| ||g_l||)``; 0 where a gradient is exactly zero
+        (``gradconflict.conflict.cosine``)."""
+        from ..conflict import cosine
+
+        return torch.from_numpy(cosine(self.gram.numpy()))
 
     def task_labels(self) -> list[str]:
         return self.labels if self.labels is not None else [str(k) for k in range(self.K)]
