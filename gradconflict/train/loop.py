@@ -34,7 +34,8 @@ from ..bins import TimestepBins
 from ..data import load_dataset
 from ..models import build_model, model_spec
 from ..schedule import NoiseSchedule
-from ..targets import expand_like, loss_factor, target
+from ..engine.loss import per_sample_losses
+from ..targets import loss_factor
 from ..weighting import WeightingStrategy, by_name
 from .._io import write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights
@@ -47,13 +48,9 @@ __all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler"]
 def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
                      noise: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-sample mean squared error ``(n,)`` of the model output against its target, in the model's own
-    prediction space (float32, or the wider of float32 and the inputs' dtype)."""
-    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-    x_t = expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * noise
-    out = model(x_t, t, y)
-    dtype = torch.promote_types(x0.dtype, torch.float32)
-    diff = out.to(dtype) - target(x0, noise, alpha, sigma, prediction).to(dtype)
-    return diff.pow(2).flatten(1).mean(dim=1)
+    prediction space: ``engine.per_sample_losses`` with ``loss_space = prediction``."""
+    return per_sample_losses(model, x0, t, noise, schedule, prediction=prediction, loss_space=prediction,
+                             model_kwargs={} if y is None else {"y": y})
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
