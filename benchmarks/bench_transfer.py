@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per copy per step")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="5 steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps = 5 if args.quick else args.steps
     rows = [bench(m, device, args.copies, steps, args.batch, args.repeats) for m in args.models.split(",")]
