@@ -73,3 +73,23 @@ def test_tracking_under_two_ranks_equals_one_process(tmp_path: Path) -> None:
     obj = got["objectives"]
     auto = [o for o, n in zip(obj["objective"], obj["name"]) if n == "min_snr_5"]
     np.testing.assert_allclose(auto, ref.objectives[ref.objectives["name"] == "min_snr_5"]["objective"], rtol=1e-9)
+
+
+def test_reproduce_toy_under_torchrun_equals_the_plain_run(tmp_path: Path) -> None:
+    import os
+
+    import pandas as pd
+
+    from gradconflict.cli import main
+
+    env = {**os.environ, "GRADCONFLICT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gradconflict",
+           "reproduce", "--toy", "--out", str(tmp_path / "dist"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["reproduce", "--toy", "--out", str(tmp_path / "plain"), "--no-progress"]) == 0
+    dist = pd.read_csv(tmp_path / "dist" / "figures" / "claims.csv")
+    plain = pd.read_csv(tmp_path / "plain" / "figures" / "claims.csv")
+    assert list(dist["holds"]) == list(plain["holds"])
+    for column in ["near", "far", "ratio_min_snr_5", "ratio_constant"]:
+        pd.testing.assert_series_equal(dist[column], plain[column], rtol=1e-6)

@@ -68,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, data_limit=args.data_limit, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
     )
+    from ..distributed import barrier, is_main
+
+    if not is_main():  # the trainer is single-process: under torchrun rank 0 trains, the others wait for it
+        barrier()
+        return 0
     log = train(config, args.out, progress=not args.quiet)
+    barrier()
     if len(log):
         last = log.tail(min(len(log), config.log_every))
         print(f"step {int(log['step'].iloc[-1])}: loss {last['loss'].mean():.4f} (mean of the last {len(last)} steps)")

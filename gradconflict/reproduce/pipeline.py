@@ -18,6 +18,7 @@ import torch
 
 from .. import conflict
 from .._io import write_text
+from ..distributed import barrier, is_main
 from ..bins import TimestepBins
 from ..data import load_dataset
 from ..figures import conflict_vs_distance, fig3_ugd_weights, fig4_pareto_objective, lambda_sweep_figure
@@ -41,8 +42,10 @@ def _stage(cache: Path, name: str, identity: dict[str, Any], run: Callable[[], N
         log(f"[{name}] cached: inputs unchanged")
         return
     t0 = time.perf_counter()
-    run()
-    write_text(stamp, text)
+    run()  # under torchrun every rank takes part; only rank 0 writes
+    if is_main():
+        write_text(stamp, text)
+    barrier()
     log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -81,12 +84,15 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
         cfg = TransferConfig(**{"progress": progress, **config.transfer})
         result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=prediction)
-        write_csv(result.frame, transfer_csv)
+        if is_main():
+            write_csv(result.frame, transfer_csv)
 
     if need_transfer:
         _stage(cache, "transfer", config.identity("transfer"), transfer_stage, log)
 
-    # ---------------------------------------------------------------- figures (cheap: always redrawn)
+    # ---------------------------------------------------------------- figures (cheap: always redrawn, by rank 0)
+    if not is_main():
+        return None
     track = load_track(track_dir / "track")
     bins = make_bins(schedule, config.track)
     setup = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
