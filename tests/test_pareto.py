@@ -526,12 +526,99 @@ def test_lowrank_psd_certificate_feeds_the_solver():
     _, _, factors = as_gram_factored(G)
     L, resid = factors[0]
     assert L.shape == (12, K) and resid <= 1e-8 * np.max(np.diag(G))
-    res, dense = solve(G, lam), solve(G, lam, check_psd=False)  # Woodbury path vs dense path
+    res = solve(G, lam)  # Woodbury path
     assert res.converged
     assert_kkt(G, lam, res.weights, tol=1e-12)
-    assert abs(res.objective - dense.objective) <= 1e-12 * dense.objective
+    from gradconflict.pareto.active_set import _bpp
+    from gradconflict.pareto.solver import normalize
+
+    Q, scale = normalize(((G + G.T) / 2)[None].copy(), lam)
+    w_dense, _ = _bpp(Q[0], np.ones(K, dtype=bool), 100)  # dense float64 phase 1, no factor
+    f_dense = float(w_dense @ G @ w_dense + lam * w_dense @ w_dense)
+    assert abs(res.objective - f_dense) <= 1e-12 * f_dense
     res0 = solve(G, 0.0)  # lam = 0: no ridge for Woodbury, dense fallback
-    assert res0.converged and res0.objective <= solve(G, 0.0, check_psd=False).objective + 1e-12
+    _, f_ref0 = reference(G, 0.0)
+    assert res0.converged and res0.objective <= f_ref0 + 1e-10 * np.max(np.diag(G))
+
+
+def test_unchecked_lowrank_factor_is_only_a_preconditioner():
+    """check_psd=False still finds the low-rank factor; on a non-PSD G it must not give a wrong answer."""
+    from gradconflict.pareto._validate import as_gram_factored
+
+    K = 300
+    J = np.random.default_rng(97).standard_normal((K, 10))
+    G = J @ J.T
+    lam = 1e-3 * np.trace(G) / K
+    _, _, factors = as_gram_factored(G, check_psd=False)
+    L, resid = factors[0]
+    assert L.shape == (10, K) and resid <= 1e-8 * np.trace(G)  # trace of the residual
+    res = solve(G, lam, check_psd=False)
+    assert res.converged
+    assert_kkt(G, lam, res.weights, tol=1e-12)
+    _, f_ref = reference(G, lam)
+    assert res.objective <= f_ref * (1 + 1e-9)
+    # a residual the pivots cannot see (zero diagonal): the factor is a bad preconditioner, and
+    # the answer must still satisfy the KKT conditions of the matrix actually passed
+    G2 = G.copy()
+    G2[0, 1] += 0.05 * np.max(np.diag(G))
+    G2[1, 0] = G2[0, 1]
+    lam2 = lam - np.linalg.eigvalsh(G2)[0]  # G2 is not PSD, G2 + lam2 I is: still a convex problem
+    res2 = solve(G2, lam2, check_psd=False)
+    assert res2.converged
+    assert_kkt(G2, lam2, res2.weights, tol=1e-10)
+    _, f_ref2 = reference(G2, lam2)
+    assert res2.objective <= f_ref2 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("lam_rel", [1e-3, 1e-1, 10.0])
+def test_single_precision_factor_reaches_float64_optimum(lam_rel):
+    """K >= 256 starts with a float32 Cholesky factor; refinement must give float64 accuracy."""
+    from gradconflict.pareto import _cholesky
+
+    K = 300
+    rng = np.random.default_rng(98)
+    A = rng.standard_normal((K, K // 2)) * np.logspace(0, -3, K // 2)
+    G = A @ A.T
+    lam = lam_rel * np.trace(G) / K
+    calls = []
+    real_init = _cholesky.SubsetSolver.__init__
+
+    def spy(self, Q, dtype=np.float64):
+        calls.append(np.dtype(dtype))
+        real_init(self, Q, dtype)
+
+    _cholesky.SubsetSolver.__init__ = spy
+    try:
+        res = solve(G, lam, check_psd=False)
+    finally:
+        _cholesky.SubsetSolver.__init__ = real_init
+    assert calls[0] == np.float32 and np.float64 not in calls  # no float64 fallback was needed
+    assert res.converged
+    assert_kkt(G, lam, res.weights, tol=1e-11)
+    _, f_ref = reference(G, lam)
+    assert res.objective <= f_ref * (1 + 1e-9)
+
+
+def test_single_precision_subset_solver_against_direct_solve():
+    from gradconflict.pareto._cholesky import SubsetSolver
+
+    rng = np.random.default_rng(99)
+    K = 300
+    A = rng.standard_normal((K, K))
+    Q = A @ A.T / K + 1e-3 * np.eye(K)  # condition number ~ 4e6 (x float32 eps = 0.25)
+    Q /= np.max(np.diag(Q))
+    sub = SubsetSolver(Q, np.float32)
+    F = np.ones(K, dtype=bool)
+    for step in range(4):
+        flip = rng.choice(K, size=2 + 3 * step, replace=False)
+        F[flip] = ~F[flip]
+        assert sub.update(F)
+        for precise in (False, True):
+            idx, v = sub.affine_weights(precise)
+            order = np.argsort(idx)
+            x = np.linalg.solve(Q[np.ix_(F, F)], np.ones(F.sum()))
+            rtol = 1e-12 if precise else 1e-6
+            np.testing.assert_allclose(v[order], x / x.sum(), rtol=rtol, atol=rtol * np.abs(x / x.sum()).max())
 
 
 def test_lowrank_not_psd_reports_most_negative_eigenvalue():

@@ -102,7 +102,7 @@ def solve(
             for i, f in enumerate(factors)
         ]
     W, iters, conv = SOLVERS[method](Q, **options)
-    g = np.einsum("nij,nj->ni", Q, W)
+    g = np.matmul(Q, W[:, :, None])[:, :, 0]  # BLAS; einsum does not use it here
     f_n = np.einsum("ni,ni->n", W, g)
     objective = scale * f_n
     gap = scale * np.maximum(2.0 * (f_n - g.min(axis=1)), 0.0)
