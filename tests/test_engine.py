@@ -230,6 +230,38 @@ def test_parameter_used_outside_its_module_is_refused_not_wrong() -> None:
     with pytest.raises(ValueError, match="do not add up|used outside"):
         task_gram(model, x0, t, task, schedule=SCHEDULE)
     task_gram(model, x0, t, task, schedule=SCHEDULE, method="loop")  # the reference still works
+    with pytest.raises(ValueError, match="do not add up|used outside"):  # a failed check is not remembered
+        task_gram(model, x0, t, task, schedule=SCHEDULE, check="once")
+
+
+def test_check_once_runs_the_self_check_once_per_model_and_signature() -> None:
+    model, x0, t, task, noise, kw = _batch("dit", K=4, n=2)
+    args = dict(schedule=SCHEDULE, noise=noise, model_kwargs=kw, K=4)
+    accumulated = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p: accumulated.append(1))
+               for p in model.parameters() if p.requires_grad]
+    first = task_gram(model, x0, t, task, **args)  # default "once": this call checks
+    assert accumulated
+    accumulated.clear()
+    second = task_gram(model, x0, t, task, **args)
+    assert not accumulated  # same model and signature: trusted, parameter-free backward
+    assert torch.equal(first.gram, second.gram)
+    half = torch.arange(0, len(t), 2)  # one sample of each task: batch size is not in the signature
+    small_kw = {k: v[half] for k, v in kw.items()} if kw else None
+    task_gram(model, x0[half], t[half], task[half], **{**args, "noise": noise[half], "model_kwargs": small_kw})
+    assert not accumulated
+    frozen = next(p for p in model.parameters() if p.requires_grad)
+    frozen.requires_grad_(False)  # another set of trainable parameters: checked again
+    task_gram(model, x0, t, task, **args)
+    assert accumulated
+    frozen.requires_grad_(True)
+    accumulated.clear()
+    task_gram(model, x0, t, task, check=True, **args)  # True: every call
+    assert accumulated
+    for h in handles:
+        h.remove()
+    with pytest.raises(ValueError, match="check must be True, False or 'once'"):
+        task_gram(model, x0, t, task, check="always", **args)
 
 
 def test_bad_inputs() -> None:
@@ -319,7 +351,7 @@ def test_unchecked_parameter_free_backward_gives_the_same_gram(name: str) -> Non
     fast = task_gram(model, x0, t, task, check=False, **args)
     assert _rel(fast.gram, ref.gram) <= 1e-10
     assert not accumulated  # autograd formed no parameter gradient
-    task_gram(model, x0, t, task, **args)
+    task_gram(model, x0, t, task, check=True, **args)
     assert accumulated  # the checked path does (it needs the full gradient for the self-check)
     for h in handles:
         h.remove()

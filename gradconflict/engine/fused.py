@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .fallback import fallback_grads
 from .grouping import TaskIndex
-from .rules import ROW_CHUNKED, rule_for
+from .rules import FORWARD_EXTRAS, ROW_CHUNKED, rule_for
+from .workspace import Workspace, swap_workspace
 
 __all__ = ["FusedGram", "OPAQUE_MODULES"]
 
@@ -34,6 +35,7 @@ class _Call:
     args: tuple
     kwargs: dict
     grads: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # keyword arguments for the rule read off the forward (FORWARD_EXTRAS)
 
 
 class FusedGram:
@@ -61,6 +63,7 @@ class FusedGram:
         self.outputs: list[torch.Tensor] = []  # every hooked layer output (the targets of a parameter-free backward)
         self._handles: list[Any] = []
         self._active = False
+        self._workspace = Workspace()  # CPU scratch memory reused across layers (workspace.py)
         self._plan = self._make_plan()
 
     # ------------------------------------------------------------------ planning
@@ -96,6 +99,7 @@ class FusedGram:
             h.remove()
         self._handles.clear()
         self._active = False
+        self._workspace.clear()
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -108,6 +112,9 @@ class FusedGram:
             self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
+            extra = FORWARD_EXTRAS.get(self._plan[module][2]) if FORWARD_EXTRAS else None
+            if extra is not None:
+                call.extra = extra(module, call.args, output)
             output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
             self.outputs.append(output)
             return
@@ -132,20 +139,31 @@ class FusedGram:
         rule = self._plan[call.module][2]
         dtype = self._dtype_for(call.params[0])
         rows = self._row_chunk(call, rule)
+        if grad.device.type != "cpu":
+            self._apply_rule(call, rule, grad, dtype, rows)
+            return
+        previous = swap_workspace(self._workspace)
+        try:
+            self._apply_rule(call, rule, grad, dtype, rows)
+        finally:
+            swap_workspace(previous)
+
+    def _apply_rule(self, call: _Call, rule: Any, grad: torch.Tensor, dtype: torch.dtype, rows: Optional[int]) -> None:
         if rows is None:
-            per_task = rule(call.module, call.args, grad.detach(), self.idx, dtype)
-            call.args = ()
+            per_task = rule(call.module, call.args, grad.detach(), self.idx, dtype, **call.extra)
+            call.args, call.extra = (), {}
             self._accumulate(call, per_task)
             return
         # memory budget: build and fold the per-task gradients of a few output rows at a time (the Gram is a sum
         # over parameter coordinates, so the pieces add up to the same result)
         n_rows = call.module.weight.shape[0]
         for start in range(0, n_rows, rows):
-            piece = rule(call.module, call.args, grad.detach(), self.idx, dtype, rows=slice(start, start + rows))
+            piece = rule(call.module, call.args, grad.detach(), self.idx, dtype, rows=slice(start, start + rows),
+                         **call.extra)
             for name, p in zip(call.names, call.params):
                 if name in piece:
                     self._fold_piece(self._param_name.get(id(p), "?"), piece[name].reshape(self.idx.K, -1))
-        call.args = ()
+        call.args, call.extra = (), {}
         for p in call.params:
             self._uses[id(p)] -= 1
             self.folded.add(id(p))

@@ -14,6 +14,7 @@ from ..bins import TimestepBins
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
 from .checks import check_samples_independent
+from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
 from .loss import per_sample_losses
@@ -46,7 +47,7 @@ def task_gram(
     train_mode: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
     max_chunk_elements: Optional[int] = None,
-    check: bool = True,
+    check: Union[bool, str] = "once",
 ) -> TaskGradients:
     """Gram matrix of the per-task gradients of ``model`` on one batch.
 
@@ -74,9 +75,11 @@ def task_gram(
             gradients hold more elements than this is built and folded a few output rows at a time (same
             result; shared parameters and grouped convs are built whole).
         check: the fused method's self-check, ``1^T G 1 = ||sum_k g_k||^2`` against the ordinary gradient,
-            which catches parameters used outside the modules that own them. ``check=False`` skips it and
-            runs the backward pass w.r.t. the layer outputs only, so autograd does not form the parameter
-            gradients (faster by about one weight-gradient pass); use it for models known to pass the check.
+            which catches parameters used outside the modules that own them. ``"once"`` (default) runs it
+            on the first call for a model and call signature (see ``coverage.py``) and trusts it afterwards;
+            ``True`` runs it on every call (models with data-dependent branches); ``False`` never. Without
+            the check the backward pass runs w.r.t. the layer outputs only, so autograd does not form the
+            parameter gradients (faster by about one weight-gradient pass).
 
     Returns:
         TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
@@ -84,6 +87,7 @@ def task_gram(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    check = normalize_check(check)
     prediction = normalize_prediction(prediction)
     loss_space = normalize_prediction(loss_space)
     x0, t, task_ids, K, labels = _prepare(x0, t, task, K, labels)
@@ -115,8 +119,11 @@ def task_gram(
         if method == "loop":
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
+            run_check, signature = check_due(check, model, x0, model_kwargs, autocast_dtype)
             gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
-                                         return_gradients, kw, max_chunk_elements, check)
+                                         return_gradients, kw, max_chunk_elements, run_check)
+            if run_check:
+                mark_checked(model, signature)  # reached only when the check passed
     seconds = time.perf_counter() - start
     return TaskGradients(
         gram=gram,
