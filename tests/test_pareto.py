@@ -640,3 +640,22 @@ def test_failed_cholesky_reports_most_negative_eigenvalue():
     lo = np.linalg.eigvalsh(G)[0]
     with pytest.raises(ValueError, match=rf"most negative eigenvalue {lo:.3e}"):
         solve(G, 1.0)
+
+
+@pytest.mark.parametrize("K", [5, 128, 300])
+def test_tiled_symmetrize_matches_numpy(K):
+    from gradconflict.pareto._validate import symmetrize
+
+    rng = np.random.default_rng(K)
+    G = rng.standard_normal((2, K, K))
+    G = G + np.swapaxes(G, -1, -2)
+    out, asym, size = symmetrize(G)  # exactly symmetric: fast path
+    np.testing.assert_array_equal(out, G)
+    assert out is not G and not np.shares_memory(out, G)
+    np.testing.assert_array_equal(asym, 0.0)
+    np.testing.assert_array_equal(size, np.abs(G).max(axis=(1, 2)))
+    G[1, K - 1, 0] += 1e-3  # one entry off, in the last tile row (crosses tiles for K > 128)
+    out, asym, size = symmetrize(G)
+    np.testing.assert_allclose(out, (G + np.swapaxes(G, -1, -2)) / 2, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(asym, np.abs(G - np.swapaxes(G, -1, -2)).max(axis=(1, 2)), rtol=1e-12)
+    np.testing.assert_array_equal(size, np.abs(G).max(axis=(1, 2)))
