@@ -3,6 +3,9 @@
     python benchmarks/bench_transfer.py                  # CPU: dit-tiny and unet-tiny, K = 10, 20 AdamW steps, batch 16
     python benchmarks/bench_transfer.py --device cuda    # the same on a GPU (goal: >= 10x)
     python benchmarks/bench_transfer.py --quick          # 5 steps
+    GRADCONFLICT_STACKED_KERNELS=none python benchmarks/bench_transfer.py   # batched with vmap's own Linear /
+                                                         # attention rules (default on CPU: transfer/kernels.py)
+    GRADCONFLICT_STACKED_KERNELS=all python benchmarks/bench_transfer.py --device cuda   # kernels on a GPU too
 
 Both paths fine-tune the same K copies on the same batches (each copy's own seeded stream); the table gives
 the wall time of each (seconds, best of ``--repeats``), the ratio sequential / batched (runs interleaved), and the largest
@@ -21,6 +24,7 @@ import gradconflict as gc
 from gradconflict.data import load_dataset
 from gradconflict.models import build_model
 from gradconflict.transfer import BatchStream, TransferConfig, finetune_sequential, finetune_stacked
+from gradconflict.transfer.kernels import use_stacked_kernels
 from gradconflict.transfer.stacked import sources_of
 
 
@@ -76,7 +80,8 @@ def main() -> None:
     steps = 5 if args.quick else args.steps
     rows = [bench(m, device, args.copies, steps, args.batch, args.repeats) for m in args.models.split(",")]
     frame = pd.DataFrame(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"stacked kernels: {'on' if use_stacked_kernels(device) else 'off'}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False))

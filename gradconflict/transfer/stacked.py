@@ -12,9 +12,12 @@ C copies run through ``torch.func.vmap`` over ``functional_call``, each copy wit
 ``sum_c L_c`` is back-propagated once (copy c's leaf slice only receives ``grad L_c``). The optimiser
 (``torch.optim.AdamW`` or ``SGD``) acts on the stacked leaves; both are elementwise, so this is exactly C
 independent runs, each with a fresh optimiser state. Gradient clipping is per copy (global norm over that
-copy's slices, as ``clip_grad_norm_``). Attention runs with the math SDPA backend (fused kernels fail in
-vmap's backward on CUDA). ``finetune_sequential`` is the reference: a deep copy per copy, one after the
-other, with the same batches (each copy draws from its own seeded CPU generator).
+copy's slices, as ``clip_grad_norm_``). On the CPU, Linear and attention run through copy-batched kernels
+(``kernels.py``: fused-bias ``baddbmm`` and one flash SDPA call over all copies, instead of vmap's ``bmm`` +
+bias add and math / per-copy-fallback attention); on CUDA attention runs with the math SDPA backend (fused
+kernels fail in vmap's backward there). The stacked optimiser uses torch's multi-tensor (foreach)
+implementation: the same elementwise update. ``finetune_sequential`` is the reference: a deep copy per copy,
+one after the other, with the same batches (each copy draws from its own seeded CPU generator).
 
 The model runs in eval mode (dropout off), so the copies are deterministic functions of their batches.
 """
@@ -38,6 +41,7 @@ from ..bins import TimestepBins
 from ..engine import per_sample_losses
 from ..schedule import NoiseSchedule
 from .config import TransferConfig
+from .kernels import StackedKernels, use_stacked_kernels
 
 __all__ = [
     "Source",
@@ -137,10 +141,12 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
-def _optimizer(params: list[torch.Tensor], config: TransferConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.Tensor], config: TransferConfig, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
+    """``config``'s optimiser on ``params``; ``foreach``: torch's multi-tensor implementation (None: torch's default)."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, foreach=foreach)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+                             foreach=foreach)
 
 
 def _check_loss(losses: torch.Tensor, sources: Sequence[Source], step: int) -> None:
@@ -209,7 +215,7 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
     start, sources, C = time.perf_counter(), [s.source for s in streams], len(streams)
     base = trainable(model)
     leaves = {n: p.detach().unsqueeze(0).repeat(C, *([1] * p.ndim)).requires_grad_(True) for n, p in base}
-    opt = _optimizer(list(leaves.values()), config)
+    opt = _optimizer(list(leaves.values()), config, foreach=True)
     tables = ScheduleTables(schedule, base[0][1].device)
 
     def one_copy(params: dict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -219,13 +225,15 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
         return per_sample_losses(call, x0, t, noise, tables, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
 
     batched_loss = vmap(one_copy, in_dims=(0, 0, 0, 0, 0))
+    device = base[0][1].device
+    kernels = use_stacked_kernels(device)
     losses = np.zeros((C, config.steps))
     bar = tqdm(total=config.steps, desc=f"{desc} ({C} copies, vmap)", disable=not config.progress, leave=False, dynamic_ncols=True)
     for step in range(config.steps):
         draws = [s.next() for s in streams]
         x0, t, noise = (torch.stack([d[i] for d in draws]) for i in range(3))
         kw = {k: torch.stack([d[3][k] for d in draws]) for k in draws[0][3]}
-        with sdpa_kernel(SDPBackend.MATH):
+        with StackedKernels() if kernels else sdpa_kernel(SDPBackend.MATH):
             try:
                 per_copy = batched_loss(leaves, x0, t, noise, kw)
             except RuntimeError as err:
