@@ -83,7 +83,11 @@ def _where_nonfinite(arr: np.ndarray, limit: int = 5) -> str:
 
 def check_finite(arr: np.ndarray, name: str) -> None:
     """Raise if ``arr`` contains NaN or +-Inf, reporting where."""
-    if not np.isfinite(arr).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(arr, axis=None)  # NaN and +-Inf propagate into the sum (no temporary array)
+    if np.isfinite(total):
+        return
+    if not np.isfinite(arr).all():  # the sum overflowed or a non-finite value is present: look closely
         raise ValueError(
             f"{name} contains non-finite values ({_where_nonfinite(arr)}); "
             "remove or impute NaN/Inf entries before solving"
@@ -219,7 +223,7 @@ def _lowrank_certificate(G: np.ndarray, tau: float) -> tuple[np.ndarray, float] 
         return None
     R = L.T @ L
     R -= G  # ||R||_F bounds every eigenvalue of the residual
-    resid = float(np.sqrt(np.einsum("ij,ij->", R, R)))
+    resid = float(np.sqrt(np.dot(R.ravel(), R.ravel())))
     return (L, resid) if resid <= tau else None
 
 
