@@ -5,7 +5,9 @@
 1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast on dit-s) -> relative errors;
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
    plain run (checked on the CSVs);
-3. bench_gram at the GPU size (K = 100, n = 8 and K = 1000, n = 1), ratios to one training step.
+3. bench_gram at the GPU size (K = 100, n = 8 and K = 1000, n = 1; then the UNet and K = 10), ratios to one
+   training step, and bench_transfer (batched vs sequential fine-tuning, goal >= 10x) with vmap's own rules and
+   with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; each step has a time limit.
 """
 
 from __future__ import annotations
@@ -70,12 +72,26 @@ def main() -> None:
         a = pd.read_csv(f"{tmp}/a/gram.csv", index_col=0).to_numpy()
         b = pd.read_csv(f"{tmp}/b/gram.csv", index_col=0).to_numpy()
         print(f"torchrun 1 GPU vs plain: max relative difference {np.abs(a - b).max() / np.abs(a).max():.2e}", flush=True)
-    cmd = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--models", "dit",
-           "--K", "100", "--n", "8", "--bf16", "--max-loop", "800", "--repeats", "2"]
-    subprocess.run(cmd, check=False)
-    cmd = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--models", "dit",
-           "--K", "1000", "--n", "1", "--bf16", "--max-loop", "0", "--no-vmap", "--repeats", "1"]
-    subprocess.run(cmd, check=False)
+    # benchmarks, most important first; each step has its own time limit so one slow step cannot use up the
+    # lease (GRADCONFLICT_GPU_STEP_S, default 150 s)
+    limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "150"))
+    gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--bf16"]
+    transfer = [sys.executable, os.path.join(HERE, "bench_transfer.py"), "--device", "cuda", "--repeats", "2"]
+    steps = [
+        ("gram dit-s K=100 n=8", gram + ["--models", "dit", "--K", "100", "--n", "8", "--repeats", "2"], {}),
+        ("transfer K=10 (vmap rules)", transfer, {}),
+        ("transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
+        ("gram dit-s K=1000 n=1", gram + ["--models", "dit", "--K", "1000", "--n", "1", "--max-loop", "0", "--no-vmap",
+                                          "--repeats", "1"], {}),
+        ("gram unet-s K=100 n=8", gram + ["--models", "unet", "--K", "100", "--n", "8", "--no-vmap", "--repeats", "2"], {}),
+        ("gram both K=10 n=1,8", gram + ["--K", "10", "--n", "1", "8", "--no-vmap", "--repeats", "2"], {}),
+    ]
+    for title, cmd, env in steps:
+        print(f"\n## {title}", flush=True)
+        try:
+            subprocess.run(cmd, check=False, timeout=limit, env={**os.environ, **env})
+        except subprocess.TimeoutExpired:
+            print(f"(stopped after {limit:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
