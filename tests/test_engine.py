@@ -355,3 +355,43 @@ def test_unchecked_parameter_free_backward_gives_the_same_gram(name: str) -> Non
     assert accumulated  # the checked path does (it needs the full gradient for the self-check)
     for h in handles:
         h.remove()
+
+
+def test_check_once_sees_flags_kwargs_and_replaced_modules() -> None:
+    """What can switch a model onto a code path the hooks cannot see must trigger a new check."""
+
+    class Flag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.mid = nn.Identity()
+            self.sneaky = False
+
+        def forward(self, x, t, sneaky=False):
+            y = self.b(self.mid(self.a(x)))
+            return y + F.linear(x, self.a.weight) if (sneaky or self.sneaky) else y
+
+    class UsesA(nn.Module):
+        def __init__(self, a: nn.Linear) -> None:
+            super().__init__()
+            self.w = [a]  # not registered: a.weight is used outside its module
+
+        def forward(self, h):
+            return h + F.linear(h, self.w[0].weight)
+
+    x0 = torch.randn(4, 4, dtype=torch.float64)
+    t, task = torch.tensor([1, 2, 800, 900]), torch.tensor([0, 0, 1, 1])
+    model = Flag().double()
+    task_gram(model, x0, t, task, schedule=SCHEDULE, model_kwargs={"sneaky": False})  # checked, passes
+    with pytest.raises(ValueError, match="do not add up|used outside"):  # a kwarg value
+        task_gram(model, x0, t, task, schedule=SCHEDULE, model_kwargs={"sneaky": True})
+    task_gram(model, x0, t, task, schedule=SCHEDULE)
+    model.sneaky = True  # a module attribute
+    with pytest.raises(ValueError, match="do not add up|used outside"):
+        task_gram(model, x0, t, task, schedule=SCHEDULE)
+    model.sneaky = False
+    task_gram(model, x0, t, task, schedule=SCHEDULE)
+    model.mid = UsesA(model.a).double()  # a replaced submodule (its id may be the freed one's)
+    with pytest.raises(ValueError, match="do not add up|used outside"):
+        task_gram(model, x0, t, task, schedule=SCHEDULE)

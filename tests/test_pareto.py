@@ -659,3 +659,37 @@ def test_tiled_symmetrize_matches_numpy(K):
     np.testing.assert_allclose(out, (G + np.swapaxes(G, -1, -2)) / 2, rtol=0, atol=1e-15)
     np.testing.assert_allclose(asym, np.abs(G - np.swapaxes(G, -1, -2)).max(axis=(1, 2)), rtol=1e-12)
     np.testing.assert_array_equal(size, np.abs(G).max(axis=(1, 2)))
+
+
+def test_iteration_cap_reached_on_the_last_pivot_keeps_the_answer():
+    res = solve(np.eye(4), 0.0, max_iter=1)  # one pivot suffices: its precise re-solve is not a new pivot
+    assert res.converged and res.iterations == 1
+    np.testing.assert_allclose(res.weights, 0.25)
+    G = gram(40, 40, 41)
+    G[np.arange(40), np.arange(40)] += np.linspace(0, 50, 40)
+    capped = solve(G, 0.01, max_iter=1)  # budget spent in phase 1: still a feasible point, never NaN
+    assert not capped.converged
+    assert np.isfinite(capped.weights).all() and capped.weights.min() >= 0
+    assert abs(capped.weights.sum() - 1) <= 1e-12
+
+
+def test_degenerate_optimum_does_not_make_the_float32_path_cycle():
+    """A zero task makes w = e_i optimal with objective 0: float32 noise in the other weights must not pivot."""
+    K = 300
+    A = np.random.default_rng(100).standard_normal((K, K + 20))
+    A[7] = 0.0
+    G = A @ A.T
+    for lam in (0.0, 1e-3 * np.trace(G) / K):
+        res = solve(G, lam)
+        assert res.converged
+        assert_kkt(G, lam, res.weights, tol=1e-10)
+        assert res.iterations <= 10  # a few pivots, not the 100-pivot cap of a cycling phase 1
+    res = solve(G, 0.0)
+    assert res.weights[7] > 1 - 1e-9
+    from gradconflict.pareto._cholesky import SubsetSolver
+    from gradconflict.pareto.active_set import _bpp
+    from gradconflict.pareto.solver import normalize
+
+    Q = normalize(G[None].copy(), 0.0)[0][0]  # solve() skips float32 at lam = 0; force it here
+    w, pivots = _bpp(Q, np.ones(K, dtype=bool), 100, SubsetSolver(Q, np.float32))
+    assert w is not None and pivots <= 3 and w[7] > 1 - 1e-9

@@ -4,10 +4,12 @@ The self-check (``1^T G 1 = ||sum_k g_k||^2`` against autograd's own parameter g
 parameter used outside the module that owns it (``F.linear(x, other.weight)``), which the per-layer
 hooks cannot see. Whether that happens is a property of the model's code, not of the numbers in a
 batch, so ``check="once"`` runs it on the first call for each (model, signature) and trusts the
-verdict afterwards. The signature holds what can change which code path runs: the set of modules and
-trainable parameters (by identity), training mode, input shape and dtype, the names and shapes of
-``model_kwargs`` and the autocast dtype. A model whose forward takes data-dependent branches that use
-parameters differently needs ``check=True`` (every call).
+verdict afterwards. The signature holds what can change which code path runs: every module's identity,
+class, instance-level ``forward`` and simple attributes (flags such as ``training`` or ``use_checkpoint``),
+the trainable parameters (by identity), the per-sample input shape, dtype and device, ``model_kwargs``
+(tensors by per-sample shape and dtype, simple values by value) and the autocast dtype. A model whose
+forward takes branches on the *values* of its inputs that use parameters differently needs
+``check=True`` (every call).
 """
 
 from __future__ import annotations
@@ -35,16 +37,36 @@ def normalize_check(check: Union[bool, str]) -> Union[bool, str]:
     raise ValueError(f"check must be True, False or 'once', got {check!r}")
 
 
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _value(v: Any) -> Hashable:
+    """A hashable stand-in for a setting: simple values themselves, tensors by shape and dtype, else the type."""
+    if isinstance(v, _SIMPLE):
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), str(v.dtype))
+    if isinstance(v, (tuple, list)) and all(isinstance(e, _SIMPLE) for e in v):
+        return tuple(v)
+    return ("object", type(v).__qualname__)
+
+
+def _module_key(m: nn.Module) -> Hashable:
+    """A module's class, any instance-level ``forward``, and its simple attributes (flags that may pick a code path)."""
+    own_forward = m.__dict__.get("forward")
+    attrs = tuple(sorted(((k, _value(v)) for k, v in m.__dict__.items() if not k.startswith("_")), key=lambda kv: kv[0]))
+    return (id(m), type(m), None if own_forward is None else id(own_forward), attrs)
+
+
 def _signature(model: nn.Module, x0: torch.Tensor, model_kwargs: dict[str, Any],
                autocast_dtype: Optional[torch.dtype]) -> Hashable:
     kwargs = tuple(sorted(
-        (k, tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, type(v).__name__)
+        (k, ("tensor", tuple(v.shape[1:]), str(v.dtype)) if isinstance(v, torch.Tensor) else _value(v))
         for k, v in model_kwargs.items()
-    ))
+    ))  # per-sample tensors without their batch size, like x0
     return (
-        tuple(id(m) for m in model.modules()),
+        tuple(_module_key(m) for m in model.modules()),
         tuple((n, id(p)) for n, p in model.named_parameters() if p.requires_grad),
-        model.training,
         tuple(x0.shape[1:]), str(x0.dtype), x0.device.type,
         kwargs,
         str(autocast_dtype),

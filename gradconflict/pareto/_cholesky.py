@@ -179,7 +179,10 @@ class SubsetSolver:
         if self._state is not None and self._state[0] is self.F:
             _, idx, apply, x0 = self._state
             x = self._refine(idx, apply, target, x0)
-            return None if x is None else (idx, x / x.sum())
+            if x is not None:
+                self._state = (self.F, idx, apply, x)
+                return idx, x / x.sum()
+            self._state = None  # refinement failed from the cached solution: start over below
         added, removed = self._mods(self.F)
         if added.size + removed.size == 0:
             idx, apply = self.base, self._solve_base

@@ -100,18 +100,20 @@ def as_gram(G: Any, check_psd: bool = True, check_symmetry: bool = True) -> tupl
     Returns ``(Gs, batched)`` with ``Gs`` a symmetrized float64 array of shape
     ``(n, K, K)`` and ``batched`` telling whether the input was 3-D.
     """
-    Gs, batched, _ = as_gram_factored(G, check_psd, check_symmetry)
+    Gs, batched, _ = as_gram_factored(G, check_psd, check_symmetry, lowrank=False)
     return Gs, batched
 
 
 def as_gram_factored(
-    G: Any, check_psd: bool = True, check_symmetry: bool = True
+    G: Any, check_psd: bool = True, check_symmetry: bool = True, lowrank: bool = True
 ) -> tuple[np.ndarray, bool, list[tuple[np.ndarray, float] | None]]:
     """:func:`as_gram` plus, per matrix, the low-rank factor found by the PSD check.
 
     The third item holds, for each matrix, ``(L, resid)`` with ``L`` of shape
-    (r, K) and ``G = L^T L + S``, ``||S||_F = resid <= tau``, or None (no
-    PSD check, small K, or not low-rank).
+    (r, K) and ``G = L^T L + S``, ``||S||_F = resid <= tau``, or None (small
+    K, or not low-rank).  Without the PSD check the factor comes from
+    :func:`_lowrank_unchecked` when ``lowrank`` is True (a preconditioner
+    only); with ``lowrank=False`` none is looked for.
     """
     arr, rtol = to_numpy(G, "G")
     if arr.ndim not in (2, 3):
@@ -143,7 +145,7 @@ def as_gram_factored(
     factors: list[tuple[np.ndarray, float] | None] = [None] * Gs.shape[0]
     if check_psd:
         factors = _check_psd(Gs, rtol, batched)
-    elif Gs.shape[0] == 1:
+    elif lowrank and Gs.shape[0] == 1:
         factors = [_lowrank_unchecked(Gs[0], rtol)]
     return Gs, batched, factors
 

@@ -52,6 +52,7 @@ from ._cholesky import LowRankSubsetSolver, SubsetSolver
 EPS = 1e-13  # sign threshold for weights and reduced gradients (normalized units)
 BPP_CAP = 100  # phase-1 pivots before handing over to phase 2
 MIXED_MIN_K = 256  # from this K on, phase 1 first tries a float32 factor (refined to float64)
+AMBIGUOUS = 1e-6  # violations this small (normalized units) are re-checked on a precise solve before pivoting
 
 
 def active_set(
@@ -61,18 +62,20 @@ def active_set(
     max_iter: int | None = None,
     w0: np.ndarray | None = None,
     _lowrank: list | None = None,
+    _ridge: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Solve every normalized problem in the (n, K, K) stack ``Q`` exactly.
 
     Args:
         Q: normalized PSD matrices.
         tol: duality gap accepted as converged (relative to ``s``).
-        max_iter: cap on the total number of phase-1 pivots (at most
-            100) and phase-2 cycles (default ``max(100, 10 K)``).
+        max_iter: cap on the total number of phase-1 pivots (at most 100
+            per attempt) and phase-2 cycles (default ``max(100, 10 K)``).
         w0: optional (K,) or (n, K) warm start; its support starts phase 1.
         _lowrank: internal, per problem None or ``(B, alpha, resid)`` with
             ``Q = B^T B + alpha I + E``, ``||E||_F <= resid`` (from the PSD
             check); phase 1 then uses :class:`LowRankSubsetSolver`.
+        _ridge: internal, per problem ``lam / s`` (see :func:`solve_one`).
 
     Returns:
         ``(W, iterations, converged)``; ``iterations`` counts the linear
@@ -89,7 +92,8 @@ def active_set(
     for i in range(n):
         lr = None if _lowrank is None else _lowrank[i]
         W[i], iters[i], ok[i] = solve_one(
-            Q[i], tol=tol, max_iter=cap, start=None if starts is None else starts[i], lowrank=lr
+            Q[i], tol=tol, max_iter=cap, start=None if starts is None else starts[i], lowrank=lr,
+            ridge=None if _ridge is None else float(_ridge[i]),
         )
     return W, iters, ok
 
@@ -101,36 +105,45 @@ def solve_one(
     max_iter: int = 1000,
     start: np.ndarray | None = None,
     lowrank: tuple[np.ndarray, float, float] | None = None,
+    ridge: float | None = None,
 ) -> tuple[np.ndarray, int, bool]:
     """Exact solve of one normalized problem: ``(w, iterations, converged)``.
 
     ``lowrank = (B, alpha, resid)`` (``Q = B^T B + alpha I + E``,
     ``||E||_F <= resid``) switches phase 1 to Woodbury solves when
     ``resid <= alpha / 10``; it falls back to the dense phase 1 on failure.
+    ``ridge`` (``lam / s``, when known): the float32 attempt is skipped for
+    ``ridge == 0``, where rank-deficient problems make it fail.
+    ``iterations`` counts every phase-1 pivot of every attempt plus the
+    phase-2 cycles; ``max_iter`` caps that total.
     """
     K = Q.shape[0]
     if K == 1:
         return np.ones(1), 0, True
     F0 = np.ones(K, dtype=bool) if start is None or not start.any() else start.copy()
-    w = None
+    cap = BPP_CAP
+    attempts = []  # subset solvers to try in turn, built only when reached
     if lowrank is not None and lowrank[1] > 0 and lowrank[2] <= 0.1 * lowrank[1]:
-        w, it = _bpp(Q, F0.copy(), min(max_iter, BPP_CAP), LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
-        if w is not None and _gap(Q, w) > tol:
-            w = None
-    if w is None and K >= MIXED_MIN_K:  # single-precision factor, float64 refinement
-        w, it = _bpp(Q, F0.copy(), min(max_iter, BPP_CAP), SubsetSolver(Q, np.float32))
-        if w is not None and _gap(Q, w) > tol:
-            w = None
-    if w is None:
-        w, it = _bpp(Q, F0, min(max_iter, BPP_CAP))
-    gap = _gap(Q, w) if w is not None else np.inf
-    if gap > tol and it < max_iter:
-        w2, it2 = _wolfe(Q, w, max_iter - it)
-        it += it2
+        attempts.append(lambda: LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
+    if K >= MIXED_MIN_K and (ridge is None or ridge > 0):
+        attempts.append(lambda: SubsetSolver(Q, np.float32))  # single-precision factor, float64 refinement
+    attempts.append(lambda: SubsetSolver(Q))
+    w, gap, total = None, np.inf, 0
+    for make in attempts:
+        if total >= max_iter:
+            break
+        w, it = _bpp(Q, F0.copy(), min(cap, max_iter - total), make())
+        total += it
+        gap = _gap(Q, w) if w is not None else np.inf
+        if gap <= tol:
+            break
+    if gap > tol:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
+        w2, it2 = _wolfe(Q, w, max_iter - total)
+        total += it2
         gap2 = _gap(Q, w2)
-        if gap2 < gap:
+        if gap2 < gap or w is None:
             w, gap = w2, gap2
-    return w, it, bool(gap <= tol)
+    return w, total, bool(gap <= tol)
 
 
 def _gap(Q: np.ndarray, w: np.ndarray) -> float:
@@ -143,10 +156,13 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
     K = Q.shape[0]
     sub = SubsetSolver(Q) if sub is None else sub
     best, budget = K + 1, 3
-    precise = False  # pivot on loosely refined solves; refine fully before accepting
+    precise = False  # pivot on loosely refined solves; solve precisely before accepting or on close calls
     it = 0
-    while it < max_iter:
-        it += 0 if precise else 1  # a precise re-solve of the same set is not a pivot
+    while True:
+        if not precise:  # a precise re-solve of the same set is not a new pivot
+            if it == max_iter:
+                return None, it
+            it += 1
         out = sub.affine_weights(precise) if sub.update(F) else None
         if out is None:
             return None, it
@@ -161,9 +177,12 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
         if nviol == 0 and precise:
             np.maximum(w, 0.0, out=w)
             return w / w.sum(), it
-        precise = nviol == 0
-        if precise:
-            continue  # same set again, solved precisely this time
+        if not precise:
+            worst = max(-v.min(initial=0.0), mu - g[~F].min(initial=mu))
+            if nviol == 0 or worst <= AMBIGUOUS:
+                precise = True  # accept, or decide a close call, only on a precise solve of this set
+                continue
+        precise = False
         if nviol < best:
             best, budget = nviol, 3
         elif budget > 0:
@@ -173,7 +192,6 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
             primal, dual = primal[primal == last], dual[dual == last]
         F[primal] = False
         F[dual] = True
-    return None, max_iter
 
 
 def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int) -> tuple[np.ndarray, int]:

@@ -87,7 +87,7 @@ def solve(
     method = check_method(method)
     lam_f = check_lam(lam)
     _options(method, options)
-    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd)
+    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto")
     n, K, _ = Gs.shape
     if options.get("w0") is not None:
         w0 = check_simplex(options["w0"], K=K, name="w0")
@@ -101,6 +101,8 @@ def solve(
             None if f is None else (f[0] / np.sqrt(scale[i]), lam_f / scale[i], f[1] / scale[i])
             for i, f in enumerate(factors)
         ]
+    if method == "auto":
+        options["_ridge"] = lam_f / scale
     W, iters, conv = SOLVERS[method](Q, **options)
     g = np.matmul(Q, W[:, :, None])[:, :, 0]  # BLAS; einsum does not use it here
     f_n = np.einsum("ni,ni->n", W, g)
