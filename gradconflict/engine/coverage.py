@@ -53,32 +53,33 @@ def _value(v: Any) -> Hashable:
 
 def _module_key(m: nn.Module) -> Hashable:
     """A module's class, any instance-level ``forward``, and its simple attributes (flags that may pick a code path)."""
-    own_forward = m.__dict__.get("forward")
-    attrs = tuple(sorted(((k, _value(v)) for k, v in m.__dict__.items() if not k.startswith("_")), key=lambda kv: kv[0]))
+    d = m.__dict__
+    own_forward = d.get("forward")
+    attrs = tuple((k, v if isinstance(v, _SIMPLE) else type(v)) for k, v in d.items() if k[0] != "_")
     return (id(m), type(m), None if own_forward is None else id(own_forward), attrs)
 
 
-def _signature(model: nn.Module, x0: torch.Tensor, model_kwargs: dict[str, Any],
-               autocast_dtype: Optional[torch.dtype]) -> Hashable:
+def _signature(model: nn.Module, params: list[tuple[str, torch.Tensor]], x0: torch.Tensor,
+               model_kwargs: dict[str, Any], autocast_dtype: Optional[torch.dtype]) -> Hashable:
     kwargs = tuple(sorted(
         (k, ("tensor", tuple(v.shape[1:]), str(v.dtype)) if isinstance(v, torch.Tensor) else _value(v))
         for k, v in model_kwargs.items()
     ))  # per-sample tensors without their batch size, like x0
     return (
         tuple(_module_key(m) for m in model.modules()),
-        tuple((n, id(p)) for n, p in model.named_parameters() if p.requires_grad),
+        tuple((n, id(p)) for n, p in params),
         tuple(x0.shape[1:]), str(x0.dtype), x0.device.type,
         kwargs,
         str(autocast_dtype),
     )
 
 
-def check_due(check: Union[bool, str], model: nn.Module, x0: torch.Tensor, model_kwargs: dict[str, Any],
-              autocast_dtype: Optional[torch.dtype]) -> tuple[bool, Optional[Hashable]]:
-    """``(run the check now, signature to record once it passed)``."""
+def check_due(check: Union[bool, str], model: nn.Module, params: list[tuple[str, torch.Tensor]], x0: torch.Tensor,
+              model_kwargs: dict[str, Any], autocast_dtype: Optional[torch.dtype]) -> tuple[bool, Optional[Hashable]]:
+    """``(run the check now, signature to record once it passed)``; ``params``: the trainable ``(name, p)``."""
     if check != "once":
         return bool(check), None
-    sig = _signature(model, x0, model_kwargs, autocast_dtype)
+    sig = _signature(model, params, x0, model_kwargs, autocast_dtype)
     return sig not in _PASSED.get(model, ()), sig
 
 

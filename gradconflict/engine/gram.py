@@ -119,7 +119,7 @@ def task_gram(
         if method == "loop":
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
-            run_check, signature = check_due(check, model, x0, model_kwargs, autocast_dtype)
+            run_check, signature = check_due(check, model, params, x0, model_kwargs, autocast_dtype)
             gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
                                          return_gradients, kw, max_chunk_elements, run_check)
             if run_check:
