@@ -16,6 +16,8 @@ first costs in a tracking run; ``fused_nocheck_x`` is ``check=False``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import time
 from typing import Callable
 
@@ -34,21 +36,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class _CpuPeak:
+    """Peak resident memory growth of this process (Linux): the kernel's high-water mark ``VmHWM`` is reset
+    through ``/proc/self/clear_refs`` and glibc is asked to return its cached free memory first
+    (``malloc_trim``), so the growth counts what the measured call allocated. NaN where unsupported."""
+
+    def __init__(self) -> None:
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            self._status("VmHWM")
+            self.ok = os.access("/proc/self/clear_refs", os.W_OK)
+        except (OSError, AttributeError, ValueError):
+            self.ok = False
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise ValueError(key)
+
+    def start(self) -> None:
+        if self.ok:
+            self._trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident size
+            self._base = self._status("VmRSS")
+
+    def gib(self) -> float:
+        return (self._status("VmHWM") - self._base) / 2**30 if self.ok else float("nan")
+
+
+_CPU_PEAK = _CpuPeak()
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float, object]:
-    """Best-of-``repeats`` seconds, peak extra memory (GiB, CUDA only) and the last result."""
+    """Best-of-``repeats`` seconds, peak extra memory (GiB: CUDA allocator peak, or the process's resident
+    memory growth on the CPU) and the last result."""
     best, peak, out = float("inf"), float("nan"), None
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        else:
+            _CPU_PEAK.start()
         _sync(device)
         t0 = time.perf_counter()
         out = fn()
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-        if device.type == "cuda":
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else _CPU_PEAK.gib()
     return best, peak, out
 
 
