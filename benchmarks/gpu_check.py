@@ -1,6 +1,7 @@
 """One prepared script for a lent GPU: correctness of the fused Gram on CUDA, then the benchmark table.
 
     python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
+    python benchmarks/gpu_check.py --smoke    # every step on the CPU at toy sizes: tests the script itself
 
 1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast on dit-s) -> relative errors;
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -28,8 +30,11 @@ from gradconflict.models import build_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+DEVICE = "cuda"
+
+
 def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None = None) -> dict:
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     torch.manual_seed(0)
     model = build_model(name).to(dev, dtype)
     with torch.no_grad():
@@ -46,45 +51,63 @@ def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None
     ref = gc.task_gram(model, x0, t.to(dev), task, method="loop", **kw)
     t0 = time.perf_counter()
     got = gc.task_gram(model, x0, t.to(dev), task, method="fused", autocast_dtype=amp, **kw)
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     err = float((got.gram - ref.gram).norm() / ref.gram.norm())
     return dict(model=name, dtype=str(dtype).split(".")[-1], autocast=str(amp).split(".")[-1] if amp else "-",
                 K=K, n=n, rel_err=err, fused_s=time.perf_counter() - t0, loop_s=ref.seconds)
 
 
 def main() -> None:
-    assert torch.cuda.is_available(), "no CUDA device"
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    global DEVICE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
+    smoke = parser.parse_args().smoke
+    if smoke:
+        DEVICE = "cpu"
+        os.environ.setdefault("GRADCONFLICT_GPU_STEP_S", "120")
+    else:
+        assert torch.cuda.is_available(), "no CUDA device"
+        print(torch.cuda.get_device_name(), flush=True)
+    print("torch", torch.__version__, "device", DEVICE, flush=True)
+    K, n = (3, 2) if smoke else (10, 8)
     rows = [
-        check("dit-tiny", torch.float64, 10, 4),
-        check("unet-tiny", torch.float64, 10, 4),
-        check("dit-tiny", torch.float32, 10, 8),
-        check("unet-tiny", torch.float32, 10, 8),
-        check("dit-s", torch.float32, 10, 8),
-        check("dit-s", torch.float32, 10, 8, amp=torch.bfloat16),
+        check("dit-tiny", torch.float64, K, n // 2 if not smoke else n),
+        check("unet-tiny", torch.float64, K, n // 2 if not smoke else n),
+        check("dit-tiny", torch.float32, K, n),
+        check("unet-tiny", torch.float32, K, n),
+        check("dit-s", torch.float32, K, n),
+        check("dit-s", torch.float32, K, n, amp=torch.bfloat16),
     ]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        base = ["--model", "dit-tiny", "--data", "synthetic", "--bins", "8", "--per-task", "4", "--device", "cuda"]
+        base = ["--model", "dit-tiny", "--data", "synthetic", "--bins", "8", "--per-task", "4", "--device", DEVICE]
         subprocess.run([sys.executable, "-m", "gradconflict", "gram", *base, "--out", f"{tmp}/a"], check=True)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                         "-m", "gradconflict", "gram", *base, "--out", f"{tmp}/b"], check=True)
         a = pd.read_csv(f"{tmp}/a/gram.csv", index_col=0).to_numpy()
         b = pd.read_csv(f"{tmp}/b/gram.csv", index_col=0).to_numpy()
-        print(f"torchrun 1 GPU vs plain: max relative difference {np.abs(a - b).max() / np.abs(a).max():.2e}", flush=True)
+        print(f"torchrun 1 process vs plain: max relative difference {np.abs(a - b).max() / np.abs(a).max():.2e}", flush=True)
     # benchmarks, most important first; each step has its own time limit so one slow step cannot use up the
     # lease (GRADCONFLICT_GPU_STEP_S, default 150 s)
     limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "150"))
-    gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", "cuda", "--size", "s", "--bf16"]
-    transfer = [sys.executable, os.path.join(HERE, "bench_transfer.py"), "--device", "cuda", "--repeats", "2"]
+    gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", DEVICE, "--size", "tiny" if smoke else "s",
+            "--bf16"]
+    transfer = [sys.executable, os.path.join(HERE, "bench_transfer.py"), "--device", DEVICE, "--repeats", "2"]
+    big, mid, small = ("3", "2", "1") if smoke else ("1000", "100", "10")
+    n8 = "2" if smoke else "8"
+    if smoke:
+        transfer += ["--copies", "2", "--steps", "2", "--batch", "2", "--repeats", "1"]
     steps = [
-        ("gram dit-s K=100 n=8", gram + ["--models", "dit", "--K", "100", "--n", "8", "--repeats", "2"], {}),
+        (f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
         ("transfer K=10 (vmap rules)", transfer, {}),
         ("transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
-        ("gram dit-s K=1000 n=1", gram + ["--models", "dit", "--K", "1000", "--n", "1", "--max-loop", "0", "--no-vmap",
-                                          "--repeats", "1"], {}),
-        ("gram unet-s K=100 n=8", gram + ["--models", "unet", "--K", "100", "--n", "8", "--no-vmap", "--repeats", "2"], {}),
-        ("gram both K=10 n=1,8", gram + ["--K", "10", "--n", "1", "8", "--no-vmap", "--repeats", "2"], {}),
+        (f"gram dit-s K={big} n=1", gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap",
+                                            "--repeats", "1"], {}),
+        (f"gram unet-s K={mid} n={n8}", gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2"],
+         {}),
+        (f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
     ]
     for title, cmd, env in steps:
         print(f"\n## {title}", flush=True)

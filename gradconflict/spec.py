@@ -2,7 +2,8 @@
 
 A spec is one of
 
-* a built-in model name (``gradconflict.models.MODEL_NAMES``, e.g. ``dit-tiny``): a fresh model with the
+* a built-in model name (``gradconflict.models.MODEL_NAMES``, e.g. ``dit-tiny``): a fresh model (initialised under
+  ``BUILTIN_INIT_SEED``, so every run gets the same weights) with the
   linear schedule (T = 1000) and the prediction type of its config;
 * a training run directory (written by ``gradconflict train``): its EMA weights, schedule and prediction;
 * ``path/to/file.py:function`` or ``package.module:function``: a function returning ``(model, schedule,
@@ -29,7 +30,9 @@ import torch.nn as nn
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict"]
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "BUILTIN_INIT_SEED"]
+
+BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
 
 @dataclass
@@ -118,7 +121,9 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
                 f"unknown model {text!r}: use a built-in name {list(MODEL_NAMES)}, a training run directory, "
                 "or 'path/file.py:function'"
             )
-        model = build_model(text)
+        with torch.random.fork_rng(devices=[]):  # the same initial weights in every run; global RNG untouched
+            torch.manual_seed(BUILTIN_INIT_SEED)
+            model = build_model(text)
         prediction = getattr(getattr(model, "config", None), "prediction", "eps")
         loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
     if checkpoint is not None:

@@ -68,3 +68,21 @@ def test_gram_cli_help_and_errors(tmp_path: Path) -> None:
     assert res.returncode == 0 and "--per-task" in res.stdout
     code = main(["gram", "--model", "no-such-model", "--data", "synthetic", "--out", str(tmp_path)])
     assert code == 2
+
+
+def test_builtin_model_without_checkpoint_is_the_same_in_every_run() -> None:
+    """A built-in name is initialised under a fixed seed (so `gradconflict gram --model dit-tiny` is reproducible)
+    without touching the caller's random stream."""
+    import torch
+
+    from gradconflict.spec import load_model
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model("dit-tiny").model.state_dict()
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    b = load_model("dit-tiny").model.state_dict()
+    assert torch.equal(before, after)  # the global generator is where it was
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

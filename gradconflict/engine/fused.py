@@ -9,6 +9,8 @@ twice) is folded after its last use, once its per-task gradient is complete.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +38,7 @@ class _Call:
     kwargs: dict
     grads: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # keyword arguments for the rule read off the forward (FORWARD_EXTRAS)
+    amp: Optional[tuple] = None  # (device type, dtype) of the autocast the forward ran under, replayed by the fallback
 
 
 class FusedGram:
@@ -125,6 +128,9 @@ class FusedGram:
                 o.register_hook(lambda g, c=call, i=i: self._store_grad(c, i, g))
                 self.outputs.append(o)
         call.single = not isinstance(output, (tuple, list))  # type: ignore[attr-defined]
+        device = next((o.device.type for o in outs if isinstance(o, torch.Tensor)), "cpu")
+        if torch.is_autocast_enabled(device):
+            call.amp = (device, torch.get_autocast_dtype(device))
         self._deferred.append(call)
 
     def _store_grad(self, call: _Call, i: int, grad: torch.Tensor) -> None:
@@ -189,7 +195,8 @@ class FusedGram:
                 self._accumulate(call, {})
                 continue
             grads = call.grads[0] if call.single else tuple(call.grads)  # type: ignore[attr-defined]
-            with torch.no_grad():
+            amp = torch.autocast(*call.amp) if call.amp else contextlib.nullcontext()
+            with torch.no_grad(), amp:  # the module is re-run as in the forward pass (same autocast)
                 per_task = fallback_grads(call.module, call.names, call.args, call.kwargs, grads, self.idx,
                                           self._dtype_for(call.params[0]))
             per_task = {k: v.detach() for k, v in per_task.items()}
