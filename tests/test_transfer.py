@@ -251,3 +251,36 @@ def test_two_ranks_share_the_copies_and_give_the_single_process_result(tmp_path:
     got, ref = pd.read_pickle(out), _run_for_distributed().frame
     np.testing.assert_allclose(got["transfer"], ref["transfer"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got["first_order"], ref["first_order"], rtol=1e-9, atol=1e-15)
+
+
+def test_prefetched_blocks_draw_exactly_what_successive_batches_draw() -> None:
+    bins = gc.TimestepBins.uniform(1000, 2)
+    data = torch.rand(10, 1, 8, 8) * 2 - 1
+    labels = torch.arange(10) % 3
+    source = sources_of(bins)[1]
+    one, block = BatchStream(source, 5, data, labels, 4), BatchStream(source, 5, data, labels, 4)
+    x0, t, noise, kw = block.next_block(3)
+    for j in range(3):
+        a = one.next()
+        assert torch.equal(a[0], x0[j]) and torch.equal(a[1], t[j]) and torch.equal(a[2], noise[j])
+        assert torch.equal(a[3]["y"], kw["y"][j])
+    assert torch.equal(one.next()[2], block.next()[2])  # the generators stay in step afterwards
+
+
+@pytest.mark.parametrize("block", [1, 2, 16])
+def test_a_loss_that_turns_nan_mid_run_is_reported_at_its_step(monkeypatch, block: int) -> None:
+    """The batched loop checks losses once per prefetched block; the error must still name the first bad step."""
+    from gradconflict.transfer import stacked
+
+    monkeypatch.setattr(stacked, "_block_steps", lambda streams, steps: block)
+    bins = gc.TimestepBins.uniform(1000, 2)
+    data = torch.rand(10, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    cfg = TransferConfig(steps=6, lr=1e30, optimizer="sgd", progress=False)  # diverges after a few steps
+    messages = []
+    for run in (finetune_stacked, finetune_sequential):
+        streams = [BatchStream(s, k, data, None, 4) for k, s in enumerate(sources_of(bins))]
+        with pytest.raises(ValueError, match=r"fine-tuning loss is NaN or Inf at step (\d+)") as err:
+            run(Tiny().double(), streams, cfg, SCHEDULE, "eps")
+        messages.append(str(err.value))
+    step = [int(m.split("at step ")[1].split()[0]) for m in messages]
+    assert step[0] > 0 and step[0] == step[1]

@@ -109,13 +109,22 @@ class BatchStream:
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        x0, t, noise, kwargs = self.next_block(1)
+        return x0[0], t[0], noise[0], {k: v[0] for k, v in kwargs.items()}
+
+    def next_block(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """The next ``steps`` batches at once, stacked on a leading step dim: the same draws, in the same order,
+        as ``steps`` calls of ``next()``, with one host-to-device copy per tensor instead of one per step."""
         g, n, dev = self.generator, self.batch_size, self.images.device
-        idx = torch.randint(0, self.images.shape[0], (n,), generator=g)
-        t = torch.randint(self.source.low, self.source.high, (n,), generator=g)
-        noise = torch.randn((n, *self.images.shape[1:]), generator=g, dtype=torch.float64)
-        x0 = self.images[idx.to(dev)]
-        kwargs = {"y": self.labels[idx.to(dev)]} if self.labels is not None else {}
-        return x0, t.to(dev), noise.to(device=dev, dtype=x0.dtype), kwargs
+        idx, t, noise = [], [], []
+        for _ in range(steps):
+            idx.append(torch.randint(0, self.images.shape[0], (n,), generator=g))
+            t.append(torch.randint(self.source.low, self.source.high, (n,), generator=g))
+            noise.append(torch.randn((n, *self.images.shape[1:]), generator=g, dtype=torch.float64))
+        idx_d = torch.stack(idx).to(dev)
+        x0 = self.images[idx_d]
+        kwargs = {"y": self.labels[idx_d]} if self.labels is not None else {}
+        return x0, torch.stack(t).to(dev), torch.stack(noise).to(device=dev, dtype=x0.dtype), kwargs
 
 
 @dataclass
@@ -227,30 +236,55 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
     batched_loss = vmap(one_copy, in_dims=(0, 0, 0, 0, 0))
     device = base[0][1].device
     kernels = use_stacked_kernels(device)
-    losses = np.zeros((C, config.steps))
+    history = torch.zeros((C, config.steps), dtype=torch.float64, device=device)  # on device: no sync per step
     bar = tqdm(total=config.steps, desc=f"{desc} ({C} copies, vmap)", disable=not config.progress, leave=False, dynamic_ncols=True)
-    for step in range(config.steps):
-        draws = [s.next() for s in streams]
-        x0, t, noise = (torch.stack([d[i] for d in draws]) for i in range(3))
-        kw = {k: torch.stack([d[3][k] for d in draws]) for k in draws[0][3]}
-        with StackedKernels() if kernels else sdpa_kernel(SDPBackend.MATH):
-            try:
-                per_copy = batched_loss(leaves, x0, t, noise, kw)
-            except RuntimeError as err:
+    block = _block_steps(streams, config.steps)
+    for first in range(0, config.steps, block):
+        steps = min(block, config.steps - first)
+        draws = [s.next_block(steps) for s in streams]  # (steps, n, ...) per copy -> (steps, C, n, ...)
+        x0s, ts, noises = (torch.stack([d[i] for d in draws], dim=1) for i in range(3))
+        kws = {k: torch.stack([d[3][k] for d in draws], dim=1) for k in draws[0][3]}
+        for j in range(steps):
+            step = first + j
+            kw = {k: v[j] for k, v in kws.items()}
+            with StackedKernels() if kernels else sdpa_kernel(SDPBackend.MATH):
+                try:
+                    per_copy = batched_loss(leaves, x0s[j], ts[j], noises[j], kw)
+                except RuntimeError as err:
+                    if step == 0:
+                        raise VmapUnsupported(str(err)) from err
+                    raise
                 if step == 0:
-                    raise VmapUnsupported(str(err)) from err
-                raise
-            _check_loss(per_copy, sources, step)
-            opt.zero_grad(set_to_none=True)
-            per_copy.sum().backward()
-        if config.grad_clip is not None:
-            clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
-        opt.step()
-        losses[:, step] = per_copy.detach().cpu().double().numpy()
-        bar.update(1)
+                    _check_loss(per_copy, sources, step)  # fail fast on a broken model
+                opt.zero_grad(set_to_none=True)
+                per_copy.sum().backward()
+            if config.grad_clip is not None:
+                clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
+            opt.step()
+            history[:, step] = per_copy.detach()
+            bar.update(1)
+        _check_history(history[:, first : first + steps], sources, first)  # one sync per block
     bar.close()
     params = {n: p.detach() for n, p in leaves.items()}
-    return FineTuned(params, losses, time.perf_counter() - start, batched=True)
+    return FineTuned(params, history.cpu().numpy(), time.perf_counter() - start, batched=True)
+
+
+PREFETCH_BYTES = 256 * 2**20  # batches drawn ahead (all copies, all steps of a block) at most
+
+
+def _block_steps(streams: Sequence[BatchStream], steps: int) -> int:
+    """Steps per prefetched block: as many as fit in ``PREFETCH_BYTES`` (x0 and noise of every copy)."""
+    s = streams[0]
+    per_step = 2 * len(streams) * s.batch_size * s.images[0].numel() * s.images.element_size()
+    return max(1, min(steps, PREFETCH_BYTES // max(per_step, 1)))
+
+
+def _check_history(history: torch.Tensor, sources: Sequence[Source], first: int) -> None:
+    """``_check_loss`` for a block of steps ``(C, steps)``: names the first step with a NaN or Inf loss."""
+    bad = ~torch.isfinite(history)
+    if bool(bad.any()):
+        step = int(torch.nonzero(bad.any(dim=0)).flatten()[0])
+        _check_loss(history[:, step], sources, first + step)
 
 
 def finetune_copies(model: nn.Module, streams: Sequence[BatchStream], config: TransferConfig,
