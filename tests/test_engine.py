@@ -407,3 +407,21 @@ def test_bf16_autocast_passes_its_self_check_and_stays_close_to_float32(name: st
     got = task_gram(model, x0, t, task, autocast_dtype=torch.bfloat16, check=True, **args)
     assert got.gram.dtype == torch.float64
     assert _rel(got.gram, ref.gram) <= 1e-2  # bf16 activations: about 2-3 significant digits (measured 1e-3)
+
+
+def test_nonfinite_gradient_with_finite_loss_is_reported_with_its_task_and_parameter() -> None:
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            y = self.lin(x)
+            gate = (t > 500).to(y.dtype).view(-1, 1)
+            return y + torch.sqrt((y * gate) ** 2)  # gate 0: sqrt(0) -> gradient inf * 0 = NaN, loss finite
+
+    model = Gate().double()
+    x0 = torch.randn(4, 4, dtype=torch.float64)
+    t, task = torch.tensor([1, 2, 800, 900]), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"task\(s\) \[0\] is NaN or Inf in parameter 'lin\.(weight|bias)'"):
+        task_gram(model, x0, t, task, schedule=SCHEDULE, check=False)

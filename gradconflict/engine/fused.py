@@ -54,7 +54,9 @@ class FusedGram:
         self.sketch = sketch
         self.max_chunk_elements = max_chunk_elements  # memory budget: K x rows x row size per piece
         self.reduce = reduce  # e.g. a sum over torch.distributed ranks, applied to each layer's J before folding
-        self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)
+        self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)  # the result, set by finish()
+        self._acc: Optional[torch.Tensor] = None  # running float64 sum of the layer Grams, on the gradients' device
+        self._bad_rows: list[tuple[str, torch.Tensor]] = []
         self.gradients: dict[nn.Parameter, torch.Tensor] = {}
         self.nonfinite: dict[str, list[int]] = {}
         self.folded: set[int] = set()
@@ -204,6 +206,7 @@ class FusedGram:
         self._deferred.clear()
         for pid in list(self._buffers):
             self._fold(pid)
+        self._finish_gram()
 
     # ------------------------------------------------------------------ accumulation
     def _accumulate(self, call: _Call, per_task: dict[str, torch.Tensor]) -> None:
@@ -227,20 +230,32 @@ class FusedGram:
         self.folded.add(pid)
 
     def _fold_piece(self, name: str, J: torch.Tensor) -> torch.Tensor:
-        """``G += J J^T`` in float64 for K x n per-task gradient coordinates of parameter ``name``."""
+        """``G += J J^T`` in float64 for K x n per-task gradient coordinates of parameter ``name``.
+
+        The sum stays on J's device (no host transfer or synchronisation inside the backward pass);
+        ``finish`` symmetrises it and moves it to the CPU. A non-finite entry of J shows up in its row's
+        diagonal; the rows are recorded on the device and reported by ``finish``."""
         if self.reduce is not None:
             J = self.reduce(J)
         # float64 models: float64 products; otherwise each layer's J J^T in float32 (TF32 off), summed in float64
         Jd = J if J.dtype == torch.float64 else J.float()
-        layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
-        bad_rows = ~torch.isfinite(torch.diagonal(layer_gram))  # a non-finite entry of J spoils its row's norm
-        if bool(bad_rows.any()):
-            self.nonfinite.setdefault(name, [])
-            self.nonfinite[name] = sorted(set(self.nonfinite[name]) | set(torch.nonzero(bad_rows).flatten().tolist()))
-            J = torch.where(torch.isfinite(J), J, torch.zeros((), dtype=J.dtype, device=J.device))
-            Jd = J.to(Jd.dtype)
-            layer_gram = (Jd @ Jd.T).to("cpu", torch.float64)
-        self.gram += (layer_gram + layer_gram.T) / 2  # exactly symmetric (a float32 product may differ in the last bit)
+        layer_gram = (Jd @ Jd.T).to(torch.float64)
+        self._acc = layer_gram if self._acc is None else self._acc.add_(layer_gram)
+        self._bad_rows.append((name, ~torch.isfinite(torch.diagonal(layer_gram))))
         if self.sketch is not None:
             self.sketch.add(name, J)
         return J
+
+    def _finish_gram(self) -> None:
+        """``gram = (G + G^T) / 2`` on the CPU (exactly symmetric) and ``nonfinite``: parameter -> task rows."""
+        if self._acc is not None:
+            acc = self._acc.to("cpu")
+            self.gram = (acc + acc.T) / 2
+            self._acc = None
+        if self._bad_rows:
+            flags = torch.stack([bad.any() for _, bad in self._bad_rows]).cpu()  # one synchronisation
+            for (name, bad), flagged in zip(self._bad_rows, flags.tolist()):
+                if flagged:
+                    rows = set(self.nonfinite.get(name, [])) | set(torch.nonzero(bad.cpu()).flatten().tolist())
+                    self.nonfinite[name] = sorted(rows)
+            self._bad_rows.clear()
