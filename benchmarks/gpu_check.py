@@ -28,6 +28,7 @@ import gradconflict as gc
 from gradconflict.models import build_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+START = time.perf_counter()
 
 
 DEVICE = "cuda"
@@ -91,7 +92,8 @@ def main() -> None:
         print(f"torchrun 1 process vs plain: max relative difference {np.abs(a - b).max() / np.abs(a).max():.2e}", flush=True)
     # benchmarks, most important first; each step has its own time limit so one slow step cannot use up the
     # lease (GRADCONFLICT_GPU_STEP_S, default 150 s)
-    limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "150"))
+    limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "120"))
+    deadline = START + float(os.environ.get("GRADCONFLICT_GPU_TOTAL_S", "500"))  # a run call may last 600 s
     gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", DEVICE, "--size", "tiny" if smoke else "s",
             "--bf16"]
     transfer = [sys.executable, os.path.join(HERE, "bench_transfer.py"), "--device", DEVICE, "--repeats", "2"]
@@ -110,11 +112,15 @@ def main() -> None:
         (f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
     ]
     for title, cmd, env in steps:
+        left = deadline - time.perf_counter()
+        if left < 20:
+            print(f"\n## {title}: skipped (total time limit GRADCONFLICT_GPU_TOTAL_S reached)", flush=True)
+            continue
         print(f"\n## {title}", flush=True)
         try:
-            subprocess.run(cmd, check=False, timeout=limit, env={**os.environ, **env})
+            subprocess.run(cmd, check=False, timeout=min(limit, left), env={**os.environ, **env})
         except subprocess.TimeoutExpired:
-            print(f"(stopped after {limit:.0f} s)", flush=True)
+            print(f"(stopped after {min(limit, left):.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
