@@ -40,12 +40,13 @@ def normalize_check(check: Union[bool, str]) -> Union[bool, str]:
 _SIMPLE = (bool, int, float, str, type(None))
 
 
-def _value(v: Any) -> Hashable:
-    """A hashable stand-in for a setting: simple values themselves, tensors by shape and dtype, else the type."""
+def _kwarg_key(v: Any) -> Hashable:
+    """A hashable stand-in for a ``model_kwargs`` value: per-sample tensors by their shape without the batch
+    size (like x0) and dtype, simple values themselves, else the type."""
     if isinstance(v, _SIMPLE):
         return v
     if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), str(v.dtype))
+        return ("tensor", tuple(v.shape[1:]), str(v.dtype))
     if isinstance(v, (tuple, list)) and all(isinstance(e, _SIMPLE) for e in v):
         return tuple(v)
     return ("object", type(v).__qualname__)
@@ -61,10 +62,7 @@ def _module_key(m: nn.Module) -> Hashable:
 
 def _signature(model: nn.Module, params: list[tuple[str, torch.Tensor]], x0: torch.Tensor,
                model_kwargs: dict[str, Any], autocast_dtype: Optional[torch.dtype]) -> Hashable:
-    kwargs = tuple(sorted(
-        (k, ("tensor", tuple(v.shape[1:]), str(v.dtype)) if isinstance(v, torch.Tensor) else _value(v))
-        for k, v in model_kwargs.items()
-    ))  # per-sample tensors without their batch size, like x0
+    kwargs = tuple(sorted(((k, _kwarg_key(v)) for k, v in model_kwargs.items()), key=lambda kv: kv[0]))
     return (
         tuple(_module_key(m) for m in model.modules()),
         tuple((n, id(p)) for n, p in params),

@@ -215,12 +215,18 @@ def pivoted_lowrank(G: np.ndarray, tau: float, max_rank: int) -> np.ndarray | No
     return None  # pragma: no cover
 
 
-def _lowrank_certificate(G: np.ndarray, tau: float) -> tuple[np.ndarray, float] | None:
-    """``(L, ||G - L^T L||_F)`` if that residual norm is ``<= tau`` (=> lambda_min(G) >= -tau)."""
+def _pivoted_factor(G: np.ndarray, tau: float) -> np.ndarray | None:
+    """The pivoted partial Cholesky factor of ``G`` down to residual diagonals ``<= tau``, or None (small K,
+    ``tau <= 0``, or more than ``min(K / 8, LOWRANK_MAX_RANK)`` pivots needed)."""
     K = G.shape[0]
     if K < LOWRANK_MIN_K or tau <= 0:
         return None
-    L = pivoted_lowrank(G, tau, min(K // 8, LOWRANK_MAX_RANK))
+    return pivoted_lowrank(G, tau, min(K // 8, LOWRANK_MAX_RANK))
+
+
+def _lowrank_certificate(G: np.ndarray, tau: float) -> tuple[np.ndarray, float] | None:
+    """``(L, ||G - L^T L||_F)`` if that residual norm is ``<= tau`` (=> lambda_min(G) >= -tau)."""
+    L = _pivoted_factor(G, tau)
     if L is None:
         return None
     R = L.T @ L
@@ -237,14 +243,10 @@ def _lowrank_unchecked(G: np.ndarray, rtol: float) -> tuple[np.ndarray, float] |
     preconditioner whose iterative refinement must converge, and falls back
     to the dense path when it does not.
     """
-    K = G.shape[0]
-    tau = rtol * max(float(np.diagonal(G).max()), 0.0)
-    if K < LOWRANK_MIN_K or tau <= 0:
-        return None
-    L = pivoted_lowrank(G, tau, min(K // 8, LOWRANK_MAX_RANK))
+    L = _pivoted_factor(G, rtol * max(float(np.diagonal(G).max()), 0.0))
     if L is None:
         return None
-    return L, max(float(np.trace(G)) - float(np.einsum("ij,ij->", L, L)), 0.0)
+    return L, max(float(np.trace(G)) - float(np.dot(L.ravel(), L.ravel())), 0.0)
 
 
 def _check_psd(Gs: np.ndarray, rtol: float, batched: bool) -> list[tuple[np.ndarray, float] | None]:

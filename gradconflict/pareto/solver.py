@@ -87,7 +87,8 @@ def solve(
     method = check_method(method)
     lam_f = check_lam(lam)
     _options(method, options)
-    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto")
+    # a low-rank factor only serves "auto" with a ridge (lam = 0 leaves Woodbury nothing to invert)
+    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto" and lam_f > 0)
     n, K, _ = Gs.shape
     if options.get("w0") is not None:
         w0 = check_simplex(options["w0"], K=K, name="w0")
