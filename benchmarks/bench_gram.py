@@ -6,7 +6,9 @@
 
 Every row is measured in the same run as its baseline (the training step: forward + backward over the same
 K*n samples), because these machines are noisy. Errors are relative Frobenius errors against "loop" run on
-the same model in float32 (autocast off).
+the same model in float32 (autocast off): ``fused_err`` is the engine's own error (fused in float32),
+``amp_err`` the fused Gram under ``--bf16`` autocast (what bf16 activations change), ``<p>_fold_err`` the
+deviation of a reduced ``--gram-precision`` fold from the float32 fold on the same run.
 
 Columns: ``fused_check_x`` runs the self-check on every call (``check=True``); ``fused_x`` is the default
 (``check="once"``) after the model passed its check on an earlier call, which is what every call but the
@@ -112,6 +114,10 @@ def vmap_gram(model, x0, t, task, K, noise, schedule, prediction, chunk: int) ->
     return (J.double() @ J.double().T).cpu()
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     device = torch.device(args.device)
     schedule = gc.NoiseSchedule.linear()
@@ -148,20 +154,28 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                                             device, 1) if K * n <= args.max_loop else (float("nan"), float("nan"), None)
                 c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
                                                                autocast_dtype=amp, **common), device, args.repeats)
-                err = float((fused.gram - ref.gram).norm() / ref.gram.norm()) if ref is not None else float("nan")
                 f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
                                                            autocast_dtype=amp, **common), device, args.repeats)
                 u_s, _, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=False,
                                                        autocast_dtype=amp, **common), device, args.repeats)
                 row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
                            fused_x=f_s / base, fused_check_x=c_s / base, fused_nocheck_x=u_s / base,
-                           fused_GiB=max(f_mem, c_mem), fused_err=err, loop_x=ref_s / base)
+                           fused_GiB=max(f_mem, c_mem), loop_x=ref_s / base)
+                if ref is not None:  # the engine's own error: fused in float32 against loop in float32
+                    exact = fused if amp is None else gc.task_gram(model, x0, t_d, task, method="fused", **common)
+                    row["fused_err"] = _rel(exact.gram, ref.gram)
+                    if amp is not None:  # what bf16 activations add (the model, not the engine)
+                        row["amp_err"] = _rel(fused.gram, ref.gram)
+                for prec in args.gram_precision:  # reduced fold precision: time, and deviation from the fp32 fold
+                    r_s, _, reduced = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp,
+                                                                 gram_precision=prec, **common), device, args.repeats)
+                    row.update({f"fused_{prec}_x": r_s / base, f"{prec}_fold_err": _rel(reduced.gram, fused.gram)})
                 if args.vmap and K * n <= args.max_loop:
                     try:
                         v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,
                                                                  cfg.prediction, args.vmap_chunk), device, 1)
                         row.update(vmap_x=v_s / base, vmap_GiB=v_mem,
-                                   vmap_err=float((vg - ref.gram).norm() / ref.gram.norm()) if ref is not None else float("nan"))
+                                   vmap_err=_rel(vg, ref.gram) if ref is not None else float("nan"))
                     except (RuntimeError, NotImplementedError) as err_v:  # out of memory or unsupported op
                         row.update(vmap_x=float("nan"), vmap_note=str(err_v).splitlines()[0][:60])
                 rows.append(row)
@@ -181,6 +195,8 @@ def main() -> None:
     p.add_argument("--vmap", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--vmap-chunk", type=int, default=10)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the step and fused (CUDA)")
+    p.add_argument("--gram-precision", nargs="*", default=[], choices=["tf32", "bf16"],
+                   help="also time the fused Gram folded at these reduced precisions (columns fused_<p>_x, <p>_fold_err)")
     p.add_argument("--quick", action="store_true", help="K = 10, n = 8 only, one repeat")
     p.add_argument("--csv", default=None, help="also write the table here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

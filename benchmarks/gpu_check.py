@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
     python benchmarks/gpu_check.py --smoke    # every step on the CPU at toy sizes: tests the script itself
 
-1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast on dit-s) -> relative errors;
+1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast and the bf16 fold on dit-s) -> relative
+   errors (the loop runs without autocast: under autocast the error is what bf16 activations change);
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
    plain run (checked on the CSVs);
 3. bench_gram at the GPU size (K = 100, n = 8 and K = 1000, n = 1; then the UNet and K = 10), ratios to one
@@ -34,7 +35,8 @@ START = time.perf_counter()
 DEVICE = "cuda"
 
 
-def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None = None) -> dict:
+def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None = None,
+          gram_precision: str = "fp32") -> dict:
     dev = torch.device(DEVICE)
     torch.manual_seed(0)
     model = build_model(name).to(dev, dtype)
@@ -51,12 +53,13 @@ def check(name: str, dtype: torch.dtype, K: int, n: int, amp: torch.dtype | None
     kw = dict(schedule=sch, noise=noise, K=K, prediction=cfg.prediction)
     ref = gc.task_gram(model, x0, t.to(dev), task, method="loop", **kw)
     t0 = time.perf_counter()
-    got = gc.task_gram(model, x0, t.to(dev), task, method="fused", autocast_dtype=amp, **kw)
+    got = gc.task_gram(model, x0, t.to(dev), task, method="fused", autocast_dtype=amp, gram_precision=gram_precision,
+                       check=True, **kw)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     err = float((got.gram - ref.gram).norm() / ref.gram.norm())
     return dict(model=name, dtype=str(dtype).split(".")[-1], autocast=str(amp).split(".")[-1] if amp else "-",
-                K=K, n=n, rel_err=err, fused_s=time.perf_counter() - t0, loop_s=ref.seconds)
+                fold=gram_precision, K=K, n=n, rel_err=err, fused_s=time.perf_counter() - t0, loop_s=ref.seconds)
 
 
 def main() -> None:
@@ -80,6 +83,9 @@ def main() -> None:
         check("unet-tiny", torch.float32, K, n),
         check("dit-s", torch.float32, K, n),
         check("dit-s", torch.float32, K, n, amp=torch.bfloat16),
+        check("unet-s" if not smoke else "unet-tiny", torch.float32, K, n, amp=torch.bfloat16),
+        check("dit-s", torch.float32, K, n, gram_precision="bf16"),
+        check("dit-s", torch.float32, K, n, amp=torch.bfloat16, gram_precision="bf16"),
     ]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +101,7 @@ def main() -> None:
     limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "120"))
     deadline = START + float(os.environ.get("GRADCONFLICT_GPU_TOTAL_S", "500"))  # a run call may last 600 s
     gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", DEVICE, "--size", "tiny" if smoke else "s",
-            "--bf16"]
+            "--bf16", "--gram-precision", "bf16", "tf32"]
     transfer = [sys.executable, os.path.join(HERE, "bench_transfer.py"), "--device", DEVICE, "--repeats", "2"]
     big, mid, small = ("3", "2", "1") if smoke else ("1000", "100", "10")
     n8 = "2" if smoke else "8"

@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["fused", "loop"], default="fused", help="fused (default) or the per-task loop reference")
     p.add_argument("--loss-space", choices=["x0", "eps", "v"], default="x0", help="units of each task's loss (default x0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                   help="run the model under torch.autocast in this dtype (e.g. bf16 on a GPU; default none)")
+    p.add_argument("--gram-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="fold precision of the fused Gram: fp32 (default, ~1e-7 relative error) or tf32 / bf16 "
+                        "(~1e-3, faster on a GPU with many bins)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler=run)
 
@@ -59,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = next(model.parameters()).dtype
     batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)
     res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
-                    loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method)
+                    loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method,
+                    autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast], gram_precision=args.gram_precision)
     if not is_main():
         return 0
     out = Path(args.out)

@@ -10,7 +10,6 @@ twice) is folded after its last use, once its per-task gradient is complete.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,7 +18,8 @@ import torch.nn as nn
 
 from .fallback import fallback_grads
 from .grouping import TaskIndex
-from .rules import FORWARD_EXTRAS, ROW_CHUNKED, rule_for
+from .precision import HALF_DTYPES, check_gram_precision, layer_gram, tf32
+from .rules import FORWARD_EXTRAS, HALF_INPUT_RULES, ROW_CHUNKED, rule_for
 from .workspace import Workspace, swap_workspace
 
 __all__ = ["FusedGram", "OPAQUE_MODULES"]
@@ -46,13 +46,15 @@ class FusedGram:
 
     def __init__(self, model: nn.Module, idx: TaskIndex, *, compute_dtype: Optional[torch.dtype] = None,
                  keep_gradients: bool = False, sketch: Optional["Any"] = None,
-                 reduce: Optional[Any] = None, max_chunk_elements: Optional[int] = None) -> None:
+                 reduce: Optional[Any] = None, max_chunk_elements: Optional[int] = None,
+                 gram_precision: str = "fp32") -> None:
         self.model = model
         self.idx = idx
         self.compute_dtype = compute_dtype
         self.keep_gradients = keep_gradients
         self.sketch = sketch
         self.max_chunk_elements = max_chunk_elements  # memory budget: K x rows x row size per piece
+        self.gram_precision = check_gram_precision(gram_precision)  # fold precision (precision.py)
         self.reduce = reduce  # e.g. a sum over torch.distributed ranks, applied to each layer's J before folding
         self.gram = torch.zeros(idx.K, idx.K, dtype=torch.float64)  # the result, set by finish()
         self._acc: Optional[torch.Tensor] = None  # running float64 sum of the layer Grams, on the gradients' device
@@ -147,6 +149,14 @@ class FusedGram:
         rule = self._plan[call.module][2]
         dtype = self._dtype_for(call.params[0])
         rows = self._row_chunk(call, rule)
+        if grad.dtype in HALF_DTYPES and rule in HALF_INPUT_RULES and call.args:
+            # the layer ran in half precision (autocast): build from the operands it used, the input cast as the
+            # forward cast it; products of half-valued operands are exact in TF32 (precision.py)
+            call.args = (call.args[0].to(grad.dtype), *call.args[1:])
+            if grad.device.type == "cuda":
+                with tf32(True):
+                    self._apply_rule(call, rule, grad, dtype, rows)
+                return
         if grad.device.type != "cpu":
             self._apply_rule(call, rule, grad, dtype, rows)
             return
@@ -237,11 +247,11 @@ class FusedGram:
         diagonal; the rows are recorded on the device and reported by ``finish``."""
         if self.reduce is not None:
             J = self.reduce(J)
-        # float64 models: float64 products; otherwise each layer's J J^T in float32 (TF32 off), summed in float64
-        Jd = J if J.dtype == torch.float64 else J.float()
-        layer_gram = (Jd @ Jd.T).to(torch.float64)
-        self._acc = layer_gram if self._acc is None else self._acc.add_(layer_gram)
-        self._bad_rows.append((name, ~torch.isfinite(torch.diagonal(layer_gram))))
+        # float64 models: float64 products; otherwise each layer's J J^T in float32 (TF32 off) or the reduced
+        # precision asked for, summed over layers in float64
+        piece = layer_gram(J, self.gram_precision)
+        self._acc = piece if self._acc is None else self._acc.add_(piece)
+        self._bad_rows.append((name, ~torch.isfinite(torch.diagonal(piece))))
         if self.sketch is not None:
             self.sketch.add(name, J)
         return J

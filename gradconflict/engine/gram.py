@@ -17,6 +17,7 @@ from .checks import check_samples_independent
 from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
+from .precision import check_gram_precision, precision_eps, tf32
 from .loss import per_sample_losses
 from .result import TaskGradients
 from .sketch import CountSketch
@@ -48,6 +49,7 @@ def task_gram(
     autocast_dtype: Optional[torch.dtype] = None,
     max_chunk_elements: Optional[int] = None,
     check: Union[bool, str] = "once",
+    gram_precision: str = "fp32",
 ) -> TaskGradients:
     """Gram matrix of the per-task gradients of ``model`` on one batch.
 
@@ -80,6 +82,10 @@ def task_gram(
             ``True`` runs it on every call (models with data-dependent branches); ``False`` never. Without
             the check the backward pass runs w.r.t. the layer outputs only, so autograd does not form the
             parameter gradients (faster by about one weight-gradient pass).
+        gram_precision: how the fused method folds ``G += J J^T``: ``"fp32"`` (default; float32 products, each
+            layer summed in float64, relative error about 1e-7), ``"tf32"`` or ``"bf16"`` (J rounded to that
+            format, float32 accumulation: about 1e-3 relative error in G, much faster on a GPU when the fold
+            dominates, as at K ~ 1000). See ``precision.py``; the loop reference always folds in float64.
 
     Returns:
         TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
@@ -88,6 +94,10 @@ def task_gram(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     check = normalize_check(check)
+    gram_precision = check_gram_precision(gram_precision)
+    if method == "loop" and gram_precision != "fp32":
+        raise ValueError(f"gram_precision={gram_precision!r} applies to method='fused'; the loop reference always "
+                         "folds in float64 (leave gram_precision at 'fp32')")
     prediction = normalize_prediction(prediction)
     loss_space = normalize_prediction(loss_space)
     x0, t, task_ids, K, labels = _prepare(x0, t, task, K, labels)
@@ -114,14 +124,14 @@ def task_gram(
     kw = dict(schedule=schedule, prediction=prediction, loss_space=loss_space)
     sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
     start = time.perf_counter()
-    with _mode(model, train_mode), _saved_grads(params), _precise_matmul():
+    with _mode(model, train_mode), _saved_grads(params), tf32(False):  # TF32 rounds to 10 mantissa bits
         check_samples_independent(model)
         if method == "loop":
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
             run_check, signature = check_due(check, model, params, x0, model_kwargs, autocast_dtype)
             gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
-                                         return_gradients, kw, max_chunk_elements, run_check)
+                                         return_gradients, kw, max_chunk_elements, run_check, gram_precision)
             if run_check:
                 mark_checked(model, signature)  # reached only when the check passed
     seconds = time.perf_counter() - start
@@ -183,18 +193,6 @@ def _saved_grads(params: list) -> Iterator[None]:
             p.grad = g
 
 
-@contextlib.contextmanager
-def _precise_matmul() -> Iterator[None]:
-    """TF32 off while forming per-task gradients and the Gram (TF32 rounds to 10 mantissa bits)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
@@ -246,10 +244,10 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
 
 
 def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw,
-           max_chunk_elements=None, check=True):
+           max_chunk_elements=None, check=True, gram_precision="fp32"):
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
     fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,
-                   max_chunk_elements=max_chunk_elements)
+                   max_chunk_elements=max_chunk_elements, gram_precision=gram_precision)
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
@@ -268,20 +266,21 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketc
         name, tasks = next(iter(fg.nonfinite.items()))
         raise ValueError(f"the gradient of task(s) {tasks[:10]} is NaN or Inf in parameter {name!r}")
     if check:
-        _check_coverage(fg, params, autocast_dtype)
+        _check_coverage(fg, params, autocast_dtype, gram_precision)
     grads = None
     if return_gradients:
         grads = torch.cat([fg.gradients.get(id(p), torch.zeros(idx.K, p.numel(), dtype=torch.float64)) for _, p in params], 1)
     return fg.gram, losses, grads
 
 
-def _check_coverage(fg: FusedGram, params: list, autocast_dtype: Optional[torch.dtype] = None) -> None:
+def _check_coverage(fg: FusedGram, params: list, autocast_dtype: Optional[torch.dtype] = None,
+                    gram_precision: str = "fp32") -> None:
     """Every parameter that received a gradient must have been folded, and ``1^T G 1 = ||sum_k g_k||^2``.
 
     The tolerance is relative: 1e-9 for float64 parameters, 1e-4 for float32, and at least the machine epsilon
     of the autocast dtype under autocast (autograd then forms the full gradient from low-precision products,
-    while the per-task gradients are built in float32). A parameter used outside its module is off by a whole
-    term, far above any of these."""
+    while the per-task gradients are built in float32), and at least the epsilon of a reduced ``gram_precision``.
+    A parameter used outside its module is off by a whole term, far above any of these."""
     missing = [n for n, p in params if p.grad is not None and id(p) not in fg.folded and bool(p.grad.abs().sum() > 0)]
     if missing:
         raise ValueError(
@@ -296,6 +295,8 @@ def _check_coverage(fg: FusedGram, params: list, autocast_dtype: Optional[torch.
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     if autocast_dtype is not None:
         tol = max(tol, torch.finfo(autocast_dtype).eps)
+    if gram_precision != "fp32":
+        tol = max(tol, precision_eps(gram_precision))
     if scale > 0 and abs(float(G.sum()) - total) > tol * scale + 1e-300:
         raise ValueError(
             f"internal check failed: the per-task gradients do not add up to the full gradient "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .grouping import TaskIndex
 from .workspace import scratch
 
-__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "register_rule", "rule_for"]
+__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for"]
 
 Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[str, torch.Tensor]]
 RULES: dict[type, Rule] = {}
@@ -169,6 +169,10 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
 
 
 ROW_CHUNKED.add(conv_rule)
+
+# rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
+# engine casts their input as the forward did before building the per-task gradients (precision.py)
+HALF_INPUT_RULES: set = {linear_rule, conv_rule}
 
 
 @register_rule(nn.LayerNorm)

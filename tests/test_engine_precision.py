@@ -1,0 +1,143 @@
+"""Arithmetic precision of the fused engine (``engine/precision.py``) against float64 references.
+
+* Under autocast, a Linear or Conv layer's per-task gradients are built from the operands autocast used: the
+  input cast to bfloat16 as the forward cast it, the half-precision output gradient, float32 accumulation.
+  Reference: the same captured operands multiplied in float64.
+* ``gram_precision="bf16"`` folds ``bf16(J) bf16(J)^T`` with float32 accumulation. Reference: the per-task
+  gradients returned by the engine, rounded to bfloat16 and multiplied in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gradconflict as gc
+from gradconflict.engine import precision, task_gram
+
+from zoo import DiTBlocks
+
+SCHEDULE = gc.NoiseSchedule.linear(T=1000)
+
+
+class NormLinear(nn.Module):
+    """LayerNorm (float32 under autocast) feeding a Linear (bfloat16 under autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.layer = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.norm(x))
+
+
+class NormConv(nn.Module):
+    """GroupNorm (float32 under autocast) feeding a Conv2d (bfloat16 under autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.layer = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.norm(x))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def _capture(layer: nn.Module) -> tuple[dict, object]:
+    """Record the layer's input (as the module received it) and its output gradient (as autograd delivers it)."""
+    seen: dict = {}
+
+    def hook(module, args, output):
+        seen["input"] = args[0].detach().clone()
+        output.register_hook(lambda g: seen.__setitem__("grad", g.detach().clone()))
+
+    return seen, layer.register_forward_hook(hook)
+
+
+def _weight_columns(model: nn.Module, name: str) -> slice:
+    start = 0
+    for n, p in model.named_parameters():
+        if n == name:
+            return slice(start, start + p.numel())
+        start += p.numel()
+    raise KeyError(name)
+
+
+def _per_task_reference(kind: str, layer: nn.Module, a: torch.Tensor, b: torch.Tensor, task: torch.Tensor, K: int,
+                        counts: torch.Tensor) -> torch.Tensor:
+    """float64 ``dW_k = sum_{i in k} B_i^T A_i`` (Linear) or the conv weight gradient summed over task k."""
+    a, b = a.double(), b.double()
+    out = torch.zeros(K, layer.weight.numel(), dtype=torch.float64)
+    for i in range(a.shape[0]):
+        if kind == "linear":
+            dw = b[i].reshape(-1, b.shape[-1]).T @ a[i].reshape(-1, a.shape[-1])
+        else:
+            dw = torch.nn.grad.conv2d_weight(a[i : i + 1], layer.weight.shape, b[i : i + 1], padding=1)
+        out[task[i]] += dw.reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_layers_are_built_from_the_operands_autocast_used(kind: str) -> None:
+    torch.manual_seed(0)
+    model = NormLinear() if kind == "linear" else NormConv()
+    N, K = 8, 4
+    x0 = torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)
+    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990])
+    task = torch.arange(N) // 2
+    seen, handle = _capture(model.layer)
+    try:
+        got = task_gram(model, x0, t, task, schedule=SCHEDULE, K=K, noise=torch.randn_like(x0), check=True,
+                        autocast_dtype=torch.bfloat16, return_gradients=True)
+    finally:
+        handle.remove()
+    assert seen["grad"].dtype == torch.bfloat16 and seen["input"].dtype == torch.float32  # the case under test
+    J = got.gradients[:, _weight_columns(model, "layer.weight")]
+    counts = torch.bincount(task, minlength=K)
+    as_run = _per_task_reference(kind, model.layer, seen["input"].to(torch.bfloat16), seen["grad"], task, K, counts)
+    assert _rel(J, as_run) <= 1e-5  # float32 accumulation of exact products
+    uncast = _per_task_reference(kind, model.layer, seen["input"], seen["grad"], task, K, counts)
+    assert _rel(uncast, as_run) > 1e-4  # the cast matters: building from the float32 input would fail above
+
+
+def _dit_batch(K: int = 4, n: int = 2):
+    torch.manual_seed(0)
+    model = DiTBlocks()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(K * n, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (K * n,), generator=g)
+    task = torch.arange(K * n) % K
+    return model, x0, t, task, dict(schedule=SCHEDULE, K=K, noise=torch.randn(x0.shape, generator=g))
+
+
+@pytest.mark.parametrize("columns", [precision.FOLD_COLUMNS, 7])
+def test_bf16_fold_equals_the_rounded_gradients_gram(columns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "FOLD_COLUMNS", columns)  # 7: every layer folded in many float64-summed pieces
+    model, x0, t, task, args = _dit_batch()
+    got = task_gram(model, x0, t, task, gram_precision="bf16", return_gradients=True, check=True, **args)
+    Jb = got.gradients.to(torch.bfloat16).double()
+    assert _rel(got.gram, Jb @ Jb.T) <= 1e-5
+    exact = task_gram(model.double(), x0.double(), t, task, method="loop", **{**args, "noise": args["noise"].double()})
+    err = _rel(got.gram, exact.gram)
+    assert 1e-6 < err <= 1e-2  # really reduced precision, and within the documented size (about 1e-3)
+
+
+def test_tf32_fold_is_fp32_on_the_cpu() -> None:
+    model, x0, t, task, args = _dit_batch()
+    fp32 = task_gram(model, x0, t, task, **args)
+    tf32 = task_gram(model, x0, t, task, gram_precision="tf32", **args)
+    assert torch.equal(fp32.gram, tf32.gram)  # the CPU has no TF32: documented as no effect
+
+
+def test_gram_precision_errors_name_the_choices() -> None:
+    model, x0, t, task, args = _dit_batch()
+    with pytest.raises(ValueError, match="unknown gram_precision 'fp16'.*'fp32', 'tf32', 'bf16'"):
+        task_gram(model, x0, t, task, gram_precision="fp16", **args)
+    with pytest.raises(ValueError, match="applies to method='fused'"):
+        task_gram(model, x0, t, task, method="loop", gram_precision="bf16", **args)
