@@ -30,13 +30,13 @@ from typing import Iterator
 import torch
 
 __all__ = ["GRAM_PRECISIONS", "HALF_DTYPES", "FOLD_COLUMNS", "check_gram_precision", "tf32", "layer_gram",
-           "precision_eps"]
+           "precision_eps", "half_bmm"]
 
 GRAM_PRECISIONS = ("fp32", "tf32", "bf16")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 FOLD_COLUMNS = 1 << 16  # reduced-precision folds: coordinates per float32 partial sum (pieces summed in float64)
 _EPS = {"fp32": torch.finfo(torch.float32).eps, "tf32": 2.0**-10, "bf16": torch.finfo(torch.bfloat16).eps}
-_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=float32) works there
+_OUT_DTYPE: dict[str, bool] = {}  # op name -> whether it takes out_dtype=float32 for half inputs on CUDA here
 
 
 def check_gram_precision(precision: str) -> str:
@@ -89,16 +89,28 @@ def _tf32_product(piece: torch.Tensor) -> torch.Tensor:
 def _bf16_product(piece: torch.Tensor) -> torch.Tensor:
     """float32 ``b b^T`` of ``b = bf16(piece)`` with float32 accumulation."""
     b = piece.to(torch.bfloat16)
-    device = b.device.type
-    if device == "cuda" and _OUT_DTYPE_MM.get(device, True):
-        old = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    return _half_product(torch.mm, b, b.T)
+
+
+def half_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` of half-precision batches, accumulated and returned in float32 (exact products)."""
+    return _half_product(torch.bmm, a, b)
+
+
+def _half_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``op(a, b)`` for half-precision ``a, b`` in float32: on CUDA with ``out_dtype=float32`` (tensor cores, no
+    reduced-precision reduction) where this torch has it, else as TF32 products of the upcast values (exact:
+    half values fit TF32's 10-bit mantissa); on the CPU as float32 products (the same numbers)."""
+    name = op.__name__
+    if a.device.type == "cuda" and _OUT_DTYPE.get(name, True):
+        matmul = torch.backends.cuda.matmul
+        old = matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction
+        matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
         try:
-            return torch.mm(b, b.T, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # this torch has no out_dtype for mm
-            _OUT_DTYPE_MM[device] = False
+            return op(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype for this op in this torch
+            _OUT_DTYPE[name] = False
         finally:
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = old
-    f = b.float()  # bf16 values are exact in TF32, so TF32 keeps the products exact
+            matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = old
     with tf32(True):
-        return f @ f.T
+        return op(a.float(), b.float())

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .grouping import TaskIndex
+from .precision import HALF_DTYPES, half_bmm
 from .workspace import scratch
 
 __all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for"]
@@ -66,12 +67,14 @@ def linear_rule(module: nn.Linear, inputs: tuple, grad: torch.Tensor, idx: TaskI
     out: dict[str, torch.Tensor] = {}
     if rows is not None:
         grad = grad[..., rows]
-    b = idx.group(grad.to(dtype)).reshape(idx.K, -1, grad.shape[-1])  # (K, m*S, out)
+    # half-precision operands (autocast; precision.py) stay half and are multiplied with float32 accumulation
+    half = grad.dtype in HALF_DTYPES and a.dtype == grad.dtype and dtype == torch.float32
+    b = idx.group(grad if half else grad.to(dtype)).reshape(idx.K, -1, grad.shape[-1])  # (K, m*S, out)
     if _trainable(module, "weight"):
-        x = idx.group(a.to(dtype)).reshape(idx.K, -1, a.shape[-1])  # (K, m*S, in)
-        out["weight"] = torch.bmm(b.transpose(1, 2), x)
+        x = idx.group(a if half else a.to(dtype)).reshape(idx.K, -1, a.shape[-1])  # (K, m*S, in)
+        out["weight"] = half_bmm(b.transpose(1, 2), x) if half else torch.bmm(b.transpose(1, 2), x)
     if module.bias is not None and _trainable(module, "bias"):
-        out["bias"] = b.sum(1)
+        out["bias"] = b.sum(1, dtype=dtype)
     return out
 
 
