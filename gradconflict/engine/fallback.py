@@ -8,15 +8,17 @@ costs one extra forward and backward of that module.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .grouping import TaskIndex
 
-__all__ = ["fallback_grads"]
+__all__ = ["fallback_grads", "tensor_leaves"]
 
 
 def _split_batched(tree: Any, n: int) -> tuple[Any, Any]:
@@ -42,7 +44,9 @@ def fallback_grads(
     dtype: torch.dtype,
     chunk: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Per-task gradients ``(K, *shape)`` of ``module``'s parameters ``names`` (dotted, relative to module)."""
+    """Per-task gradients ``(K, *shape)`` of ``module``'s parameters ``names`` (dotted, relative to module).
+
+    ``grad_outputs`` holds one output gradient (or None) per tensor of :func:`tensor_leaves` of the output."""
     params = dict(module.named_parameters())
     trainable = {k: params[k].detach() for k in names}
     n = idx.N
@@ -54,11 +58,11 @@ def fallback_grads(
         kw1 = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) and kwargs_dims[k] == 0 else v) for k, v in kw.items()}
         g1 = torch.utils._pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, torch.Tensor) else x, g)
 
-        def f(pp: dict) -> Any:
-            return functional_call(module, pp, a1, kw1)
+        def f(pp: dict) -> tuple:
+            return tuple(tensor_leaves(functional_call(module, pp, a1, kw1)))
 
         out, pullback = vjp(f, p)
-        g1 = _match(out, g1)
+        g1 = tuple(gi.to(o.dtype) if isinstance(gi, torch.Tensor) else torch.zeros_like(o) for o, gi in zip(out, g1))
         return pullback(g1)[0]
 
     batched = vmap(one_sample, in_dims=(None, args_dims, kwargs_dims, grad_dims))
@@ -69,7 +73,8 @@ def fallback_grads(
         a_c = tuple(x[sl] if d == 0 else x for x, d in zip(args_d, args_dims))
         kw_c = {k: (v[sl] if kwargs_dims[k] == 0 else v) for k, v in kwargs_d.items()}
         g_c = _slice_tree(grad_d, grad_dims, sl)
-        per_sample = batched(trainable, a_c, kw_c, g_c)
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no batching rule for their backward
+            per_sample = batched(trainable, a_c, kw_c, g_c)
         t_c = task[sl].to(next(iter(sums.values())).device)
         for k, v in per_sample.items():
             sums[k].index_add_(0, t_c, v.to(dtype))
@@ -84,13 +89,17 @@ def _slice_tree(tree: Any, dims: Any, sl: slice) -> Any:
     return tree
 
 
-def _match(out: Any, grads: Any) -> Any:
-    """Cotangents shaped like ``out``: zeros where an output got no gradient."""
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output, in a fixed order: the output itself, or the tensors inside tuples, lists,
+    dicts (diffusers' ``*Output`` classes are dicts) and dataclasses, depth first; anything else is skipped."""
     if isinstance(out, torch.Tensor):
-        if isinstance(grads, torch.Tensor):
-            return grads.to(out.dtype)
-        return torch.zeros_like(out)
-    if isinstance(out, (tuple, list)):
-        g = grads if isinstance(grads, (tuple, list)) else [None] * len(out)
-        return type(out)(_match(o, gi) for o, gi in zip(out, g))
-    return None
+        return [out]
+    if isinstance(out, dict):
+        items = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        items = list(out)
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        return []
+    return [leaf for item in items for leaf in tensor_leaves(item)]

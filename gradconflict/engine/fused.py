@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .fallback import fallback_grads
+from .fallback import fallback_grads, tensor_leaves
 from .grouping import TaskIndex
 from .precision import HALF_DTYPES, check_gram_precision, layer_gram, tf32
 from .rules import FORWARD_EXTRAS, HALF_INPUT_RULES, ROW_CHUNKED, rule_for
@@ -125,14 +125,13 @@ class FusedGram:
             output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
             self.outputs.append(output)
             return
-        outs = output if isinstance(output, (tuple, list)) else (output,)
+        outs = tensor_leaves(output)  # tensors inside tuples, dicts, diffusers outputs, dataclasses
         call.grads = [None] * len(outs)
         for i, o in enumerate(outs):
-            if isinstance(o, torch.Tensor) and o.requires_grad:
+            if o.requires_grad:
                 o.register_hook(lambda g, c=call, i=i: self._store_grad(c, i, g))
                 self.outputs.append(o)
-        call.single = not isinstance(output, (tuple, list))  # type: ignore[attr-defined]
-        device = next((o.device.type for o in outs if isinstance(o, torch.Tensor)), "cpu")
+        device = outs[0].device.type if outs else "cpu"
         if torch.is_autocast_enabled(device):
             call.amp = (device, torch.get_autocast_dtype(device))
         self._deferred.append(call)
@@ -206,11 +205,21 @@ class FusedGram:
             if all(g is None for g in call.grads):
                 self._accumulate(call, {})
                 continue
-            grads = call.grads[0] if call.single else tuple(call.grads)  # type: ignore[attr-defined]
+            grads = tuple(call.grads)
             amp = torch.autocast(*call.amp) if call.amp else contextlib.nullcontext()
             with torch.no_grad(), amp:  # the module is re-run as in the forward pass (same autocast)
-                per_task = fallback_grads(call.module, call.names, call.args, call.kwargs, grads, self.idx,
-                                          self._dtype_for(call.params[0]))
+                try:
+                    per_task = fallback_grads(call.module, call.names, call.args, call.kwargs, grads, self.idx,
+                                              self._dtype_for(call.params[0]))
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except (RuntimeError, NotImplementedError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ValueError(
+                        f"the generic per-sample fallback (torch.func vmap) failed on {type(call.module).__name__} "
+                        f"{self._param_name.get(id(call.params[0]), '?')!r} ({first}); use method='loop' for this "
+                        "model, or register a rule for this layer with gradconflict.engine.register_rule"
+                    ) from exc
             per_task = {k: v.detach() for k, v in per_task.items()}
             self._accumulate(call, per_task)
         self._deferred.clear()

@@ -94,6 +94,10 @@ def task_gram(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     check = normalize_check(check)
+    schedule = _as_schedule(schedule)
+    if max_chunk_elements is not None and int(max_chunk_elements) < 1:
+        raise ValueError(f"max_chunk_elements must be a positive number of elements, got {max_chunk_elements}; "
+                         "pass None for no memory budget")
     gram_precision = check_gram_precision(gram_precision)
     if method == "loop" and gram_precision != "fp32":
         raise ValueError(f"gram_precision={gram_precision!r} applies to method='fused'; the loop reference always "
@@ -147,9 +151,22 @@ def task_gram(
     )
 
 
+def _as_schedule(schedule: Any) -> NoiseSchedule:
+    """A NoiseSchedule, or one made from a diffusers-style scheduler (anything with ``alphas_cumprod``)."""
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if hasattr(schedule, "alphas_cumprod"):
+        return NoiseSchedule.from_diffusers(schedule)
+    raise ValueError(f"schedule must be a gradconflict.NoiseSchedule or a diffusers scheduler, got "
+                     f"{type(schedule).__name__}; e.g. NoiseSchedule.linear() or NoiseSchedule.from_diffusers(scheduler)")
+
+
 def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Optional[list[str]]):
-    if not isinstance(x0, torch.Tensor) or x0.ndim < 2:
-        raise ValueError("x0 must be a batched tensor (N, ...)")
+    if not isinstance(x0, torch.Tensor):
+        raise ValueError(f"x0 must be a torch.Tensor (N, ...), got {type(x0).__name__}; convert it with "
+                         "torch.as_tensor(x0) and move it to the model's device")
+    if x0.ndim < 2:
+        raise ValueError(f"x0 must be a batched tensor (N, ...) with at least 2 dimensions, got shape {tuple(x0.shape)}")
     t = torch.as_tensor(t)
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise ValueError(f"t must have shape ({x0.shape[0]},), one timestep per sample, got {tuple(t.shape)}")

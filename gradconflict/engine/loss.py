@@ -15,9 +15,15 @@ __all__ = ["per_sample_losses", "model_output"]
 
 def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
     """Call ``model(x_t, t, **model_kwargs)`` and unwrap common output types (a diffusers ``.sample``, a tuple)."""
-    out = model(x_t, t, **model_kwargs)
+    try:
+        out = model(x_t, t, **model_kwargs)
+    except RuntimeError as exc:
+        _explain_mismatch(model, x_t, exc)
+        raise
     if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):
         out = out.sample
+    elif isinstance(out, dict) and isinstance(out.get("sample"), torch.Tensor):
+        out = out["sample"]
     elif isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -25,6 +31,21 @@ def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, 
     if out.shape != x_t.shape:
         raise ValueError(f"the model output has shape {tuple(out.shape)} but x_t has {tuple(x_t.shape)}; they must match")
     return out
+
+
+def _explain_mismatch(model: Any, x_t: torch.Tensor, exc: RuntimeError) -> None:
+    """Re-raise a failed forward as a ValueError when the input's dtype or device differs from the parameters'."""
+    p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if p is None or not p.is_floating_point() or (p.dtype == x_t.dtype and p.device == x_t.device):
+        return
+    if torch.is_autocast_enabled(x_t.device.type) and p.device == x_t.device:
+        return  # autocast handles dtypes: the failure is something else
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ValueError(
+        f"the model's forward failed on x_t of dtype {x_t.dtype} on {x_t.device}, while its parameters are "
+        f"{p.dtype} on {p.device} ({first}); pass x0, noise and model_kwargs with the model's dtype and device, "
+        "e.g. x0.to(next(model.parameters()))"
+    ) from exc
 
 
 def per_sample_losses(
