@@ -209,13 +209,12 @@ class SubsetSolver:
         residual stays above ``1e-10 * (1 + ||x||_1)`` after the allowed steps.
         """
         ones = np.ones(idx.size)
-        full = np.zeros(self.Q.shape[0])
+        residual = _residual_map(self.Q, idx)
         try:
             x = apply(ones) if x0 is None else x0
             prev = np.inf
             for step in range(self._steps + 1):
-                full[idx] = x
-                r = ones - (self.Q @ full)[idx] - x.sum()
+                r = ones - residual(x) - x.sum()
                 rmax = np.abs(r).max()
                 stalled = rmax > 0.25 * prev  # at the rounding floor of the float64 residual
                 if step == self._steps or stalled or rmax <= target * (1.0 + np.abs(x).sum()) or not np.isfinite(rmax):
@@ -229,6 +228,22 @@ class SubsetSolver:
         if not np.isfinite(x).all() or x.sum() <= 0 or np.abs(r).max() > accept:
             return None
         return x
+
+
+def _residual_map(Q: np.ndarray, idx: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> Q[idx, idx] @ x`` in float64: through the gathered block when F is small (``|F|^2`` reads instead
+    of ``K^2``), else as the rows ``idx`` of one full product (no gather)."""
+    K = Q.shape[0]
+    if 3 * idx.size < K:
+        block = Q[np.ix_(idx, idx)]
+        return lambda x: block @ x
+    full = np.zeros(K)
+
+    def rows(x: np.ndarray) -> np.ndarray:
+        full[idx] = x
+        return (Q @ full)[idx]
+
+    return rows
 
 
 class LowRankSubsetSolver:
