@@ -6,7 +6,9 @@ Problem family (stated in the output): ``G = A A^T`` with ``A`` of shape
 nonzero spectrum spans 6), and ``lam = 1e-3 * trace(G) / K``.  A second
 family, "lowrank" (``G = J J^T``, ``J ~ N(0,1)^(K x 64)``, same lam rule:
 low-rank-plus-ridge, like Gram matrices of many task gradients), is timed for
-"auto" and CVXPY at the largest K.
+"auto" and CVXPY at the largest K, and so is a Gram the toolkit itself produces (``task_gram`` of
+the built-in dit-tiny with one sample in each of K bins: full rank, gradient norms spread over decades),
+with the same lam rule and with lam = 0.
 
 For each K: wall time of ``solve(...)`` per method (validation included,
 best of ``--repeats`` for auto and CVXPY alike), the relative objective gap ``(f - f_cvxpy) /
@@ -83,6 +85,29 @@ def lowrank_problem(K: int, rng: np.random.Generator, rank: int = 64) -> tuple[n
     return G, 1e-3 * float(np.trace(G)) / K
 
 
+def engine_problem(K: int, seed: int, lam_factor: float = 1e-3) -> tuple[np.ndarray, float]:
+    """A Gram the toolkit itself produces: ``task_gram`` of the built-in dit-tiny (seeded, weights perturbed by
+    0.02 N(0, 1) so no layer is exactly zero at init) on K uniform bins with one synthetic sample each."""
+    import torch
+
+    from gradconflict import NoiseSchedule, TimestepBins, task_gram
+    from gradconflict.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("dit-tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    cfg = model.config
+    bins = TimestepBins.uniform(1000, K)
+    g = torch.Generator().manual_seed(seed)
+    t, task = bins.sample(1, g)
+    x0 = torch.randn(len(t), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    G = task_gram(model, x0, t, task, schedule=NoiseSchedule.linear(), prediction=cfg.prediction, K=K,
+                  noise=torch.randn(x0.shape, generator=g)).gram.numpy()
+    return G, lam_factor * float(np.trace(G)) / K
+
+
 def problem(K: int, rng: np.random.Generator, n: int | None = None) -> tuple[np.ndarray, float]:
     r = max(K // 2, 1)
     shape = (K, r) if n is None else (n, K, r)
@@ -115,8 +140,11 @@ def main() -> None:
     Kmax = sizes[-1]
     print(f"\n# cvxpy vs auto at K = {Kmax}, both families, best of {ARGS.repeats}")
     summary = []
-    families = (("logspaced rank K/2", problem(Kmax, np.random.default_rng(ARGS.seed + 1))),
-                ("lowrank rank 64", lowrank_problem(Kmax, np.random.default_rng(ARGS.seed + 2))))
+    families = [("logspaced rank K/2", problem(Kmax, np.random.default_rng(ARGS.seed + 1))),
+                ("lowrank rank 64", lowrank_problem(Kmax, np.random.default_rng(ARGS.seed + 2)))]
+    if not ARGS.quick:
+        G_e, lam_e = engine_problem(Kmax, ARGS.seed)
+        families += [("engine dit-tiny n=1", (G_e, lam_e)), ("engine dit-tiny n=1, lam=0", (G_e, 0.0))]
     for threads in (1, 2):
         with _threads(threads):
             for fam, (G, lam) in families:
