@@ -1,10 +1,17 @@
-"""Refuse models whose samples interact: per-task gradients need each sample's loss to depend on that sample only."""
+"""Refuse models whose samples interact (per-task gradients need each sample's loss to depend on that sample only),
+and shorten a torch error to the line worth quoting in our own message."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["check_samples_independent"]
+__all__ = ["check_samples_independent", "first_line"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_samples_independent(model: nn.Module) -> None:

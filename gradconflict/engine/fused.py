@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .checks import first_line
 from .fallback import fallback_grads, tensor_leaves
 from .grouping import TaskIndex
 from .precision import HALF_DTYPES, check_gram_precision, layer_gram, tf32
@@ -214,10 +215,9 @@ class FusedGram:
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except (RuntimeError, NotImplementedError) as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise ValueError(
                         f"the generic per-sample fallback (torch.func vmap) failed on {type(call.module).__name__} "
-                        f"{self._param_name.get(id(call.params[0]), '?')!r} ({first}); use method='loop' for this "
+                        f"{self._param_name.get(id(call.params[0]), '?')!r} ({first_line(exc)}); use method='loop' for this "
                         "model, or register a rule for this layer with gradconflict.engine.register_rule"
                     ) from exc
             per_task = {k: v.detach() for k, v in per_task.items()}

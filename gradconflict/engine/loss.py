@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..schedule import NoiseSchedule
 from ..targets import convert, expand_like, normalize_prediction, target
+from .checks import first_line
 
 __all__ = ["per_sample_losses", "model_output"]
 
@@ -40,10 +41,9 @@ def _explain_mismatch(model: Any, x_t: torch.Tensor, exc: RuntimeError) -> None:
         return
     if torch.is_autocast_enabled(x_t.device.type) and p.device == x_t.device:
         return  # autocast handles dtypes: the failure is something else
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     raise ValueError(
         f"the model's forward failed on x_t of dtype {x_t.dtype} on {x_t.device}, while its parameters are "
-        f"{p.dtype} on {p.device} ({first}); pass x0, noise and model_kwargs with the model's dtype and device, "
+        f"{p.dtype} on {p.device} ({first_line(exc)}); pass x0, noise and model_kwargs with the model's dtype and device, "
         "e.g. x0.to(next(model.parameters()))"
     ) from exc
 
