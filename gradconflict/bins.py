@@ -67,20 +67,28 @@ class TimestepBins:
 
     @classmethod
     def log_snr_uniform(cls, schedule: NoiseSchedule, K: int) -> "TimestepBins":
-        """K bins covering 0..T-1 whose log-SNR ranges are equally wide (between the finite extremes)."""
+        """K bins covering 0..T-1 whose log-SNR ranges are as equally wide as the discrete schedule allows.
+
+        With ``lam_t`` the log-SNR and ``L_k = lam_0 - k (lam_0 - lam_last) / K`` (``lam_last`` the last finite
+        value), the ideal edge ``k`` is the first t with ``lam_t <= L_k``. Where several ideal edges fall on one
+        timestep (a step of ``lam_t`` wider than ``(lam_0 - lam_last) / K``, e.g. the cosine schedule's jump
+        from -12.9 at t = 998 to -19.8 at t = 999), a forward pass ``e_k = max(e_k, e_{k-1} + 1)`` and a
+        backward pass ``e_k = min(e_k, e_{k+1} - 1)`` move them apart so that every bin keeps at least one
+        timestep; edges that are already strictly increasing are left unchanged. Raises only if K > T.
+        """
         T = schedule.T
         if K < 1 or K > T:
-            raise ValueError(f"K must lie in [1, T = {T}], got {K}")
+            raise ValueError(f"K must lie in [1, T = {T}] (every bin needs a timestep), got {K}; use fewer bins")
         lam = np.asarray(schedule.log_snr(np.arange(T)))
         finite = lam[np.isfinite(lam)]
         levels = np.linspace(finite[0], finite[-1], K + 1)[1:-1]
         # first timestep whose log-SNR has fallen below each interior level (log-SNR decreases with t)
         inner = np.searchsorted(-lam, -levels, side="left")
-        edges = np.concatenate([[0], inner, [T]])
-        if np.any(np.diff(edges) <= 0):
-            raise ValueError(
-                f"K = {K} log-SNR-uniform bins leave some bins without timesteps for this schedule; use fewer bins"
-            )
+        edges = np.concatenate([[0], inner, [T]]).astype(np.int64)
+        for k in range(1, K):  # forward: strictly increasing
+            edges[k] = max(edges[k], edges[k - 1] + 1)
+        for k in range(K - 1, 0, -1):  # backward: room for the bins after k (edges[K] = T)
+            edges[k] = min(edges[k], edges[k + 1] - 1)
         return cls(edges, T)
 
     # ------------------------------------------------------------------ properties
@@ -137,12 +145,13 @@ class TimestepBins:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``n_per_task`` timesteps uniformly inside each bin.
 
+        ``n_per_task``: an int (the same count for every bin) or a sequence of K non-negative ints (one per
+        bin); floats must be whole numbers (``2.0``, not ``2.7``).
+
         Returns ``(t, task)``, two long tensors of length ``sum(n_per_task)``, grouped by task in order 0..K-1.
         The draw is made on the CPU with ``generator``, so a seed gives the same timesteps on every device.
         """
-        counts = np.broadcast_to(np.asarray(n_per_task, dtype=np.int64), (self.K,))
-        if np.any(counts < 0):
-            raise ValueError("n_per_task must be >= 0")
+        counts = self._counts(n_per_task)
         task = torch.repeat_interleave(torch.arange(self.K), torch.from_numpy(counts.copy()))
         lo = torch.from_numpy(self.lows.copy())[task]
         width = torch.from_numpy(self.widths.copy())[task]
@@ -150,10 +159,41 @@ class TimestepBins:
         t = lo + torch.minimum((u * width).long(), width - 1)
         return t.to(device), task.to(device)
 
+    def _counts(self, n_per_task: Any) -> np.ndarray:
+        """``n_per_task`` as K non-negative int64 counts (an int is used for every bin)."""
+        raw = np.asarray(n_per_task.detach().cpu() if isinstance(n_per_task, torch.Tensor) else n_per_task)
+        if raw.ndim > 1 or (raw.ndim == 1 and raw.shape[0] != self.K):
+            raise ValueError(f"n_per_task must be an int or a sequence of K = {self.K} ints (one per bin), "
+                             f"got shape {raw.shape}; pass one count per bin")
+        if raw.dtype == np.bool_ or raw.dtype.kind not in "iuf" or (
+            raw.dtype.kind == "f" and not np.all(np.isfinite(raw) & (raw == np.round(raw)))
+        ):
+            raise ValueError(f"n_per_task must hold whole numbers of samples, got {n_per_task!r}; pass ints such as 3")
+        if np.any(raw < 0):
+            raise ValueError(f"n_per_task must be >= 0 samples per bin, got {n_per_task!r}")
+        return np.broadcast_to(raw.astype(np.int64), (self.K,)).copy()
+
     # ------------------------------------------------------------------ strategies
     def strategy_weights(self, strategy: Any, schedule: NoiseSchedule) -> np.ndarray:
         """Weight a strategy puts on each bin, on the simplex: ``W_k = sum_{t in bin k} w(SNR_t) / sum_t w(SNR_t)``,
-        with ``w`` the strategy's x0-unit weight (``strategy.weight(snr, "x0")``)."""
+        with ``w`` the strategy's x0-unit weight (``strategy.weight(snr, "x0")``).
+
+        ``strategy``: a ``gradconflict.weighting`` strategy or a name/spec such as ``"min_snr:5"``
+        (``weighting.by_name``); ``schedule``: the ``NoiseSchedule`` (required)."""
+        if isinstance(strategy, str):
+            from .weighting import by_name
+
+            strategy = by_name(strategy)
+        if not callable(getattr(strategy, "weight", None)):
+            raise ValueError(
+                f"cannot weight the bins with {strategy!r}: pass a strategy such as gradconflict.weighting.min_snr(5) "
+                "or a name/spec such as 'min_snr' or 'min_snr:5'"
+            )
+        if schedule is None or not hasattr(schedule, "snr"):
+            raise ValueError(
+                f"strategy weights need the NoiseSchedule the bins belong to, got {schedule!r}; pass schedule=, "
+                "e.g. gradconflict.NoiseSchedule.linear()"
+            )
         if schedule.T != self.T:
             raise ValueError(f"the bins cover T = {self.T} timesteps but the schedule has T = {schedule.T}")
         snr = np.asarray(schedule.snr(np.arange(self.T)))

@@ -160,9 +160,9 @@ def test_log_snr_uniform_differs_from_uniform_for_linear():
     assert b.widths[0] < 100
 
 
-@pytest.mark.parametrize("K", [200, 1000, 1001, 0])
+@pytest.mark.parametrize("K", [1001, 0])
 def test_log_snr_uniform_too_many_bins_raises(K):
-    # near t = 0 one step of the linear schedule's log-SNR (~0.8) exceeds total/K (~19.3/K) for K = 200
+    # only K > T (or K < 1) is impossible; K <= T works (see test_log_snr_uniform_crowded_edges_spread)
     with pytest.raises(ValueError):
         TimestepBins.log_snr_uniform(NoiseSchedule.linear(), K)
 
@@ -308,3 +308,89 @@ def test_edges_read_only():
     b = TimestepBins.uniform(10, 2)
     with pytest.raises(ValueError):
         b.edges[0] = 1
+
+
+# ----------------------------------------------------------------------------- log-SNR bins with crowded edges
+def _first_below(lam, level):
+    """First t with lam[t] <= level, by a plain scan (independent of searchsorted)."""
+    for t, value in enumerate(lam):
+        if value <= level:
+            return t
+    return len(lam)
+
+
+def _ideal_edges(sch, K):
+    lam = np.asarray(sch.log_snr(np.arange(sch.T)))
+    fin = lam[np.isfinite(lam)]
+    width = (fin[0] - fin[-1]) / K
+    return [0] + [_first_below(lam, fin[0] - k * width) for k in range(1, K)] + [sch.T]
+
+
+@pytest.mark.parametrize("K", [1, 3, 10, 45])
+def test_log_snr_uniform_linear_edges_unchanged(K):
+    # for the linear schedule the equal-width construction already gives non-empty bins: the spreading
+    # passes must not move a single edge
+    sch = NoiseSchedule.linear()
+    np.testing.assert_array_equal(TimestepBins.log_snr_uniform(sch, K).edges, _ideal_edges(sch, K))
+
+
+def _from_log_snr(lam):
+    return NoiseSchedule.from_alphas_cumprod(1 / (1 + np.exp(-np.asarray(lam, dtype=np.float64))))
+
+
+def test_log_snr_uniform_hand_computed():
+    # log-SNR 3 .. -3, K = 3: levels 1 and -1 -> first t below them are 2 and 4
+    sch = _from_log_snr([3, 2.5, 0.5, 0.2, -1.5, -3])
+    np.testing.assert_array_equal(TimestepBins.log_snr_uniform(sch, 3).edges, [0, 2, 4, 6])
+    # a final jump 2.6 -> -9 (width 3 per bin): the levels 0, -3, -6 all fall on t = 5; the edges are
+    # spread to 3, 4, 5 so that each of the last three bins keeps one timestep
+    jump = _from_log_snr([3, 2.9, 2.8, 2.7, 2.6, -9])
+    np.testing.assert_array_equal(TimestepBins.log_snr_uniform(jump, 4).edges, [0, 3, 4, 5, 6])
+
+
+@pytest.mark.parametrize("K", [9, 10, 50])
+def test_log_snr_uniform_cosine_outlier(K):
+    # the cosine schedule's log-SNR drops from -12.9 (t = 998) to -19.8 (t = 999): several equal-width
+    # levels fall on t = 999 and used to leave empty bins (ValueError for K >= 9)
+    sch = NoiseSchedule.cosine()
+    T = sch.T
+    b = TimestepBins.log_snr_uniform(sch, K)
+    assert b.K == K and b.edges[0] == 0 and b.edges[-1] == T
+    assert np.all(np.diff(b.edges) >= 1)  # strictly increasing, every bin non-empty
+    lam = np.asarray(sch.log_snr(np.arange(T)))
+    target = (lam[0] - lam[-1]) / K
+    step = -np.diff(lam)
+    assert step[-1] > target  # the outlier step is wider than a bin
+    # bins well clear of the crowded tail keep the equal-width edges and spans
+    ideal = _ideal_edges(sch, K)
+    clear = [k for k in range(K) if b.edges[k + 1] <= T - K]
+    assert len(clear) >= K // 2
+    for k in clear:
+        a, c = int(b.edges[k]), int(b.edges[k + 1])
+        assert (a, c) == (ideal[k], ideal[k + 1])
+        tol = max(step[a - 1] if a > 0 else 0.0, step[c - 1]) + 1e-9
+        assert abs((lam[a] - lam[c]) - target) <= tol, (k, lam[a] - lam[c], target)
+
+
+def test_log_snr_uniform_one_timestep_per_bin():
+    sch = NoiseSchedule.linear(T=100)
+    np.testing.assert_array_equal(TimestepBins.log_snr_uniform(sch, 100).edges, np.arange(101))
+
+
+# ----------------------------------------------------------------------------- sample(): counts
+@pytest.mark.parametrize("n, match", [([1, 2], "K = 4"), ([[1, 2, 3, 4]], "K = 4"), (2.7, "whole"),
+                                      ([1, 2.5, 0, 1], "whole"), (-1, ">= 0"), ([1, -1, 0, 2], ">= 0"),
+                                      ("3", "whole"), (float("nan"), "whole")])
+def test_sample_bad_counts_messages(n, match):
+    b = TimestepBins.uniform(1000, 4)
+    with pytest.raises(ValueError, match=match):
+        b.sample(n)
+
+
+def test_sample_whole_float_and_numpy_counts():
+    b = TimestepBins.uniform(1000, 4)
+    t_int, task_int = b.sample(2, generator=torch.Generator().manual_seed(5))
+    t_flt, task_flt = b.sample(2.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(t_int, t_flt) and task_int.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    _, task = b.sample(np.array([0, 3, 0, 1]))
+    assert task.tolist() == [1, 1, 1, 3]

@@ -168,3 +168,55 @@ def test_as_dataset_wraps_torch_datasets():
         as_dataset([])
     with pytest.raises(ValueError, match="mixed sizes"):
         as_dataset([torch.rand(1, 8, 8), torch.rand(1, 9, 9)])
+
+
+# ----------------------------------------------------------------------------- value range (scale=)
+def test_npy_latents_keep_exact_values(tmp_path):
+    # unit-variance latents reach beyond [-1, 1]: "auto" must not min-max rescale them (that gave std ~0.2)
+    lat = np.random.default_rng(0).standard_normal((6, 4, 8, 8)).astype(np.float32)
+    assert lat.min() < -2 and lat.max() > 2
+    np.save(tmp_path / "lat.npy", lat)
+    ds = load_dataset(tmp_path / "lat.npy", image_size=8)
+    assert np.array_equal(ds.images.numpy(), lat)  # bit for bit, no clamp
+    np.savez(tmp_path / "lat.npz", images=lat, labels=np.arange(6))
+    assert np.array_equal(load_dataset(tmp_path / "lat.npz", image_size=None).images.numpy(), lat)
+    # min-max only on request: 2 (x - min) / (max - min) - 1
+    mm = load_dataset(tmp_path / "lat.npy", image_size=8, scale="minmax").images.numpy()
+    np.testing.assert_allclose(mm, 2 * (lat - lat.min()) / (lat.max() - lat.min()) - 1, atol=1e-6)
+
+
+def test_npy_uint8_and_unit_floats_closed_form(tmp_path):
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    np.save(tmp_path / "u8.npy", u8)
+    out = load_dataset(tmp_path / "u8.npy", image_size=16).images.numpy()
+    expected = np.arange(256, dtype=np.float64).reshape(1, 1, 16, 16) / 127.5 - 1  # 0 -> -1, 255 -> 1
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out.min() == -1 and out.max() == 1
+    unit = np.linspace(0, 1, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    np.save(tmp_path / "unit.npy", unit)
+    np.testing.assert_allclose(load_dataset(tmp_path / "unit.npy", image_size=8).images.numpy()[:, 0],
+                               2 * unit.astype(np.float64) - 1, atol=1e-6)
+    sym = unit * 2 - 1  # already in [-1, 1]: unchanged
+    np.save(tmp_path / "sym.npy", sym)
+    assert np.array_equal(load_dataset(tmp_path / "sym.npy", image_size=8).images.numpy()[:, 0], sym)
+
+
+def test_scale_none_and_bad_scale(tmp_path):
+    u8 = np.full((2, 4, 4), 200, dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", u8)
+    ds = load_dataset(tmp_path / "u8.npy", image_size=4, scale="none")
+    assert torch.equal(ds.images, torch.full((2, 1, 4, 4), 200.0))
+    with pytest.raises(ValueError, match="scale.*'auto'"):
+        load_dataset(tmp_path / "u8.npy", scale="unit")
+    with pytest.raises(ValueError, match="scale"):
+        as_dataset([torch.rand(1, 4, 4)], scale="minmax01")
+
+
+def test_float_pixel_values_and_nonneg_data(tmp_path):
+    pix = np.array([[0.0, 51.0], [204.0, 255.0]], dtype=np.float32)[None]  # pixel values stored as float
+    np.save(tmp_path / "pix.npy", pix)
+    np.testing.assert_allclose(load_dataset(tmp_path / "pix.npy", image_size=None).images.numpy().ravel(),
+                               [-1.0, -0.6, 0.6, 1.0], atol=1e-6)
+    feat = np.array([[0.0, 0.5], [1.5, 3.25]], dtype=np.float32)[None]  # not an image range: kept
+    np.save(tmp_path / "feat.npy", feat)
+    assert np.array_equal(load_dataset(tmp_path / "feat.npy", image_size=None).images.numpy()[:, 0], feat)

@@ -693,3 +693,63 @@ def test_degenerate_optimum_does_not_make_the_float32_path_cycle():
     Q = normalize(G[None].copy(), 0.0)[0][0]  # solve() skips float32 at lam = 0; force it here
     w, pivots = _bpp(Q, np.ones(K, dtype=bool), 100, SubsetSolver(Q, np.float32))
     assert w is not None and pivots <= 3 and w[7] > 1 - 1e-9
+
+
+# --------------------------------------------------------------- score with real bins, names and low precision
+def _tiny_bins_and_schedule():
+    from gradconflict.bins import TimestepBins
+    from gradconflict.schedule import NoiseSchedule
+
+    # SNR = a / (1 - a) = 9, 4, 1, 0.25; bins {0, 1} and {2, 3}
+    return TimestepBins.from_edges([0, 2, 4], 4), NoiseSchedule.from_alphas_cumprod([0.9, 0.8, 0.5, 0.2])
+
+
+def test_score_accepts_strategy_names_and_specs():
+    bins, sch = _tiny_bins_and_schedule()
+    G = np.diag([1.0, 2.0])
+    # min_snr(5): x0 weights min(SNR, 5) = 5, 4, 1, 0.25 -> bins 9 and 1.25 of 10.25 -> w = (36, 5) / 41
+    # objective (lam = 0) = (36^2 * 1 + 5^2 * 2) / 41^2 = 1346 / 1681
+    df = score(G, 0.0, ["min_snr:5", "min_snr"], bins=bins, schedule=sch)
+    assert list(df["strategy"]) == ["min_snr_5", "min_snr_5", "pareto_optimum"]
+    for i in range(2):
+        np.testing.assert_allclose(df.loc[i, "weights"], [36 / 41, 5 / 41], rtol=1e-12)
+        assert df.loc[i, "objective"] == pytest.approx(1346 / 1681, rel=1e-12)
+    one = score(G, 0.0, "min_snr:5", bins=bins, schedule=sch)  # a single spec, not split into characters
+    assert list(one["strategy"]) == ["min_snr_5", "pareto_optimum"]
+    named = score(G, 0.0, {"ours": "min_snr:5"}, bins=bins, schedule=sch)
+    assert named.loc[0, "strategy"] == "ours" and named.loc[0, "objective"] == pytest.approx(1346 / 1681, rel=1e-12)
+    with pytest.raises(ValueError, match="min_snr:5"):
+        score(G, 0.0, ["no_such_weighting"], bins=bins, schedule=sch)
+    with pytest.raises(ValueError, match="min_snr"):
+        score(G, 0.0, [3.0], bins=bins, schedule=sch)
+
+
+def test_score_with_bins_needs_schedule():
+    bins, _ = _tiny_bins_and_schedule()
+    with pytest.raises(ValueError, match="schedule="):
+        score(np.eye(2), 0.1, ["min_snr:5"], bins=bins)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 100 * 2.0**-7), (torch.float16, 100 * 2.0**-10)])
+def test_solve_low_precision_tensors(dtype, rtol):
+    from gradconflict.pareto._validate import to_numpy
+
+    G = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=dtype)  # exact in both formats
+    arr, tol = to_numpy(G)
+    assert arr.dtype == np.float64 and np.array_equal(arr, [[2.0, 0.5], [0.5, 1.0]])
+    assert tol == pytest.approx(rtol, rel=1e-12)  # the tolerance of the original precision, not float32's
+    # K = 2 closed form with Q = G + lam I: w_1 = (Q22 - Q12) / (Q11 + Q22 - 2 Q12) = 0.6 / 2.2 = 3 / 11
+    res = solve(G, 0.1)
+    np.testing.assert_allclose(res.weights, [3 / 11, 8 / 11], atol=1e-8)
+
+
+def test_solve_accepts_a_task_gradients_result() -> None:
+    import torch
+
+    from gradconflict.engine import TaskGradients
+
+    G = np.array([[2.0, -1.0], [-1.0, 3.0]])
+    res = TaskGradients(gram=torch.tensor(G), losses=torch.zeros(2), counts=torch.ones(2, dtype=torch.long),
+                        method="loop", seconds=0.0)
+    got = solve(res, 0.0).weights
+    np.testing.assert_allclose(got, [4 / 7, 3 / 7], rtol=1e-10)  # closed form (G22 - G12, G11 - G12) / sum

@@ -1,7 +1,7 @@
 """Image data for training: embedded datasets (mnist, digits, synthetic) and files (.npy, .npz, image folders).
 
 ``load_dataset(name_or_path, image_size=16)`` returns an ``ImageDataset``: ``.images`` float32
-``(N, C, H, W)`` in ``[-1, 1]``, ``.labels`` long ``(N,)`` (``-1`` = unlabelled), ``.num_classes``, ``.name``.
+``(N, C, H, W)`` in ``[-1, 1]`` (float data outside [-1, 1], e.g. latents, are kept as stored), ``.labels`` long ``(N,)`` (``-1`` = unlabelled), ``.num_classes``, ``.name``.
 Provenance of the embedded data is in ``gradconflict.data.embedded``.
 """
 
@@ -25,11 +25,15 @@ __all__ = [
 DATASET_NAMES: tuple[str, ...] = EMBEDDED_NAMES
 
 
-def load_dataset(name_or_path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None, seed: int = 0) -> ImageDataset:
+def load_dataset(name_or_path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None, seed: int = 0,
+                 scale: str = "auto") -> ImageDataset:
     """A dataset by name (``DATASET_NAMES``) or from a path (``.npy``, ``.npz`` or a folder of images).
 
     ``image_size``: output height = width in pixels (None keeps the native size); ``limit``: keep the first
     ``limit`` images (MNIST is interleaved by class, so any limit is balanced); ``seed``: only for "synthetic".
+    ``scale`` (``.npy``/``.npz`` only): ``"auto"`` maps images to [-1, 1] (uint8: ``x / 127.5 - 1``, floats in
+    [0, 1]: ``2 x - 1``, floats in [-1, 1]: unchanged) and keeps float data outside [-1, 1], such as latents,
+    exactly as stored; ``"none"`` never changes values; ``"minmax"`` rescales to [-1, 1].
     """
     text = str(name_or_path)
     key = text.strip().lower()
@@ -51,7 +55,7 @@ def load_dataset(name_or_path: str | Path, *, image_size: Optional[int] = 16, li
         return load_folder(path, image_size=image_size, limit=limit)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return load_npy(path, image_size=image_size, limit=limit)
+        return load_npy(path, image_size=image_size, limit=limit, scale=scale)
     if suffix == ".npz":
-        return load_npz(path, image_size=image_size, limit=limit)
+        return load_npz(path, image_size=image_size, limit=limit, scale=scale)
     raise ValueError(f"cannot load {path}: unsupported file type {suffix or '(none)'!r}; use .npy, .npz or a folder of images")

@@ -1,19 +1,26 @@
 """Image datasets from arrays and files: ``.npy``, ``.npz`` and folders of PNG/JPG images.
 
-Every loader ends in ``images_to_tensor``, which returns channels-first float32 images in ``[-1, 1]``:
+Every loader ends in ``images_to_tensor``, which returns channels-first float32 arrays ``(N, C, H, W)``:
 
 * layout: ``(N, H, W)`` is grayscale; ``(N, H, W, C)`` or ``(N, C, H, W)`` with C in {1, 2, 3, 4} is told
   apart by which axis is small (channels-last when both could be);
-* value range: ``uint8`` is divided by 255, other integers by 255 or 65535 (whichever holds the maximum),
-  ``bool`` maps to {0, 1}; floats already in ``[0, 1]`` are taken as such, floats in ``[-1, 1]`` (with a
-  negative value) are kept, floats in ``[0, 255]`` are divided by 255, and any other range is min-max
-  rescaled. Then ``x -> 2 x - 1``;
+* value range, chosen by ``scale`` (see ``SCALES``):
+
+  - ``"auto"`` (default): images go to ``[-1, 1]`` the usual way and anything else is left alone.
+    ``uint8`` -> ``x / 127.5 - 1``; other integers -> ``2 x / m - 1`` with m = 255 or 65535 (whichever
+    holds the maximum); ``bool`` -> {-1, 1}; floats in ``[0, 1]`` -> ``2 x - 1``; floats in ``[-1, 1]``
+    (with a negative value) unchanged; non-negative integer-valued floats up to 255 (pixel values stored
+    as float) -> ``x / 127.5 - 1``; every other float array (e.g. VAE latents with std 1 in [-4.6, 4.7])
+    is kept exactly as it is, not clamped. The choice is logged at INFO level (``logging``);
+  - ``"none"``: values are never changed (only cast to float32, bool to {0, 1}), not clamped;
+  - ``"minmax"``: ``2 (x - min) / (max - min) - 1`` over the whole array (the old behaviour for floats).
 * size: bilinear ``F.interpolate`` with ``antialias=True`` to ``image_size x image_size`` pixels (non-square
-  images are stretched), then clamped to ``[-1, 1]``.
+  images are stretched); data mapped to ``[-1, 1]`` are then clamped to ``[-1, 1]``.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,11 +39,16 @@ __all__ = [
     "as_dataset",
 ]
 
+logger = logging.getLogger(__name__)
+
+SCALES: tuple[str, ...] = ("auto", "none", "minmax")
+"""Accepted values of ``scale`` (see the module docstring)."""
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ImageDataset(Dataset):
-    """Images ``(N, C, H, W)`` float32 in ``[-1, 1]`` with labels ``(N,)`` long (``-1`` = no label).
+    """Images ``(N, C, H, W)`` float32 (in ``[-1, 1]``, or latents as stored) with labels ``(N,)`` long (``-1`` = no label).
 
     ``dataset[i]`` is ``(image (C, H, W), label)``. ``num_classes`` = max label + 1 (0 when unlabelled).
     """
@@ -94,44 +106,71 @@ def _channels_first(arr: np.ndarray, source: str) -> np.ndarray:
     raise ValueError(f"{source}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {arr.shape}")
 
 
-def _unit_range(arr: np.ndarray, source: str) -> np.ndarray:
-    """Values scaled into [0, 1] (see the module docstring)."""
+def _check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {list(SCALES)} ('auto' maps images to [-1, 1] "
+                         "and keeps other data such as latents, 'none' never changes values)")
+    return scale
+
+
+def _model_range(arr: np.ndarray, source: str, scale: str = "auto") -> tuple[np.ndarray, bool]:
+    """float32 values for the model and whether they were mapped to [-1, 1] (see the module docstring)."""
+    _check_scale(scale)
     if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
+        arr = arr.astype(np.float32)
+        return (arr, False) if scale == "none" else (arr * 2 - 1, True)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{source}: images must hold numbers, got dtype {arr.dtype}; convert them with arr.astype(np.float32)")
+    x = arr.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{source}: images contain NaN or Inf; remove or replace those entries")
+    if scale == "none" or x.size == 0:
+        return x, False
+    lo, hi = float(x.min()), float(x.max())
+    if scale == "minmax":
+        return (x - lo) / max(hi - lo, 1e-12) * 2 - 1, True
     if arr.dtype.kind in "iu":
-        top = float(arr.max()) if arr.size else 0.0
-        if arr.size and arr.min() < 0:
-            raise ValueError(f"{source}: integer images must be >= 0, got minimum {arr.min()}")
-        scale = 255.0 if top <= 255 else (65535.0 if top <= 65535 else top)
-        return arr.astype(np.float32) / scale
-    if arr.dtype.kind != "f":
-        raise ValueError(f"{source}: images must hold numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{source}: images contain NaN or Inf")
-    lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0:
+            raise ValueError(f"{source}: integer images must be >= 0, got minimum {arr.min()}; "
+                             "pass scale='none' to keep signed integer data as it is")
+        top = 255.0 if hi <= 255 else (65535.0 if hi <= 65535 else hi)
+        logger.info("%s: %s images in [0, %g] mapped to [-1, 1] by x / %g - 1", source, arr.dtype, top, top / 2)
+        return x / np.float32(top / 2) - 1, True
     if lo >= 0 and hi <= 1:
-        return arr
+        logger.info("%s: float images in [0, 1] mapped to [-1, 1] by 2 x - 1", source)
+        return x * 2 - 1, True
     if lo >= -1 and hi <= 1:
-        return (arr + 1) / 2
-    if lo >= 0 and hi <= 255:
-        return arr / 255.0
-    return (arr - lo) / max(hi - lo, 1e-12)
+        logger.info("%s: float images already in [-1, 1], values kept", source)
+        return x, True
+    if lo >= 0 and hi <= 255 and np.array_equal(x, np.round(x)):
+        logger.info("%s: integer-valued float images in [0, 255] mapped to [-1, 1] by x / 127.5 - 1", source)
+        return x / np.float32(127.5) - 1, True
+    logger.info("%s: float data in [%.4g, %.4g] are not images in [0, 1] or [-1, 1]; values kept as they are "
+                "(pass scale='minmax' to rescale them to [-1, 1])", source, lo, hi)
+    return x, False
 
 
-def images_to_tensor(images: Any, image_size: Optional[int] = 16, *, source: str = "images") -> torch.Tensor:
-    """Array/tensor of images -> float32 ``(N, C, image_size, image_size)`` in ``[-1, 1]`` (None keeps the size)."""
+def images_to_tensor(images: Any, image_size: Optional[int] = 16, *, source: str = "images",
+                     scale: str = "auto") -> torch.Tensor:
+    """Array/tensor of images -> float32 ``(N, C, image_size, image_size)`` (None keeps the size).
+
+    ``scale``: ``"auto"`` maps images to ``[-1, 1]`` (uint8: ``x / 127.5 - 1``, floats in [0, 1]: ``2 x - 1``,
+    floats in [-1, 1]: unchanged) and keeps other float data such as latents exactly; ``"none"`` never
+    changes values; ``"minmax"`` rescales to ``[-1, 1]``. See the module docstring.
+    """
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.ndim in (3, 4) and arr.shape[0] == 0:
         raise ValueError(f"{source}: empty dataset (0 images)")
-    x = torch.from_numpy(np.ascontiguousarray(_channels_first(_unit_range(arr, source), source)))
-    x = x * 2 - 1
+    values, unit = _model_range(arr, source, scale)
+    x = torch.from_numpy(np.ascontiguousarray(_channels_first(values, source)))
     if image_size is not None:
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    return x.clamp(-1, 1).float().contiguous()
+    if unit:
+        x = x.clamp(-1, 1)
+    return x.float().contiguous()
 
 
 def _limit(n: int, limit: Optional[int]) -> int:
@@ -149,18 +188,27 @@ def _load_array(path: Path) -> Any:
         raise ValueError(f"cannot read {path}: {err}; save it with numpy.save / numpy.savez") from err
 
 
-def load_npy(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None) -> ImageDataset:
-    """Unlabelled images from a ``.npy`` array of shape (N, H, W), (N, H, W, C) or (N, C, H, W)."""
+def load_npy(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None,
+             scale: str = "auto") -> ImageDataset:
+    """Unlabelled images from a ``.npy`` array of shape (N, H, W), (N, H, W, C) or (N, C, H, W).
+
+    ``scale="auto"`` maps images to [-1, 1] and keeps float data outside [-1, 1] (latents) exactly;
+    ``"none"`` never changes values; ``"minmax"`` rescales to [-1, 1] (module docstring)."""
+    _check_scale(scale)
     path = Path(path)
     arr = _load_array(path)
     if arr.ndim < 1 or arr.shape[0] == 0:
         raise ValueError(f"{path} holds no images (shape {arr.shape}); it must be (N, H, W[, C]) with N >= 1")
     arr = arr[: _limit(arr.shape[0], limit)]
-    return ImageDataset(images_to_tensor(arr, image_size, source=str(path)), name=path.stem)
+    return ImageDataset(images_to_tensor(arr, image_size, source=str(path), scale=scale), name=path.stem)
 
 
-def load_npz(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None) -> ImageDataset:
-    """Images from the key ``images`` of an ``.npz`` archive, with integer ``labels`` (N,) if present."""
+def load_npz(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None,
+             scale: str = "auto") -> ImageDataset:
+    """Images from the key ``images`` of an ``.npz`` archive, with integer ``labels`` (N,) if present.
+
+    ``scale`` as in :func:`load_npy`."""
+    _check_scale(scale)
     path = Path(path)
     with _load_array(path) as archive:
         if "images" not in archive.files:
@@ -173,7 +221,7 @@ def load_npz(path: str | Path, *, image_size: Optional[int] = 16, limit: Optiona
         raise ValueError(f"{path}: 'images' has {arr.shape[0]} entries but 'labels' has {labels.reshape(-1).shape[0]}")
     n = _limit(arr.shape[0], limit)
     y = None if labels is None else torch.from_numpy(np.asarray(labels).reshape(-1)[:n].astype(np.int64))
-    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path)), y, name=path.stem)
+    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path), scale=scale), y, name=path.stem)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -231,12 +279,14 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def as_dataset(dataset: Any, *, image_size: Optional[int] = None, limit: Optional[int] = None, name: str = "dataset") -> ImageDataset:
+def as_dataset(dataset: Any, *, image_size: Optional[int] = None, limit: Optional[int] = None, name: str = "dataset",
+               scale: str = "auto") -> ImageDataset:
     """Wrap any map-style or iterable torch Dataset whose items are images or ``(image, label)`` pairs.
 
-    Images may be tensors (C, H, W) / (H, W) or arrays (H, W[, C]); they are scaled as in the module docstring.
-    ``image_size=None`` keeps their size.
+    Images may be tensors (C, H, W) / (H, W) or arrays (H, W[, C]); they are scaled by ``scale`` as in the
+    module docstring. ``image_size=None`` keeps their size.
     """
+    _check_scale(scale)
     if isinstance(dataset, ImageDataset) and image_size in (None, dataset.image_size) and limit is None:
         return dataset
     if limit is not None and limit < 1:
@@ -261,5 +311,5 @@ def as_dataset(dataset: Any, *, image_size: Optional[int] = None, limit: Optiona
     stacked = np.stack(images)
     if stacked.ndim == 4 and stacked.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"{name}: cannot interpret image shape {images[0].shape}; use (C, H, W) tensors")
-    x = images_to_tensor(stacked, image_size, source=name)
+    x = images_to_tensor(stacked, image_size, source=name, scale=scale)
     return ImageDataset(x, torch.tensor(labels, dtype=torch.long), name=name)

@@ -47,12 +47,21 @@ def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
     """Convert numpy / torch / pandas / nested lists to float64 numpy.
 
     Returns ``(array, rtol)`` where ``rtol`` is the relative tolerance that
-    matches the precision of the original data.
+    matches the precision of the original data: ``max(1e-8, 100 * eps)``
+    with ``eps`` of the input dtype (bfloat16 / float16 tensors are widened
+    through float32 but keep their own ``eps``, 2^-7 / 2^-10).
     """
+    if hasattr(x, "gram") and hasattr(x, "cosine"):  # a TaskGradients result: its Gram matrix
+        x = x.gram
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, duck-typed
         x = x.detach().cpu()
         if getattr(x, "is_complex", lambda: False)():
             raise ValueError(f"{name} is a complex tensor; pass a real-valued tensor")
+        if x.is_floating_point() and x.element_size() < 4:  # bfloat16 / float16: numpy lacks bfloat16
+            import torch
+
+            rtol = max(1e-8, 100.0 * float(torch.finfo(x.dtype).eps))  # tolerance of the original precision
+            return np.asarray(x.float().numpy(), dtype=np.float64), rtol
         arr = x.numpy()
     elif hasattr(x, "to_numpy"):  # pandas DataFrame / Series
         arr = x.to_numpy()

@@ -26,21 +26,35 @@ from .solver import solve
 OPTIMUM = "pareto_optimum"
 
 
+def _as_strategy(strategy: Any) -> Any:
+    """Names and specs (``"min_snr"``, ``"min_snr:5"``) -> strategy objects via ``weighting.by_name``;
+    anything else is passed to ``bins.strategy_weights`` as it is (which checks it)."""
+    if isinstance(strategy, str):
+        from ..weighting import by_name
+
+        return by_name(strategy)
+    return strategy
+
+
 def _strategy_weights(strategies: Any, bins: Any, schedule: Any, K: int) -> list[tuple[str, np.ndarray]]:
     if bins is None:
         if not isinstance(strategies, Mapping):
             raise ValueError(
                 "without bins, strategies must be a dict name -> weight vector; "
-                "pass bins (with a strategy_weights method) to score strategy objects"
+                "pass bins (with a strategy_weights method) and schedule to score strategy objects "
+                "or names such as 'min_snr:5'"
             )
         items = [(str(name), w) for name, w in strategies.items()]
     else:
         if not hasattr(bins, "strategy_weights"):
             raise ValueError("bins must provide strategy_weights(strategy, schedule), e.g. a TimestepBins")
+        if isinstance(strategies, str) or hasattr(strategies, "weight"):
+            strategies = [strategies]  # one strategy or spec
         if isinstance(strategies, Mapping):
-            pairs: Iterable[tuple[str, Any]] = ((str(k), s) for k, s in strategies.items())
+            pairs: Iterable[tuple[str, Any]] = ((str(k), _as_strategy(s)) for k, s in strategies.items())
         else:
-            pairs = ((str(getattr(s, "name", type(s).__name__)), s) for s in strategies)
+            objs = [_as_strategy(s) for s in strategies]
+            pairs = ((str(getattr(s, "name", type(s).__name__)), s) for s in objs)
         items = [(name, bins.strategy_weights(s, schedule)) for name, s in pairs]
     out = []
     for name, w in items:
@@ -63,13 +77,16 @@ def score(
     Args:
         G: (K, K) Gram matrix or (n, K, K) stack (numpy, torch, pandas).
         lam: ridge coefficient ``lam >= 0``.
-        strategies: a list of strategy objects (named by ``.name``) or a dict
-            name -> strategy, whose weights come from
-            ``bins.strategy_weights(strategy, schedule)``; or, with
+        strategies: a strategy, a list of strategies (named by ``.name``) or
+            a dict name -> strategy, whose weights come from
+            ``bins.strategy_weights(strategy, schedule)``; a strategy may be
+            an object or a name/spec such as ``"min_snr"`` or
+            ``"min_snr:5"`` (``gradconflict.weighting.by_name``); or, with
             ``bins=None``, a dict name -> (K,) weight vector.
         bins: object with ``strategy_weights(strategy, schedule) -> (K,)``
             (e.g. ``gradconflict.bins.TimestepBins``), or None.
-        schedule: passed through to ``bins.strategy_weights``.
+        schedule: the noise schedule passed to ``bins.strategy_weights``;
+            there is no default: ``TimestepBins`` raises ValueError without one.
 
     Returns:
         One row per strategy plus a final ``"pareto_optimum"`` row, with
