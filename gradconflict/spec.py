@@ -12,13 +12,18 @@ A spec is one of
   from a local pipeline or model folder (``gradconflict.adapters.load_diffusers``; needs ``pip install
   gradconflict[diffusers]``, never downloads).
 
-``checkpoint`` (a state dict in ``.pt`` or ``.safetensors``) is loaded into the model afterwards.
+``checkpoint`` (a state dict in ``.pt`` or ``.safetensors``) is loaded into the model afterwards. A checkpoint
+written by ``gradconflict train`` (``checkpoint.pt`` or ``model.safetensors`` of a run) given with a built-in
+name also brings its run's model config, schedule and prediction (its raw, not EMA, weights); what differs
+from the name's defaults is reported in one line on stderr.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+from collections.abc import Mapping
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ import torch.nn as nn
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "BUILTIN_INIT_SEED"]
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "BUILTIN_INIT_SEED"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -69,6 +74,76 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _training_config(path: str | Path) -> Optional[dict[str, Any]]:
+    """The ``TrainConfig`` dict stored in a ``gradconflict train`` checkpoint or weights file, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None  # load_state_dict reports the missing file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            return json.loads(meta["config"]) if "config" in meta and "model_spec" in meta else None
+        from .train.checkpoint import CHECKPOINT_FORMAT
+
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy of the tensors
+    except Exception:  # noqa: BLE001 - not a training file; load_state_dict reads (or rejects) it as a state dict
+        return None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and isinstance(obj.get("config"), dict):
+        return obj["config"]
+    return None
+
+
+def _load_training_checkpoint(name: str, checkpoint: str | Path, config: dict[str, Any], verbose: bool) -> LoadedModel:
+    """Built-in ``name`` with the model config, schedule, prediction and raw weights of a training checkpoint."""
+    from .models import build_model, model_spec
+    from .train import load_trained
+    from .train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(config)
+    with torch.device("meta"):  # the name's defaults, without allocating or initialising weights
+        default = model_spec(build_model(name))
+    model, schedule, prediction = load_trained(checkpoint, ema=False)
+    stored = model_spec(model)
+    if stored["arch"] != default["arch"]:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds a {stored['arch']} model (trained as {cfg.model!r}), not a "
+            f"{default['arch']} like {name!r}: pass --model {cfg.model} or the run folder"
+        )
+    prediction = normalize_prediction(prediction)
+    changes = []
+    if prediction != normalize_prediction(default["config"].get("prediction", "eps")):
+        changes.append(f"prediction {prediction!r}")
+    if (cfg.schedule, cfg.T) != ("linear", 1000):
+        changes.append(f"{cfg.schedule} schedule (T = {cfg.T})")
+    fields = [f"{k}={v}" for k, v in stored["config"].items() if k != "prediction" and default["config"].get(k) != v]
+    if fields:
+        changes.append("model config " + ", ".join(fields))
+    if changes and verbose:
+        print(f"gradconflict: {str(checkpoint)!r} was trained with {'; '.join(changes)}: using these instead of "
+              f"the {name} defaults", file=sys.stderr)
+    return LoadedModel(model, schedule, prediction, f"{name} {checkpoint}")
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path) -> None:
+    """Raise ``ValueError`` naming the first tensors of ``state`` whose shapes differ from ``model``'s."""
+    reference = model.state_dict()
+    bad = []
+    for key, value in state.items():
+        for name in (key, f"model.{key}"):  # DiffusersModel accepts keys without its "model." prefix
+            if name in reference and hasattr(value, "shape") and tuple(reference[name].shape) != tuple(value.shape):
+                bad.append(f"{key} {tuple(value.shape)} vs {tuple(reference[name].shape)}")
+                break
+    if bad:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} does not fit the model: {len(bad)} tensor shape(s) differ "
+            f"(checkpoint vs model), e.g. {'; '.join(bad[:3])}; it was written for another model or model config: "
+            "pass the model (or training run folder) that wrote it"
+        )
+
+
 def _import_function(spec: str) -> Any:
     target, _, func = spec.rpartition(":")
     if not target or not func:
@@ -89,10 +164,15 @@ def _import_function(spec: str) -> Any:
     return getattr(module, func)
 
 
-def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Resolve a model spec (see the module docstring) and optionally load a checkpoint into it."""
+def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: str | torch.device = "cpu",
+               verbose: bool = True) -> LoadedModel:
+    """Resolve a model spec (see the module docstring) and optionally load a checkpoint into it.
+
+    ``verbose``: print the one-line note when a training checkpoint overrides a built-in name's defaults.
+    """
     text = str(spec)
     loaded: Optional[LoadedModel] = None
+    run_config: Optional[dict[str, Any]] = None
     if text.startswith("diffusers:"):
         from .adapters.diffusers import load_diffusers
 
@@ -121,13 +201,18 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
                 f"unknown model {text!r}: use a built-in name {list(MODEL_NAMES)}, a training run directory, "
                 "or 'path/file.py:function'"
             )
-        with torch.random.fork_rng(devices=[]):  # the same initial weights in every run; global RNG untouched
-            torch.manual_seed(BUILTIN_INIT_SEED)
-            model = build_model(text)
-        prediction = getattr(getattr(model, "config", None), "prediction", "eps")
-        loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
-    if checkpoint is not None:
+        run_config = _training_config(checkpoint) if checkpoint is not None else None
+        if run_config is not None:
+            loaded = _load_training_checkpoint(text, checkpoint, run_config, verbose)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the same initial weights in every run; global RNG untouched
+                torch.manual_seed(BUILTIN_INIT_SEED)
+                model = build_model(text)
+            prediction = getattr(getattr(model, "config", None), "prediction", "eps")
+            loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
+    if checkpoint is not None and run_config is None:
         state = load_state_dict(checkpoint)
+        _check_shapes(loaded.model, state, checkpoint)
         missing, unexpected = loaded.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -135,3 +220,38 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             )
     loaded.model.to(device)
     return loaded
+
+
+def _field(config: Any, name: str) -> Any:
+    """``config.name`` or ``config[name]`` (diffusers configs are dicts), None when absent."""
+    if isinstance(config, Mapping) and name in config:
+        return config[name]
+    return getattr(config, name, None)
+
+
+def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[int]]:
+    """``(size, channels)`` of the images to feed ``model``: the size from ``config.image_size``, else diffusers'
+    ``config.sample_size`` (int or square pair), checked against ``image_size`` (``--image-size``); channels
+    from ``config.in_channels`` (None when unknown). Raises ``ValueError`` when the sizes disagree or neither
+    is known."""
+    config = getattr(model, "config", None)
+    size = _field(config, "image_size")
+    if size is None:
+        size = _field(config, "sample_size")
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"the model takes non-square {' x '.join(map(str, size))} inputs (config.sample_size); "
+                             "gradconflict gram feeds square images only")
+        size = size[0]
+    channels = _field(config, "in_channels")
+    channels = int(channels) if isinstance(channels, int) else None
+    if size is None:
+        if image_size is None:
+            raise ValueError("cannot tell the model's input size (its config has no image_size or sample_size): "
+                             "pass --image-size N")
+        return image_size, channels
+    size = int(size)
+    if image_size is not None and image_size != size:
+        raise ValueError(f"the model takes {size} x {size} images but --image-size is {image_size}: leave out "
+                         f"--image-size (images are resized to {size} x {size}) or use a model built for that size")
+    return size, channels

@@ -33,6 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(requested: Optional[str]) -> None:
+    """Raise ``ValueError`` for a ``--device`` that torch cannot parse or that this machine cannot run."""
+    if requested is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {requested!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested} was given but CUDA is not available to this torch "
+                             f"({torch.__version__}): use --device cpu, or install a CUDA build of torch on a GPU machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,8 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     init_from_env()  # under torchrun: a process group from the environment; otherwise nothing
     try:
+        _check_device(getattr(args, "device", None))
         result = args.handler(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, exit 2; anything else is a bug
         print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
         return 2
     shutdown()

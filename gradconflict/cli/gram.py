@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 __all__ = ["add_parser", "run"]
@@ -44,17 +45,22 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..engine import sample_task_batch, task_gram
     from ..plots import matrix_heatmap, write_csv
-    from ..spec import load_model
+    from ..models import MODEL_NAMES
+    from ..spec import BUILTIN_INIT_SEED, load_model, model_input
 
     from ..distributed import is_main, local_device, shard
 
     device = local_device(args.device)
-    loaded = load_model(args.model, args.checkpoint, device=device)
+    loaded = load_model(args.model, args.checkpoint, device=device, verbose=is_main())
+    if args.checkpoint is None and str(args.model) in MODEL_NAMES and is_main():
+        print(f"gradconflict gram: note: no --checkpoint, so this is the Gram of an untrained {args.model} (random "
+              f"init, seed {BUILTIN_INIT_SEED}); for trained weights pass --checkpoint FILE (.pt / .safetensors) or "
+              "--model RUN_FOLDER", file=sys.stderr)
     model, schedule = loaded.model, loaded.schedule
     config = getattr(model, "config", None)
-    size = args.image_size or getattr(config, "image_size", None) or 16
+    size, in_ch = model_input(model, args.image_size)
     data = load_dataset(args.data, image_size=size)
-    in_ch = getattr(config, "in_channels", data.channels)
+    in_ch = data.channels if in_ch is None else in_ch
     if data.channels != in_ch:
         raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)

@@ -2,9 +2,10 @@
 
     gradconflict solve GRAM.csv --lam 1e-3 --method auto
 
-GRAM.csv is a K x K matrix, either with bin labels as header row and index
-column (as written by ``DataFrame.to_csv``) or plain numbers without labels
-(tasks are then named 0..K-1).  Prints one weight per task, the objective
+GRAM.csv is a K x K matrix: with bin labels as header row and index column
+(as written by ``gradconflict gram`` and ``DataFrame.to_csv``), with a header
+row only (``to_csv(index=False)``), or plain numbers without labels (tasks
+are then named 0..K-1).  Prints one weight per task, the objective
 and the Frank-Wolfe duality gap (``--json`` for machine-readable output).
 """
 
@@ -13,31 +14,62 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
 from gradconflict.pareto import METHODS, solve
 
 
+_LAYOUTS = ("plain K x K numbers; a header row of K labels over K rows of numbers; or a header row and an index "
+            "column of labels (as `gradconflict gram` and DataFrame.to_csv write)")
+
+
+def _label(cell: Any) -> str:
+    text = "" if pd.isna(cell) else str(cell).strip()
+    return text[1:].strip() if text.startswith("#") else text  # np.savetxt(header=...) writes "# " in front
+
+
 def read_gram(path: str) -> pd.DataFrame:
-    """Read a K x K Gram CSV, labeled (header + index column) or headerless."""
-    raw = pd.read_csv(path, header=None)
+    """Read a K x K Gram CSV: plain numbers, a header row of labels, or a header row and an index column.
+
+    Tasks are named by the index column, else the header, else 0..K-1. Raises ``ValueError`` naming the
+    parsed shape and the accepted layouts when no layout gives a square numeric matrix.
+    """
+    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=True)
     numeric = raw.apply(pd.to_numeric, errors="coerce")
-    if raw.shape[0] == raw.shape[1] and not numeric.isna().to_numpy().any():
-        labels = [str(i) for i in range(raw.shape[0])]
-        return pd.DataFrame(numeric.to_numpy(dtype=float), index=labels, columns=labels)
-    frame = pd.read_csv(path, index_col=0)
-    if frame.shape[0] != frame.shape[1]:
-        raise ValueError(
-            f"{path}: expected a square K x K matrix (optionally with a header row and an index "
-            f"column of bin labels), got {frame.shape[0]} rows x {frame.shape[1]} columns"
-        )
-    values = frame.apply(pd.to_numeric, errors="coerce")
-    if values.isna().to_numpy().any() and not frame.isna().to_numpy().any():
-        raise ValueError(f"{path}: the matrix has non-numeric entries; every cell must be a number")
-    frame = pd.DataFrame(values.to_numpy(dtype=float), index=frame.index.astype(str), columns=frame.columns.astype(str))
-    return frame
+    rows, cols = raw.shape
+    unreadable: Optional[int] = None  # K of a square layout that has non-numeric cells
+    # (header row?, index column?) in order; "plain" first so a square numeric table is never read as labels
+    for header, index in ((False, False), (True, False), (True, True)):
+        body = numeric.iloc[int(header):, int(index):]
+        if body.shape[0] != body.shape[1] or body.shape[0] == 0:
+            continue
+        if index:  # an index column needs an empty corner, non-numeric labels, or the header's labels
+            corner, names = raw.iloc[0, 0], raw.iloc[1:, 0].map(_label).tolist()
+            heads = raw.iloc[0, 1:].map(_label).tolist()
+            if not (pd.isna(corner) or numeric.iloc[1:, 0].isna().any() or names == heads):
+                continue
+        if body.isna().to_numpy().any():
+            inner = body.iloc[int(not header):, int(not index):]  # cells that cannot be labels
+            if body.shape[0] > 1 and unreadable is None and inner.isna().to_numpy().any():
+                unreadable = body.shape[0]
+            continue
+        if index:
+            labels = raw.iloc[1:, 0].map(_label).tolist()
+        elif header:
+            labels = raw.iloc[0, :].map(_label).tolist()
+        else:
+            labels = [str(i) for i in range(rows)]
+        return pd.DataFrame(body.to_numpy(dtype=float), index=labels, columns=labels)
+    if unreadable is not None:
+        raise ValueError(f"{path}: the {unreadable} x {unreadable} matrix has non-numeric or empty entries; every "
+                         f"cell must be a number (accepted layouts: {_LAYOUTS})")
+    first = ",".join(raw.iloc[0].map(_label)) if rows else ""
+    raise ValueError(
+        f"{path}: expected a square K x K matrix but parsed {rows} row(s) x {cols} comma-separated column(s) "
+        f"(first row: {first[:60]!r}); accepted layouts: {_LAYOUTS}"
+    )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,6 +87,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``gradconflict solve``; returns the exit status."""
+    for flag, value in (("--tol", args.tol), ("--digits", args.digits)):
+        if value is not None and value < 0:
+            print(f"gradconflict solve: error: {flag} must be >= 0, got {value}", file=sys.stderr)
+            return 2
     try:
         frame = read_gram(args.gram)
         result = solve(frame.to_numpy(), lam=args.lam, method=args.method, **_options(args))
@@ -96,7 +132,7 @@ def add_parser(subparsers: Any) -> None:
             "matrix G in GRAM.csv and print the weights, the objective and the duality gap."
         ),
     )
-    parser.add_argument("gram", metavar="GRAM.csv", help="K x K Gram matrix; header row + index column of bin labels, or plain numbers")
+    parser.add_argument("gram", metavar="GRAM.csv", help="K x K Gram matrix; header row (+ index column) of bin labels, or plain numbers")
     parser.add_argument("--lam", type=float, default=0.0, help="ridge coefficient lam >= 0 (default 0)")
     parser.add_argument("--method", choices=METHODS, default="auto", help="solver (default auto: exact active set)")
     parser.add_argument("--tol", type=float, default=None, help="duality-gap tolerance relative to max_i(G_ii + lam)")

@@ -38,25 +38,27 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
-    from ..spec import load_model
+    from ..spec import load_model, model_input
     from ..track import TrackConfig, track_models
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):
         raise ValueError(f"got {len(steps)} --steps for {len(args.checkpoints)} --checkpoints; give one step each")
     device = local_device(args.device)
-    first = load_model(args.model, args.checkpoints[0], device=device)
-    config = getattr(first.model, "config", None)
-    data = load_dataset(args.data, image_size=args.image_size or getattr(config, "image_size", None) or 16)
+    first = load_model(args.model, args.checkpoints[0], device=device, verbose=is_main())  # notes the run's config once
+    size, in_ch = model_input(first.model, args.image_size)
+    data = load_dataset(args.data, image_size=size)
+    if in_ch is not None and data.channels != in_ch:
+        raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
 
     def loader(path: str):
-        return lambda: load_model(args.model, path, device=device).model
+        return lambda: load_model(args.model, path, device=device, verbose=False).model
 
     cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
                       strategies=tuple(args.strategies), seed=args.seed)
     out = Path(args.out)
     result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
-                          first.prediction, cfg, labels=data.labels, conditional=bool(getattr(config, "num_classes", 0)),
+                          first.prediction, cfg, labels=data.labels, conditional=bool(getattr(getattr(first.model, "config", None), "num_classes", 0)),
                           out_dir=out, device=device)
     if not is_main():
         return 0

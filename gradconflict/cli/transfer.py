@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..distributed import is_main, local_device
     from .._io import write_csv
-    from ..spec import load_model
+    from ..spec import load_model, model_input
     from ..transfer import TransferConfig, plot_transfer, run_transfer
     from ..transfer.plot import describe_setup
 
@@ -60,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.checkpoint, device=device)
     model, schedule = loaded.model, loaded.schedule
     model.eval()
-    config = getattr(model, "config", None)
-    size = args.image_size or getattr(config, "image_size", None) or 16
+    size, in_ch = model_input(model, args.image_size)
     data = load_dataset(args.data, image_size=size, limit=args.data_limit)
-    in_ch = getattr(config, "in_channels", data.channels)
-    if data.channels != in_ch:
+    if in_ch is not None and data.channels != in_ch:
         raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     steps = args.steps if args.steps is not None or args.mode == "lookahead" else 50

@@ -1,0 +1,251 @@
+"""User-facing CLI behaviour: a training checkpoint brings its run's config, the input size comes from the
+model's config, mismatches and missing files are one-line errors with exit code 2, and `solve` reads the
+usual CSV layouts."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gradconflict.cli import main
+from gradconflict.cli.solve import read_gram
+from gradconflict.models import build_model
+from gradconflict.schedule import NoiseSchedule
+from gradconflict.spec import load_model
+from gradconflict.train import TrainConfig, train
+
+# one step of a very small DiT with v prediction on the cosine schedule (stored config differs from dit-tiny's)
+RUN = dict(data="synthetic", data_limit=16, model="dit-tiny", model_overrides={"hidden_size": 32, "depth": 1},
+           image_size=8, batch_size=4, warmup_steps=1, log_every=1, checkpoint_every=1, bins=2, steps=1,
+           prediction="v", schedule="cosine", bf16=False, cpu_threads=1)
+GRAM = ["--data", "synthetic", "--bins", "2", "--per-task", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run_v")
+    train(TrainConfig(**RUN), out, progress=False)
+    return out
+
+
+def _model_file(tmp_path: Path, config: str) -> Path:
+    """A file:function spec whose model records the input shape it sees; ``config`` is Python for ``self.config``."""
+    path = tmp_path / "shaped.py"
+    path.write_text(textwrap.dedent(f"""
+        import types
+        import torch, torch.nn as nn
+
+        SEEN = []
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.config = {config}
+                self.c = nn.Conv2d(1, 1, 3, padding=1)
+                self.t = nn.Embedding(1000, 1)
+
+            def forward(self, x, t):
+                SEEN.append(tuple(x.shape))
+                return self.c(x) + self.t(t)[:, :, None, None]
+
+        def build():
+            return Net()
+    """))
+    return path
+
+
+def _seen(path: Path) -> set[tuple[int, ...]]:
+    """(C, H, W) of every input the model of the file ``path`` was called with."""
+    module = next(m for name, m in sys.modules.items() if name.startswith("gradconflict_user_")
+                  and getattr(m, "__file__", None) == str(path))
+    return {shape[1:] for shape in module.SEEN}
+
+
+# finding 2: a training checkpoint given with a built-in name uses its run's config
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "model.safetensors"])
+def test_training_checkpoint_brings_prediction_schedule_and_model_config(run_dir: Path, name: str, capsys) -> None:
+    loaded = load_model("dit-tiny", run_dir / name)
+    assert loaded.prediction == "v"
+    np.testing.assert_allclose(loaded.schedule.alphas_cumprod, NoiseSchedule.cosine().alphas_cumprod)
+    assert (loaded.model.config.image_size, loaded.model.config.hidden_size, loaded.model.config.depth) == (8, 32, 1)
+    raw = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]  # the raw (not EMA) weights
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in raw.items())
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "prediction 'v'" in note and "cosine" in note and "hidden_size=32" in note
+
+
+def test_gram_and_track_with_training_checkpoint(run_dir: Path, tmp_path: Path, capsys) -> None:
+    ck = str(run_dir / "checkpoint.pt")
+    assert main(["gram", "--model", "dit-tiny", "--checkpoint", ck, *GRAM, "--out", str(tmp_path / "g")]) == 0
+    err = capsys.readouterr().err
+    assert "prediction 'v'" in err and "untrained" not in err
+    assert main(["track", "--model", "dit-tiny", "--checkpoints", ck, ck, *GRAM, "--resamples", "1",
+                 "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().err.count("prediction 'v'") == 1  # noted once, not per checkpoint
+
+
+def test_plain_state_dict_keeps_the_builtin_defaults(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model("dit-tiny")
+    for p in model.parameters():
+        p.data.fill_(0.25)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = load_model("dit-tiny", tmp_path / "w.safetensors")
+    assert loaded.prediction == "eps"
+    np.testing.assert_allclose(loaded.schedule.alphas_cumprod, NoiseSchedule.linear().alphas_cumprod)
+    assert all(bool((p == 0.25).all()) for p in loaded.model.parameters())
+    assert capsys.readouterr().err == ""
+
+
+def test_training_checkpoint_of_another_architecture_is_refused(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match="--model dit-tiny"):
+        load_model("unet-tiny", run_dir / "checkpoint.pt")
+
+
+# finding 3: the input size comes from config.image_size or diffusers' config.sample_size
+
+
+@pytest.mark.parametrize("config", ['{"sample_size": 8, "in_channels": 1}',
+                                    'types.SimpleNamespace(image_size=None, sample_size=(8, 8), in_channels=1)'])
+def test_gram_feeds_the_size_in_the_model_config(tmp_path: Path, config: str) -> None:
+    path = _model_file(tmp_path, config)
+    assert main(["gram", "--model", f"{path}:build", *GRAM, "--out", str(tmp_path / "o")]) == 0
+    assert _seen(path) == {(1, 8, 8)}
+
+
+def test_gram_feeds_a_diffusers_unet_its_sample_size(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    path = tmp_path / "unet.py"
+    path.write_text(textwrap.dedent("""
+        import torch
+        from diffusers import UNet2DModel
+
+        SEEN = []
+
+        def build():
+            torch.manual_seed(0)
+            unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                               layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+            unet.register_forward_pre_hook(lambda module, args: SEEN.append(tuple(args[0].shape)))
+            return unet
+    """))
+    assert main(["gram", "--model", f"{path}:build", *GRAM, "--out", str(tmp_path / "o")]) == 0
+    assert _seen(path) == {(1, 8, 8)}
+
+
+def test_gram_without_known_size_asks_for_image_size(tmp_path: Path, capsys) -> None:
+    path = _model_file(tmp_path, "None")
+    assert main(["gram", "--model", f"{path}:build", *GRAM, "--out", str(tmp_path / "o")]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["gram", "--model", f"{path}:build", *GRAM, "--image-size", "4", "--out", str(tmp_path / "o")]) == 0
+    assert _seen(path) == {(1, 4, 4)}
+
+
+# finding 6: --image-size that differs from the model's
+
+
+def test_gram_image_size_mismatch_names_both_sizes(tmp_path: Path, capsys) -> None:
+    assert main(["gram", "--model", "dit-tiny", *GRAM, "--image-size", "8", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "16 x 16" in err and "--image-size is 8" in err and "Traceback" not in err
+
+
+# finding 7: missing files, CUDA on a CPU build, mismatching checkpoints
+
+
+@pytest.mark.parametrize("flags", [
+    ["--model", "dit-tiny", "--data", "{tmp}/none.npy"],
+    ["--model", "dit-tiny", "--checkpoint", "{tmp}/none.pt"],
+    ["--model", "{tmp}/none.py:build"],
+    ["--model", "diffusers:{tmp}/none"],
+])
+def test_missing_paths_are_one_line_errors(tmp_path: Path, flags: list[str], capsys) -> None:
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    argv = ["gram", *GRAM, *flags, "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "none" in err[0]
+
+
+def test_cuda_without_cuda_is_an_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["gram", "--model", "dit-tiny", *GRAM, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+
+
+def test_checkpoint_with_other_shapes_names_the_keys(tmp_path: Path, capsys) -> None:
+    torch.save(build_model("dit-tiny", hidden_size=32).state_dict(), tmp_path / "small.pt")
+    argv = ["gram", "--model", "dit-tiny", "--checkpoint", str(tmp_path / "small.pt"), *GRAM, "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "small.pt" in err and "patch_embed.weight (32, 1, 2, 2) vs (64, 1, 2, 2)" in err
+
+
+def test_unexpected_exceptions_are_not_swallowed(tmp_path: Path) -> None:
+    path = tmp_path / "broken.py"
+    path.write_text("def build():\n    raise RuntimeError('a bug in user code')\n")
+    with pytest.raises(RuntimeError, match="a bug in user code"):
+        main(["gram", "--model", f"{path}:build", *GRAM, "--out", str(tmp_path / "o")])
+
+
+# finding 10: the untrained built-in model is named as such
+
+
+def test_gram_of_untrained_builtin_says_so(tmp_path: Path, capsys) -> None:
+    assert main(["gram", "--model", "dit-tiny", *GRAM, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "untrained dit-tiny" in err and "--checkpoint" in err
+
+
+# finding 8: solve reads header-only CSVs and rejects negative --tol / --digits
+
+G = np.array([[2.0, 0.5, 0.1], [0.5, 1.0, 0.2], [0.1, 0.2, 3.0]])
+
+
+@pytest.mark.parametrize("layout", ["plain", "index", "noindex", "savetxt_header", "gram_style"])
+def test_read_gram_layouts(tmp_path: Path, layout: str) -> None:
+    path = tmp_path / "g.csv"
+    labels = ["a", "b", "c"]
+    if layout == "plain":
+        np.savetxt(path, G, delimiter=",")
+    elif layout == "index":
+        pd.DataFrame(G).to_csv(path)
+    elif layout == "noindex":
+        pd.DataFrame(G).to_csv(path, index=False)
+    elif layout == "savetxt_header":
+        np.savetxt(path, G, delimiter=",", header="a,b,c", comments="")
+    else:
+        pd.DataFrame(G, index=pd.Index(labels, name="bin"), columns=labels).to_csv(path)
+    frame = read_gram(str(path))
+    np.testing.assert_array_equal(frame.to_numpy(), G)
+    if layout in ("savetxt_header", "gram_style"):
+        assert list(frame.index) == labels
+
+
+def test_read_gram_non_square_says_what_was_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "g.csv"
+    pd.DataFrame(G[:2], columns=["a", "b", "c"]).to_csv(path, index=False)  # header + 2 rows x 3 columns
+    with pytest.raises(ValueError, match=r"3 row\(s\) x 3 .*accepted layouts"):
+        read_gram(str(path))
+
+
+@pytest.mark.parametrize("flag", ["--tol", "--digits"])
+def test_solve_rejects_negative_values(tmp_path: Path, flag: str, capsys) -> None:
+    path = tmp_path / "g.csv"
+    np.savetxt(path, G, delimiter=",")
+    assert main(["solve", str(path), flag, "-1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and f"{flag} must be >= 0" in out.err
