@@ -583,9 +583,9 @@ def test_single_precision_factor_reaches_float64_optimum(lam_rel):
     calls = []
     real_init = _cholesky.SubsetSolver.__init__
 
-    def spy(self, Q, dtype=np.float64):
+    def spy(self, Q, dtype=np.float64, shift=1.0):
         calls.append(np.dtype(dtype))
-        real_init(self, Q, dtype)
+        real_init(self, Q, dtype, shift)
 
     _cholesky.SubsetSolver.__init__ = spy
     try:
@@ -753,3 +753,33 @@ def test_solve_accepts_a_task_gradients_result() -> None:
                         method="loop", seconds=0.0)
     got = solve(res, 0.0).weights
     np.testing.assert_allclose(got, [4 / 7, 3 / 7], rtol=1e-10)  # closed form (G22 - G12, G11 - G12) / sum
+
+
+def test_badly_scaled_gram_keeps_the_single_precision_factor():
+    """Task gradient norms over 5 decades (as in real Grams with one sample per bin): with a ridge the solver
+    factors Q_FF itself, not Q_FF + 1 1^T, so the float32 factor still converges and float64 is never needed."""
+    from gradconflict.pareto import _cholesky
+
+    K = 300
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((K, K // 2)) * np.logspace(0, -3, K // 2)
+    A *= np.logspace(0, -5, K)[rng.permutation(K), None]  # row norms spread over 5 decades
+    G = A @ A.T
+    lam = 1e-3 * np.trace(G) / K
+    calls = []
+    real_init = _cholesky.SubsetSolver.__init__
+
+    def spy(self, Q, dtype=np.float64, shift=1.0):
+        calls.append(np.dtype(dtype))
+        real_init(self, Q, dtype, shift)
+
+    _cholesky.SubsetSolver.__init__ = spy
+    try:
+        res = solve(G, lam, check_psd=False)
+    finally:
+        _cholesky.SubsetSolver.__init__ = real_init
+    assert calls[0] == np.float32 and np.float64 not in calls
+    assert res.converged
+    assert_kkt(G, lam, res.weights, tol=1e-11)
+    _, f_ref = reference(G, lam)
+    assert res.objective <= f_ref * (1 + 1e-9)

@@ -1,4 +1,5 @@
-"""Solves with ``M_F = Q[F, F] + 1 1^T`` for an index set F that evolves.
+"""Solves with ``M_F = Q[F, F] + c 1 1^T`` for an index set F that evolves (``c = shift``: 1, or 0 when Q
+is positive definite, which keeps ``M_F`` as well conditioned as ``Q_FF`` -- it matters for a float32 factor).
 
 A Cholesky factor ``L L^T = M_B`` is kept for a *base* set B.  A nearby set
 ``F = (B \\ D) + A`` (few removals D, few additions A) is handled with a
@@ -49,8 +50,9 @@ class SubsetSolver:
     reported as singular (None), and the caller falls back to float64.
     """
 
-    def __init__(self, Q: np.ndarray, dtype: type = np.float64) -> None:
+    def __init__(self, Q: np.ndarray, dtype: type = np.float64, shift: float = 1.0) -> None:
         self.Q = Q
+        self.shift = float(shift)  # c in M_F = Q_FF + c 1 1^T; the affine minimizer x / 1^T x is the same for any c
         self.dtype = np.dtype(dtype)
         single = self.dtype == np.float32
         self._Qf = Q.astype(np.float32) if single else Q  # gather source in the factor's precision
@@ -74,7 +76,7 @@ class SubsetSolver:
     def _refactor(self, F: np.ndarray) -> bool:
         idx = np.flatnonzero(F)
         M = self._Qf if idx.size == F.size else self._Qf.take(idx, axis=0).take(idx, axis=1)
-        M = M + 1.0  # a fresh array: LAPACK overwrites it
+        M = M + self.shift  # a fresh array: LAPACK overwrites it
         L, info = self._potrf(M.T, lower=1, clean=0, overwrite_a=1)  # M symmetric
         self.flops += idx.size**3 / 3
         self.base, self.F, self._cache, self._state = idx, F.copy(), {}, None
@@ -121,7 +123,7 @@ class SubsetSolver:
             out = np.flatnonzero(~inside)
             U[pos[inside], np.flatnonzero(inside)] = 1.0
             if out.size:
-                U[:, out] = self.Q[np.ix_(self.base, np.asarray(need)[out])] + 1.0
+                U[:, out] = self.Q[np.ix_(self.base, np.asarray(need)[out])] + self.shift
             Y = self._solve_base(U)
             self.flops += 2.0 * self.base.size**2 * len(need)
             for k, i in enumerate(need):
@@ -141,13 +143,13 @@ class SubsetSolver:
         Y = self._columns(np.concatenate([added, removed]))
         na = added.size
         pos_d = np.searchsorted(self.base, removed)
-        UA = self.Q[np.ix_(added, self.base)] + 1.0  # (|A|, |B|)
+        UA = self.Q[np.ix_(added, self.base)] + self.shift  # (|A|, |B|)
 
         def ut(v: np.ndarray) -> np.ndarray:  # U^T v for v of length |B| (or |B| x m)
             return np.concatenate([UA @ v, v[pos_d]])
 
         S = -ut(Y)
-        S[:na, :na] += self.Q[np.ix_(added, added)] + 1.0
+        S[:na, :na] += self.Q[np.ix_(added, added)] + self.shift
         with warnings.catch_warnings():  # an exactly singular S shows up in the residual check
             warnings.simplefilter("ignore")
             S = lu_factor(S, check_finite=False)
@@ -214,7 +216,7 @@ class SubsetSolver:
             x = apply(ones) if x0 is None else x0
             prev = np.inf
             for step in range(self._steps + 1):
-                r = ones - residual(x) - x.sum()
+                r = ones - residual(x) - self.shift * x.sum()
                 rmax = np.abs(r).max()
                 stalled = rmax > 0.25 * prev  # at the rounding floor of the float64 residual
                 if step == self._steps or stalled or rmax <= target * (1.0 + np.abs(x).sum()) or not np.isfinite(rmax):

@@ -10,10 +10,12 @@ weights solve the equality-constrained problem ("affine minimizer")
 
     Q_FF v = mu 1,  1^T v = 1   =>   v = x / (1^T x),  (Q_FF + 1 1^T) x = 1.
 
-``Q + 1 1^T`` is used instead of ``Q``: for ``w`` with ``1^T w = 1`` it only
-adds a constant, the solution ``v`` is the same, and it stays positive
-definite whenever the tasks in ``F`` are affinely independent -- even when
-``Q_FF`` is singular (``lam = 0``, rank-deficient ``G``).
+At ``lam = 0`` ``Q + 1 1^T`` is used instead of ``Q``: for ``w`` with
+``1^T w = 1`` it only adds a constant, the solution ``v`` is the same, and it
+stays positive definite whenever the tasks in ``F`` are affinely independent
+-- even when ``Q_FF`` is singular (rank-deficient ``G``).  With a ridge
+``Q_FF`` is positive definite and is factored as it is (``1 1^T`` would add
+an eigenvalue of about ``|F|`` and multiply the condition number).
 
 Two phases, both finite:
 
@@ -125,9 +127,12 @@ def solve_one(
     attempts = []  # subset solvers to try in turn, built only when reached
     if lowrank is not None and lowrank[1] > 0 and lowrank[2] <= 0.1 * lowrank[1]:
         attempts.append(lambda: LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
+    # with a ridge Q is positive definite: solve with Q_FF itself (shift 0), not Q_FF + 1 1^T, whose extra
+    # eigenvalue ~|F| would multiply the condition number (and break a float32 factor on badly scaled G)
+    shift = 0.0 if ridge is not None and ridge > 0 else 1.0
     if K >= MIXED_MIN_K and (ridge is None or ridge > 0):
-        attempts.append(lambda: SubsetSolver(Q, np.float32))  # single-precision factor, float64 refinement
-    attempts.append(lambda: SubsetSolver(Q))
+        attempts.append(lambda: SubsetSolver(Q, np.float32, shift))  # single-precision factor, float64 refinement
+    attempts.append(lambda: SubsetSolver(Q, np.float64, shift))
     w, gap, total = None, np.inf, 0
     for make in attempts:
         if total >= max_iter:
