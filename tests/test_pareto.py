@@ -505,6 +505,52 @@ def test_subset_solver_against_direct_solve():
     assert sub.flops < 0.5 * refactor_cost  # much cheaper than refactoring at every step
 
 
+@pytest.mark.parametrize("dtype, shift", [(np.float64, 1.0), (np.float32, 0.0)])
+def test_subset_solver_removal_cascade_refactors_only_the_tail(dtype, shift):
+    """Ordered by priority, tasks that leave later sit at the end of the factor: each removal round reuses the
+    leading block (a tail refactor), and the solves still equal a direct float64 solve."""
+    from gradconflict.pareto import _cholesky
+    from gradconflict.pareto._cholesky import SubsetSolver
+
+    rng = np.random.default_rng(94)
+    K = 400
+    A = rng.standard_normal((K, K))
+    Q = A @ A.T / K + 0.1 * np.eye(K)
+    priority = rng.random(K)
+    sub = SubsetSolver(Q, dtype, shift)
+    F = np.ones(K, dtype=bool)
+    assert sub.update(F, priority)
+    tails = []
+    real_tail = _cholesky.SubsetSolver._refactor_tail
+
+    def spy(self, *args):
+        tails.append(args[1])
+        return real_tail(self, *args)
+
+    _cholesky.SubsetSolver._refactor_tail = spy
+    try:
+        full = 0.0
+        by_priority = np.argsort(priority)  # lowest priority first: these leave first
+        for step in range(5):
+            F[by_priority[60 * step : 60 * (step + 1)]] = False  # 60 of the remaining lowest-priority tasks
+            if step == 3:
+                F[by_priority[-1]] = False  # once, a task from the head of the factor
+            if step % 2:
+                F[by_priority[60 * step]] = True  # one addition back
+            assert sub.update(F, priority)
+            full += F.sum() ** 3 / 3
+            idx, v = sub.affine_weights()
+            order = np.argsort(idx)
+            np.testing.assert_array_equal(idx[order], np.flatnonzero(F))
+            M = Q[np.ix_(F, F)] + shift
+            x = np.linalg.solve(M, np.ones(F.sum()))
+            np.testing.assert_allclose(v[order], x / x.sum(), rtol=1e-9, atol=1e-13)
+    finally:
+        _cholesky.SubsetSolver._refactor_tail = real_tail
+    assert tails  # the tail path ran
+    assert sub.flops - K**3 / 3 < 0.5 * full  # far cheaper than refactoring every round
+
+
 def test_wolfe_phase_alone_is_exact():
     from gradconflict.pareto.active_set import _wolfe
 

@@ -12,7 +12,14 @@ per index, two triangular solves each) and ``z = M_B^{-1} 1``:
     x_B = z - Y [x_A; zeta]                  (x_D = 0 by construction)
 
 solves ``M_F x = 1``; iterative refinement against the exact float64 ``M_F``
-follows and a large final residual triggers a refactorization.  The factor
+follows and a large final residual triggers a refactorization.  A set that
+differs from the base mostly at the end of the factor order is instead
+*tail-refactored*: the factor's leading block up to the first removed task is
+kept and only the rest is factored again.  New factors order their tasks by a
+priority (the caller's current weights, largest first), so the tasks that
+leave in the next pivoting rounds, those with small weights, sit at the end:
+a cascade of removals costs a few small tail factorizations instead of one
+full factorization per round.  The factor
 and the columns ``Y`` may be kept in float32 (``dtype``): refinement then
 recovers float64 accuracy as long as ``cond(M_F) * 6e-8 < 1``.  The base is
 refactored on F whenever that is cheaper (``|F|^3 / 3`` flops) than the new
@@ -59,7 +66,8 @@ class SubsetSolver:
         self._potrf = lapack.spotrf if single else lapack.dpotrf
         self._pivot = PIVOT32 if single else PIVOT
         self._steps = REFINE32 if single else REFINE64
-        self.base = np.zeros(0, dtype=np.int64)
+        self.base = np.zeros(0, dtype=np.int64)  # tasks of the factored set, in factor order
+        self._pos = np.full(Q.shape[0], -1, dtype=np.int64)  # task -> position in base (-1: not in base)
         self.L: np.ndarray | None = None
         self.F = np.zeros(Q.shape[0], dtype=bool)
         self.flops = 0.0  # work counter in flops (benchmarks / tests)
@@ -73,27 +81,76 @@ class SubsetSolver:
         y = solve_triangular(self.L, y, lower=True, trans="T", check_finite=False)
         return y.astype(np.float64, copy=False)
 
-    def _refactor(self, F: np.ndarray) -> bool:
-        idx = np.flatnonzero(F)
-        M = self._Qf if idx.size == F.size else self._Qf.take(idx, axis=0).take(idx, axis=1)
+    def _refactor(self, F: np.ndarray, priority: np.ndarray | None = None) -> bool:
+        """Factor ``M_F`` afresh, tasks ordered by ``priority`` (descending) when given, else by index."""
+        idx = _ordered(np.flatnonzero(F), priority)
+        M = self._Qf if idx.size == F.size and priority is None else self._Qf.take(idx, axis=0).take(idx, axis=1)
         M = M + self.shift  # a fresh array: LAPACK overwrites it
         L, info = self._potrf(M.T, lower=1, clean=0, overwrite_a=1)  # M symmetric
         self.flops += idx.size**3 / 3
+        return self._set_base(idx, F, L if info == 0 else None)
+
+    def _set_base(self, idx: np.ndarray, F: np.ndarray, L: np.ndarray | None) -> bool:
+        self._pos[self.base] = -1
         self.base, self.F, self._cache, self._state = idx, F.copy(), {}, None
+        self._pos[idx] = np.arange(idx.size)
+        if L is not None:
+            d = np.diagonal(L).astype(np.float64) ** 2
+            L = None if d.min() <= self._pivot * d.max() else L
+        self.L = L
+        return L is not None
+
+    def _tail_cost(self, added: np.ndarray, removed: np.ndarray) -> tuple[int, float]:
+        """``(p, flops)`` of refactoring only the trailing part of the base factor: positions ``>= p`` (the first
+        removed task) are dropped or kept, the added tasks are appended, and the factor's leading ``p x p``
+        block is reused as it is."""
+        n = self.base.size
+        p = int(self._pos[removed].min()) if removed.size else n
+        t = n - p - removed.size + added.size
+        return p, float(p) * p * added.size + float(t) * t * p + t**3 / 3
+
+    def _refactor_tail(self, F: np.ndarray, p: int, added: np.ndarray, priority: np.ndarray | None) -> bool:
+        """Factor ``M_F`` reusing the leading ``p x p`` block ``L11`` of the base factor (``p``: see
+        :meth:`_tail_cost`).  With T the kept tasks after position p plus the added ones: ``L_T1`` is read off
+        the old factor (kept rows) or solved from ``L11 x = M[B_p, a]`` (added), and ``L_TT`` is the Cholesky
+        factor of ``M_TT - L_T1 L_T1^T``."""
+        head = self.base[:p]
+        tail = self.base[p:]
+        kept = tail[F[tail]]
+        T = _ordered(np.concatenate([kept, added]), priority)
+        L11 = self.L[:p, :p]
+        rows = np.empty((T.size, p), dtype=self.dtype)
+        is_old = self._pos[T] >= 0
+        rows[is_old] = self.L[self._pos[T[is_old]], :p]
+        new = T[~is_old]
+        if new.size and p:
+            Mb = self._Qf[np.ix_(head, new)] + self.shift
+            rows[~is_old] = solve_triangular(L11, Mb, lower=True, check_finite=False).T
+        S = self._Qf[np.ix_(T, T)] + self.shift
+        if p:
+            S -= rows @ rows.T
+        LTT, info = self._potrf(S.T, lower=1, clean=0, overwrite_a=1)
+        self.flops += float(p) * p * new.size + float(T.size) * T.size * p + T.size**3 / 3
         if info != 0:
-            self.L = None
-            return False
-        d = np.diagonal(L).astype(np.float64) ** 2
-        self.L = None if d.min() <= self._pivot * d.max() else L
-        return self.L is not None
+            return self._set_base(np.concatenate([head, T]), F, None)
+        m = p + T.size
+        L = np.zeros((m, m), dtype=self.dtype, order="F")
+        L[:p, :p] = L11
+        L[p:, :p] = rows
+        L[p:, p:] = LTT
+        return self._set_base(np.concatenate([head, T]), F, L)
 
     def _mods(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         in_base = np.zeros(F.size, dtype=bool)
         in_base[self.base] = True
         return np.flatnonzero(F & ~in_base), np.flatnonzero(in_base & ~F)
 
-    def update(self, F: np.ndarray) -> bool:
-        """Move to the boolean set ``F``; False if ``M_F`` is (near) singular."""
+    def update(self, F: np.ndarray, priority: np.ndarray | None = None) -> bool:
+        """Move to the boolean set ``F``; False if ``M_F`` is (near) singular.
+
+        ``priority`` (optional, per task; e.g. the current weights) orders a new factor: tasks likely to leave
+        the set go last, so that removing them later only refactors the factor's tail.
+        """
         if self.L is not None and np.array_equal(F, self.F):
             return True  # same set: keep the solution of the last call
         self._state = None
@@ -102,11 +159,17 @@ class SubsetSolver:
             m = added.size + removed.size
             new = sum(1 for i in np.concatenate([added, removed]) if int(i) not in self._cache)
             n = self.base.size
-            cost = 2.0 * n * n * new + m * m * n + m**3  # new columns, S = U^T Y, LU of S
-            if m <= max(MAX_MODS, n // 8) and cost < F.sum() ** 3 / 3:
+            schur = 2.0 * n * n * new + m * m * n + m**3  # new columns, S = U^T Y, LU of S
+            if m > max(MAX_MODS, n // 8):
+                schur = np.inf
+            p, tail = self._tail_cost(added, removed)
+            full = F.sum() ** 3 / 3
+            if schur < min(tail, full):
                 self.F = F.copy()
                 return True
-        return self._refactor(F)
+            if tail < full:
+                return self._refactor_tail(F, p, added, priority)
+        return self._refactor(F, priority)
 
     def _columns(self, keys: np.ndarray) -> np.ndarray:
         """``Y = M_B^{-1} U`` for the tasks ``keys`` (cached per task).
@@ -117,8 +180,8 @@ class SubsetSolver:
         """
         need = [int(i) for i in keys if int(i) not in self._cache]
         if need:
-            pos = np.searchsorted(self.base, need)
-            inside = (pos < self.base.size) & (self.base[np.minimum(pos, self.base.size - 1)] == need)
+            pos = self._pos[need]
+            inside = pos >= 0
             U = np.zeros((self.base.size, len(need)))
             out = np.flatnonzero(~inside)
             U[pos[inside], np.flatnonzero(inside)] = 1.0
@@ -142,7 +205,7 @@ class SubsetSolver:
         """
         Y = self._columns(np.concatenate([added, removed]))
         na = added.size
-        pos_d = np.searchsorted(self.base, removed)
+        pos_d = self._pos[removed]
         UA = self.Q[np.ix_(added, self.base)] + self.shift  # (|A|, |B|)
 
         def ut(v: np.ndarray) -> np.ndarray:  # U^T v for v of length |B| (or |B| x m)
@@ -248,6 +311,13 @@ def _residual_map(Q: np.ndarray, idx: np.ndarray) -> Callable[[np.ndarray], np.n
     return rows
 
 
+def _ordered(idx: np.ndarray, priority: np.ndarray | None) -> np.ndarray:
+    """``idx`` sorted by ``priority`` descending (stable), or as it is without priorities."""
+    if priority is None or idx.size == 0:
+        return idx
+    return idx[np.argsort(-priority[idx], kind="stable")]
+
+
 class LowRankSubsetSolver:
     """Affine minimizers for ``Q = B^T B + alpha I + E`` with ``B`` (r, K), r small.
 
@@ -263,7 +333,7 @@ class LowRankSubsetSolver:
         self.F = np.zeros(Q.shape[0], dtype=bool)
         self.flops = 0.0
 
-    def update(self, F: np.ndarray) -> bool:
+    def update(self, F: np.ndarray, priority: np.ndarray | None = None) -> bool:
         self.F = F.copy()
         return True
 

@@ -171,17 +171,19 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
     best, budget = K + 1, 3
     precise = False  # pivot on loosely refined solves; solve precisely before accepting or on close calls
     it = 0
+    w_prev = None
     while True:
         if not precise:  # a precise re-solve of the same set is not a new pivot
             if it == max_iter:
                 return None, it
             it += 1
-        out = sub.affine_weights(precise) if sub.update(F) else None
+        out = sub.affine_weights(precise) if sub.update(F, priority=w_prev) else None
         if out is None:
             return None, it
         idx, v = out
         w = np.zeros(K)
         w[idx] = v
+        w_prev = w  # orders the next factor: small weights (likely to leave) last
         g = _gradient(Q, w)
         mu = w @ g
         primal = idx[v < -EPS]
