@@ -171,7 +171,7 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
     best, budget = K + 1, 3
     precise = False  # pivot on loosely refined solves; solve precisely before accepting or on close calls
     it = 0
-    w_prev = None
+    w_prev = -np.diagonal(Q)  # first factor: small-norm tasks first (large ones tend to leave)
     while True:
         if not precise:  # a precise re-solve of the same set is not a new pivot
             if it == max_iter:
