@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
     python benchmarks/gpu_check.py --smoke    # every step on the CPU at toy sizes: tests the script itself
 
+0. tests/test_engine_precision.py (its CUDA cases: bf16 operands -> float32 products, the bf16 fold);
 1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast and the bf16 fold on dit-s) -> relative
    errors (the loop runs without autocast: under autocast the error is what bf16 activations change);
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
@@ -75,6 +76,11 @@ def main() -> None:
         assert torch.cuda.is_available(), "no CUDA device"
         print(torch.cuda.get_device_name(), flush=True)
     print("torch", torch.__version__, "device", DEVICE, flush=True)
+    # the precision tests run their CUDA cases where CUDA is present: half-precision operands against float64
+    # products of the same operands, the bf16 fold against the rounded gradients (a few seconds)
+    root = os.path.dirname(HERE)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                    os.path.join(root, "tests", "test_engine_precision.py")], check=False, cwd=root, timeout=300)
     K, n = (3, 2) if smoke else (10, 8)
     rows = [
         check("dit-tiny", torch.float64, K, n // 2 if not smoke else n),

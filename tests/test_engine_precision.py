@@ -83,13 +83,18 @@ def _per_task_reference(kind: str, layer: nn.Module, a: torch.Tensor, b: torch.T
     return out
 
 
+# on a GPU machine the CUDA paths run too: bf16 x bf16 -> float32 matmuls (out_dtype) and exact TF32 convolutions
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_autocast_layers_are_built_from_the_operands_autocast_used(kind: str) -> None:
+def test_autocast_layers_are_built_from_the_operands_autocast_used(kind: str, device: str) -> None:
     torch.manual_seed(0)
-    model = NormLinear() if kind == "linear" else NormConv()
+    model = (NormLinear() if kind == "linear" else NormConv()).to(device)
     N, K = 8, 4
-    x0 = torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)
-    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990])
+    x0 = (torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)).to(device)
+    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990], device=device)
     task = torch.arange(N) // 2
     seen, handle = _capture(model.layer)
     try:
@@ -98,28 +103,31 @@ def test_autocast_layers_are_built_from_the_operands_autocast_used(kind: str) ->
     finally:
         handle.remove()
     assert seen["grad"].dtype == torch.bfloat16 and seen["input"].dtype == torch.float32  # the case under test
+    seen = {k: v.cpu() for k, v in seen.items()}
     J = got.gradients[:, _weight_columns(model, "layer.weight")]
     counts = torch.bincount(task, minlength=K)
-    as_run = _per_task_reference(kind, model.layer, seen["input"].to(torch.bfloat16), seen["grad"], task, K, counts)
+    as_run = _per_task_reference(kind, model.layer.cpu(), seen["input"].to(torch.bfloat16), seen["grad"], task, K,
+                                 counts)
     assert _rel(J, as_run) <= 1e-5  # float32 accumulation of exact products
     uncast = _per_task_reference(kind, model.layer, seen["input"], seen["grad"], task, K, counts)
     assert _rel(uncast, as_run) > 1e-4  # the cast matters: building from the float32 input would fail above
 
 
-def _dit_batch(K: int = 4, n: int = 2):
+def _dit_batch(K: int = 4, n: int = 2, device: str = "cpu"):
     torch.manual_seed(0)
-    model = DiTBlocks()
+    model = DiTBlocks().to(device)
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(K * n, 1, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (K * n,), generator=g)
+    x0 = torch.randn(K * n, 1, 8, 8, generator=g).to(device)
+    t = torch.randint(0, 1000, (K * n,), generator=g).to(device)
     task = torch.arange(K * n) % K
-    return model, x0, t, task, dict(schedule=SCHEDULE, K=K, noise=torch.randn(x0.shape, generator=g))
+    return model, x0, t, task, dict(schedule=SCHEDULE, K=K, noise=torch.randn(x0.shape, generator=g).to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("columns", [precision.FOLD_COLUMNS, 7])
-def test_bf16_fold_equals_the_rounded_gradients_gram(columns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_fold_equals_the_rounded_gradients_gram(columns: int, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "FOLD_COLUMNS", columns)  # 7: every layer folded in many float64-summed pieces
-    model, x0, t, task, args = _dit_batch()
+    model, x0, t, task, args = _dit_batch(device=device)
     got = task_gram(model, x0, t, task, gram_precision="bf16", return_gradients=True, check=True, **args)
     Jb = got.gradients.to(torch.bfloat16).double()
     assert _rel(got.gram, Jb @ Jb.T) <= 1e-5
@@ -141,3 +149,23 @@ def test_gram_precision_errors_name_the_choices() -> None:
         task_gram(model, x0, t, task, gram_precision="fp16", **args)
     with pytest.raises(ValueError, match="applies to method='fused'"):
         task_gram(model, x0, t, task, method="loop", gram_precision="bf16", **args)
+
+
+def test_task_gram_respects_and_restores_the_new_tf32_settings() -> None:
+    """A user who chose TF32 with torch's fp32_precision settings (2.9+) can call task_gram (the legacy allow_tf32
+    switches raise once the new ones are set), and finds the settings as they were afterwards."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if not (hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision")):
+        pytest.skip("this torch has only the legacy TF32 switches")
+    old = matmul.fp32_precision, conv.fp32_precision
+    model, x0, t, task, args = _dit_batch()
+    try:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        seen = []
+        hook = model.out.register_forward_hook(lambda *a: seen.append(matmul.fp32_precision))
+        task_gram(model, x0, t, task, **args)
+        hook.remove()
+        assert seen == ["ieee"]  # inside: full float32
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = old

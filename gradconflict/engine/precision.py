@@ -53,14 +53,25 @@ def precision_eps(precision: str) -> float:
 
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """Set CUDA's TF32 switches (matmul and cuDNN) for the duration of the block; no effect on the CPU."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    """Set CUDA's TF32 switches (matmul and cuDNN convolutions) for the duration of the block, then restore them;
+    no effect on the CPU. Uses the ``fp32_precision`` settings where this torch has them (2.9+: reading the legacy
+    ``allow_tf32`` after a user set the new ones raises), else the legacy ``allow_tf32`` switches."""
+    matmul = torch.backends.cuda.matmul
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        old = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = old
+        return
+    old = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def layer_gram(J: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -108,6 +119,8 @@ def _half_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         matmul.allow_bf16_reduced_precision_reduction = matmul.allow_fp16_reduced_precision_reduction = False
         try:
             return op(a, b, out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype for this op in this torch
             _OUT_DTYPE[name] = False
         finally:
