@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["StackedKernels", "use_stacked_kernels", "copy_linear", "copy_attention"]
@@ -35,6 +36,10 @@ _is_batched: Callable[[torch.Tensor], bool] = torch._C._functorch.is_batchedtens
 _LINEAR = F.linear
 MIN_LINEAR_ROWS = 64  # per copy; smaller Linear calls (e.g. timestep / adaLN embeddings) keep vmap's own rule
 _SDPA = F.scaled_dot_product_attention
+# inside the vmap rule the call is an ordinary one on physical tensors: every backend may run, even where the
+# surrounding step forces the math backend for the attention calls left to vmap's own rules
+_ALL_SDPA = [b for b in (getattr(SDPBackend, n, None) for n in
+                         ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")) if b is not None]
 
 
 def use_stacked_kernels(device: torch.device) -> bool:
@@ -90,10 +95,11 @@ def _copy_attention_vmap(info: Any, in_dims: tuple, q: torch.Tensor, k: torch.Te
                          is_causal: bool, scale: Optional[float]) -> tuple[torch.Tensor, int]:
     C = info.batch_size
     q, k, v = (_front(a, d, C) for a, d in zip((q, k, v), in_dims[:3]))
-    if q.ndim == 5 and q.shape[:2] == k.shape[:2] == v.shape[:2]:  # (C, n, heads, L, E): copies into the batch
-        out = _SDPA(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=is_causal, scale=scale)
-        return out.unflatten(0, (C, -1)), 0
-    return _SDPA(q, k, v, is_causal=is_causal, scale=scale), 0
+    with sdpa_kernel(_ALL_SDPA):
+        if q.ndim == 5 and q.shape[:2] == k.shape[:2] == v.shape[:2]:  # (C, n, heads, L, E): copies into the batch
+            out = _SDPA(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=is_causal, scale=scale)
+            return out.unflatten(0, (C, -1)), 0
+        return _SDPA(q, k, v, is_causal=is_causal, scale=scale), 0
 
 
 def _any_batched(*tensors: Any) -> bool:

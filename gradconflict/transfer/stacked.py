@@ -24,6 +24,7 @@ The model runs in eval mode (dropout off), so the copies are deterministic funct
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -191,21 +192,30 @@ def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config
     finals: list[list[torch.Tensor]] = []
     losses = np.zeros((len(streams), config.steps))
     bar = tqdm(total=config.steps * len(streams), desc=desc, disable=not config.progress, leave=False, dynamic_ncols=True)
+    device = trainable(model)[0][1].device
+    tables = ScheduleTables(schedule, device)  # as in the stacked path: no host synchronisation per step
+    block = _block_steps(streams[:1], config.steps)
     for c, stream in enumerate(streams):
         clone = copy.deepcopy(model).eval()
         params = [p for _, p in trainable(clone)]
         opt = _optimizer(params, config)
-        for step in range(config.steps):
-            x0, t, noise, kw = stream.next()
-            loss = per_sample_losses(clone, x0, t, noise, schedule, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
-            _check_loss(loss[None], [sources[c]], step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            losses[c, step] = float(loss.detach())
-            bar.update(1)
+        history = torch.zeros((1, config.steps), dtype=torch.float64, device=device)
+        for first in range(0, config.steps, block):
+            steps = min(block, config.steps - first)
+            x0s, ts, noises, kws = stream.next_block(steps)  # the same draws as one next() per step
+            for j in range(steps):
+                kw = {k: v[j] for k, v in kws.items()}
+                loss = per_sample_losses(clone, x0s[j], ts[j], noises[j], tables, prediction=prediction,
+                                         loss_space="x0", model_kwargs=kw).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                opt.step()
+                history[0, first + j] = loss.detach()
+                bar.update(1)
+            _check_history(history[:, first : first + steps], [sources[c]], first)  # one sync per block
+        losses[c] = history[0].cpu().numpy()
         state = dict(clone.named_parameters())
         finals.append([state[n].detach() for n in names])
         del clone, opt
@@ -247,9 +257,13 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
         for j in range(steps):
             step = first + j
             kw = {k: v[j] for k, v in kws.items()}
-            with StackedKernels() if kernels else sdpa_kernel(SDPBackend.MATH):
+            # the math SDPA backend for attention left to vmap's rules (fused kernels have no batching rule for
+            # their backward); StackedKernels' own attention op re-enables the fused backends on physical tensors
+            with StackedKernels() if kernels else contextlib.nullcontext(), sdpa_kernel(SDPBackend.MATH):
                 try:
                     per_copy = batched_loss(leaves, x0s[j], ts[j], noises[j], kw)
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError as err:
                     if step == 0:
                         raise VmapUnsupported(str(err)) from err
