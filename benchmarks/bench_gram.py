@@ -118,6 +118,55 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, device: torch.device, amp, schedule) -> dict:
+    """One table row: the training step and every method on the same K * n samples."""
+    cfg = model.config
+    bins = gc.TimestepBins.uniform(schedule.T, K)
+    g = torch.Generator().manual_seed(0)
+    t, task = bins.sample(n, g)
+    x0 = torch.randn(len(t), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    t_d = t.to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+            l = per_sample_losses(model, x0, t_d, noise, schedule, prediction=cfg.prediction)
+        l.mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    base, base_mem, _ = timed(step, device, args.repeats)
+    common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
+    ref_s, ref_mem, ref = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", **common),
+                                device, 1) if K * n <= args.max_loop else (float("nan"), float("nan"), None)
+    c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
+                                                   autocast_dtype=amp, **common), device, args.repeats)
+    f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
+                                               autocast_dtype=amp, **common), device, args.repeats)
+    u_s, _, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=False,
+                                           autocast_dtype=amp, **common), device, args.repeats)
+    row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
+               fused_x=f_s / base, fused_check_x=c_s / base, fused_nocheck_x=u_s / base,
+               fused_GiB=max(f_mem, c_mem), loop_x=ref_s / base)
+    if ref is not None:  # the engine's own error: fused in float32 against loop in float32
+        exact = fused if amp is None else gc.task_gram(model, x0, t_d, task, method="fused", **common)
+        row["fused_err"] = _rel(exact.gram, ref.gram)
+        if amp is not None:  # what bf16 activations add (the model, not the engine)
+            row["amp_err"] = _rel(fused.gram, ref.gram)
+    for prec in args.gram_precision:  # reduced fold precision: time, and deviation from the fp32 fold
+        r_s, _, reduced = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp,
+                                                     gram_precision=prec, **common), device, args.repeats)
+        row.update({f"fused_{prec}_x": r_s / base, f"{prec}_fold_err": _rel(reduced.gram, fused.gram)})
+    if args.vmap and K * n <= args.max_loop:
+        try:
+            v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,
+                                                     cfg.prediction, args.vmap_chunk), device, 1)
+            row.update(vmap_x=v_s / base, vmap_GiB=v_mem,
+                       vmap_err=_rel(vg, ref.gram) if ref is not None else float("nan"))
+        except (RuntimeError, NotImplementedError) as err_v:  # out of memory or unsupported op
+            row.update(vmap_x=float("nan"), vmap_note=str(err_v).splitlines()[0][:60])
+    return row
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     device = torch.device(args.device)
     schedule = gc.NoiseSchedule.linear()
@@ -131,53 +180,15 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-        cfg = model.config
         P = sum(p.numel() for p in model.parameters())
         for K in args.K:
             for n in args.n:
-                bins = gc.TimestepBins.uniform(schedule.T, K)
-                g = torch.Generator().manual_seed(0)
-                t, task = bins.sample(n, g)
-                x0 = torch.randn(len(t), cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-                noise = torch.randn(x0.shape, generator=g).to(device)
-                t_d = t.to(device)
-
-                def step():
-                    with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
-                        l = per_sample_losses(model, x0, t_d, noise, schedule, prediction=cfg.prediction)
-                    l.mean().backward()
-                    model.zero_grad(set_to_none=True)
-
-                base, base_mem, _ = timed(step, device, args.repeats)
-                common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
-                ref_s, ref_mem, ref = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", **common),
-                                            device, 1) if K * n <= args.max_loop else (float("nan"), float("nan"), None)
-                c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
-                                                               autocast_dtype=amp, **common), device, args.repeats)
-                f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
-                                                           autocast_dtype=amp, **common), device, args.repeats)
-                u_s, _, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=False,
-                                                       autocast_dtype=amp, **common), device, args.repeats)
-                row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
-                           fused_x=f_s / base, fused_check_x=c_s / base, fused_nocheck_x=u_s / base,
-                           fused_GiB=max(f_mem, c_mem), loop_x=ref_s / base)
-                if ref is not None:  # the engine's own error: fused in float32 against loop in float32
-                    exact = fused if amp is None else gc.task_gram(model, x0, t_d, task, method="fused", **common)
-                    row["fused_err"] = _rel(exact.gram, ref.gram)
-                    if amp is not None:  # what bf16 activations add (the model, not the engine)
-                        row["amp_err"] = _rel(fused.gram, ref.gram)
-                for prec in args.gram_precision:  # reduced fold precision: time, and deviation from the fp32 fold
-                    r_s, _, reduced = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp,
-                                                                 gram_precision=prec, **common), device, args.repeats)
-                    row.update({f"fused_{prec}_x": r_s / base, f"{prec}_fold_err": _rel(reduced.gram, fused.gram)})
-                if args.vmap and K * n <= args.max_loop:
-                    try:
-                        v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,
-                                                                 cfg.prediction, args.vmap_chunk), device, 1)
-                        row.update(vmap_x=v_s / base, vmap_GiB=v_mem,
-                                   vmap_err=_rel(vg, ref.gram) if ref is not None else float("nan"))
-                    except (RuntimeError, NotImplementedError) as err_v:  # out of memory or unsupported op
-                        row.update(vmap_x=float("nan"), vmap_note=str(err_v).splitlines()[0][:60])
+                try:  # one failing row (e.g. out of memory at K = 1000) must not end the table
+                    row = _row(model, name, P, K, n, args, device, amp, schedule)
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    row = dict(model=name, params_M=P / 1e6, K=K, n=n, error=f"{type(exc).__name__}: {exc}"[:120])
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 rows.append(row)
                 print(pd.DataFrame([row]).to_string(index=False, float_format=lambda v: f"{v:.3g}"), flush=True)
     return pd.DataFrame(rows)
