@@ -72,3 +72,28 @@ def test_claim_c1_and_c3_on_constructed_inputs() -> None:
                 rows.append(dict(step=step, resample=r, name=name, kind="strategy", ratio=ratio))
     c3 = claim_c3(pd.DataFrame(rows))
     assert c3["holds"] and c3["best"] == "min_snr_5" and c3["win_share"] == 1.0
+
+
+def test_a_changed_config_reruns_what_depends_on_it(tmp_path: Path, capsys) -> None:
+    """A changed training config removes the cached run and tracking results and recomputes them (was: stale
+    results kept under the new config); a changed tracking config keeps the training run."""
+    from dataclasses import replace
+
+    from gradconflict.reproduce import preset, reproduce
+
+    base = preset("toy")
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    track = tmp_path / "runs" / "reproduce-toy" / "track"
+    before = pd.read_csv(track / "track" / "track_objectives.csv")
+    snapshot = (track / "snapshots" / "step3.safetensors").read_bytes()
+    capsys.readouterr()
+    retrack = replace(base, track=replace(base.track, per_task=3))
+    reproduce(retrack, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    assert "the tracking config changed" in capsys.readouterr().out
+    assert (track / "snapshots" / "step3.safetensors").read_bytes() == snapshot  # training kept
+    retrain = replace(retrack, train=replace(base.train, lr=base.train.lr * 10))
+    reproduce(retrain, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    assert "the training config changed" in capsys.readouterr().out
+    after = pd.read_csv(track / "track" / "track_objectives.csv")
+    assert (track / "snapshots" / "step3.safetensors").read_bytes() != snapshot  # retrained
+    assert not np.allclose(after["objective"].to_numpy(), before["objective"].to_numpy()[: len(after)])

@@ -110,3 +110,58 @@ def test_track_cli_on_user_checkpoints(tmp_path: Path, capsys) -> None:
     assert sorted(obj["step"].unique()) == [100, 200]
     assert (out / "fig4_pareto_objective.png").stat().st_size > 0
     assert "mean ratio to the Pareto optimum" in capsys.readouterr().out
+
+
+def test_a_step_tracked_from_another_source_or_other_inputs_is_refused(tmp_path: Path) -> None:
+    """Rerunning into a folder skips the steps it holds, so those steps must stand for the same models and data."""
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(out_dir=tmp_path, progress=False, inputs={"model": "unet", "data": "a"})
+    track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a"}, **kw)
+    with pytest.raises(ValueError, match="step 0 tracked from 'ckpt-a', not 'ckpt-b'"):
+        track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-b"}, **kw)
+    more = track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a", 5: "ckpt-c"}, **kw)
+    assert sorted(more.objectives["step"].unique()) == [0, 5]  # a new step from a new source is added
+    with pytest.raises(ValueError, match=r"differs in \['inputs'\]"):
+        track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path, progress=False,
+                     inputs={"model": "unet", "data": "b"})
+    with pytest.raises(ValueError, match=r"step\(s\) \[0\] given more than once"):
+        track_models([(0, UNetLike()), (0, UNetLike())], images, SCHEDULE, "eps", _cfg(resamples=1))
+
+
+def test_track_cli_refuses_other_checkpoints_or_data_in_the_same_out(tmp_path: Path) -> None:
+    from gradconflict.cli import main
+
+    paths = []
+    for k in range(2):
+        torch.manual_seed(k)
+        path = tmp_path / f"ckpt{k}.pt"
+        torch.save(UNetLike().state_dict(), path)
+        paths.append(str(path))
+    spec = tmp_path / "net.py"
+    spec.write_text("import sys\nsys.path.insert(0, %r)\nimport gradconflict as gc\nfrom zoo import UNetLike\n\n"
+                    "def build():\n    return UNetLike(), gc.NoiseSchedule.linear(), 'eps'\n" % str(Path(__file__).parent))
+    common = ["track", "--model", f"{spec}:build", "--image-size", "8", "--bins", "4", "--per-task", "2",
+              "--resamples", "1", "--out", str(tmp_path / "out")]
+    assert main([*common, "--checkpoints", paths[0], "--steps", "100", "--data", "synthetic"]) == 0
+    assert main([*common, "--checkpoints", paths[1], "--steps", "100", "--data", "synthetic"]) == 2  # other model
+    assert main([*common, "--checkpoints", paths[0], "--steps", "100", "--data", "digits"]) == 2  # other data
+    assert main([*common, "--checkpoints", paths[0], paths[1], "--steps", "100", "200", "--data", "synthetic"]) == 0
+    obj = pd.read_csv(tmp_path / "out" / "track_objectives.csv")
+    assert sorted(obj["step"].unique()) == [100, 200]
+
+
+def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gradconflict.reproduce import preset
+    from gradconflict.track import stale_tracking, track_training
+
+    config = preset("toy")
+    tc, cfg = config.train, config.track
+    track_training(tc, cfg, tmp_path, every=3, progress=False)
+    assert stale_tracking(tmp_path, tc, cfg) is None
+    changed = replace(tc, lr=tc.lr * 10)
+    assert stale_tracking(tmp_path, changed, cfg) == "training"
+    assert stale_tracking(tmp_path, tc, replace(cfg, per_task=cfg.per_task + 1)) == "tracking"
+    with pytest.raises(ValueError, match=r"a training run of another config \(differs in \['lr'\]\)"):
+        track_training(changed, cfg, tmp_path, every=3, progress=False)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
     from ..spec import load_model, model_input
-    from ..track import TrackConfig, track_models
+    from ..track import TrackConfig, file_source, track_models
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):
@@ -57,9 +57,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
                       strategies=tuple(args.strategies), seed=args.seed)
     out = Path(args.out)
+    # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
+    inputs = {"model": str(args.model), "data": str(args.data), "image_size": size}
+    sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}
+    conditional = bool(getattr(getattr(first.model, "config", None), "num_classes", 0))
     result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
-                          first.prediction, cfg, labels=data.labels, conditional=bool(getattr(getattr(first.model, "config", None), "num_classes", 0)),
-                          out_dir=out, device=device)
+                          first.prediction, cfg, labels=data.labels, conditional=conditional, out_dir=out,
+                          device=device, inputs=inputs, sources=sources)
     if not is_main():
         return 0
     setup = f"\n{first.source} on {data.name}; K = {args.bins}, {args.per_task} samples/bin, lam = {args.lam} x trace(G)/K"

@@ -2,12 +2,14 @@
 
 Stages are cached in ``out/runs/reproduce-<preset>/``: each finished stage leaves ``<stage>.done.json`` with
 the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
-stages resume from their last checkpoint when interrupted.
+stages resume from their last checkpoint when interrupted. A changed training config removes the cached
+training run, its snapshots and the tracking results; a changed tracking config only the tracking results.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +25,7 @@ from ..bins import TimestepBins
 from ..data import load_dataset
 from ..figures import conflict_vs_distance, fig3_ugd_weights, fig4_pareto_objective, lambda_sweep_figure
 from ..plots import matrix_heatmap, write_csv
-from ..track import lambda_sweep, load_track, make_bins, track_training
+from ..track import lambda_sweep, load_track, make_bins, stale_tracking, track_training
 from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
 from ..transfer.matrix import result_from_frame
@@ -73,6 +75,12 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     schedule = make_schedule(tc.schedule, tc.T)
     track_dir = cache / "track"
 
+    stale = stale_tracking(track_dir, tc, config.track) if is_main() else None
+    if stale is not None:  # a changed config reruns what depends on it: the cached results of the old one go
+        removed = track_dir if stale == "training" else track_dir / "track"
+        log(f"[track] the {stale} config changed: removing {removed} (results of the previous config)")
+        shutil.rmtree(removed)
+    barrier()
     _stage(cache, "track", config.identity("track"),
            lambda: track_training(tc, config.track, track_dir, every=config.every, progress=progress), log)
     run_dir = track_dir / "run"

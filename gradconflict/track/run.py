@@ -31,7 +31,8 @@ from ..weighting import WeightingStrategy, by_name
 from .analyze import analyze_gram
 from .config import TrackConfig
 
-__all__ = ["TrackResult", "track_models", "track_training", "make_bins", "load_track"]
+__all__ = ["TrackResult", "track_models", "track_training", "make_bins", "load_track", "track_identity", "file_source",
+           "stale_tracking"]
 
 ModelAt = Union[nn.Module, Callable[[], nn.Module]]
 
@@ -78,16 +79,49 @@ def _save(out: Path, result: TrackResult) -> None:
     atomic_write(out / "track_grams.npz", lambda p: np.savez(p, **{f"step{s}_r{r}": g for (s, r), g in result.grams.items()}))
 
 
-def _check_config(out: Path, identity: dict[str, Any]) -> None:
-    path = out / "track_config.json"
+def _check_config(out: Path, identity: dict[str, Any], name: str = "track_config.json",
+                  what: str = "tracking results of another config") -> None:
+    """Record ``identity`` in ``out/name``, or refuse when the one recorded there differs (naming the keys)."""
+    path = out / name
+    identity = json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
     if path.is_file():
         old = json.loads(path.read_text())
         if old != identity:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise ValueError(f"{out} holds tracking results of another config (differs in {diff}); use another --out")
+            raise ValueError(f"{out} holds {what} (differs in {diff}); use another --out, or remove {out}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, identity)
+
+
+def track_identity(config: TrackConfig, prediction: str, T: int, extra_strategies: Sequence[WeightingStrategy] = (),
+                   inputs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What a tracking folder's results depend on, besides the models at each step (see ``sources``)."""
+    identity = {**config.to_dict(), "prediction": prediction, "T": T,
+                "extra_strategies": [s.name for s in extra_strategies]}
+    return identity | {"inputs": dict(inputs)} if inputs else identity
+
+
+def _check_sources(out: Path, sources: dict[int, str]) -> None:
+    """``track_sources.json`` maps each tracked step to where its model came from; a step already tracked from
+    another source is refused (its results would silently stand for the other model)."""
+    path = out / "track_sources.json"
+    old = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    clash = sorted(s for s in sources if s in old and old[s] != sources[s])
+    if clash:
+        s = clash[0]
+        raise ValueError(f"{out} holds step {s} tracked from {old[s]!r}, not {sources[s]!r}; use another --out, "
+                         f"or remove {out}")
+    merged = {**old, **{int(k): v for k, v in sources.items()}}
+    if merged != old:
+        write_json(path, {str(k): v for k, v in sorted(merged.items())})
+
+
+def file_source(path: Union[str, Path]) -> str:
+    """A checkpoint file's identity for ``sources``: its absolute path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p} ({st.st_size} bytes, mtime {st.st_mtime_ns})"
 
 
 def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
@@ -108,24 +142,36 @@ def track_models(
     out_dir: Optional[Union[str, Path]] = None,
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
+    inputs: Optional[dict[str, Any]] = None,
+    sources: Optional[dict[int, str]] = None,
 ) -> TrackResult:
     """Track a sequence of ``(step, model)`` (a model, or a zero-argument function that loads it, so nothing
     is loaded for steps already in ``out_dir``). The batch of resample r at step s is seeded with
-    ``(config.seed, s, r)``, so reruns and devices agree."""
+    ``(config.seed, s, r)``, so reruns and devices agree.
+
+    A rerun into the same ``out_dir`` skips the steps it holds, so it must be the same experiment: ``inputs``
+    (e.g. model spec and dataset) is recorded with the config and must match; ``sources`` maps steps to where
+    their models come from (e.g. :func:`file_source` of a checkpoint), and a step tracked before from another
+    source is refused."""
+    items = list(models)
+    steps_given = [int(s) for s, _ in items]
+    if len(set(steps_given)) != len(steps_given):
+        dup = sorted({s for s in steps_given if steps_given.count(s) > 1})
+        raise ValueError(f"step(s) {dup} given more than once; give each checkpoint its own step")
     bins = make_bins(schedule, config)
     strategies = _strategies(config, extra_strategies)
     out = Path(out_dir) if out_dir is not None else None
     previous = None
     if out is not None and dist.is_main():
-        _check_config(out, {**config.to_dict(), "prediction": prediction, "T": schedule.T,
-                            "extra_strategies": [s.name for s in extra_strategies]})
+        _check_config(out, track_identity(config, prediction, schedule.T, extra_strategies, inputs))
+        if sources:
+            _check_sources(out, sources)
     if out is not None:
         previous = load_track(out)
     obj_rows = [previous.objectives] if previous is not None else []
     w_rows = [previous.weights] if previous is not None else []
     grams = dict(previous.grams) if previous is not None else {}
     done = set(previous.objectives["step"].unique()) if previous is not None else set()
-    items = list(models)
     for step, model_at in tqdm(items, desc="track", disable=not progress, dynamic_ncols=True):
         if step in done:
             continue
@@ -181,6 +227,8 @@ def track_training(
     if every < 1:
         raise ValueError(f"every must be >= 1 step, got {every}")
     out = Path(out_dir)
+    if dist.is_main():  # the snapshots stand for this training config: a changed one must not reuse them
+        _check_config(out, train_config.identity(), "train_config.json", "a training run of another config")
     run_dir = out / "run"
     data = load_dataset(train_config.data, image_size=train_config.image_size, limit=train_config.data_limit)
     schedule = make_schedule(train_config.schedule, train_config.T)
@@ -208,3 +256,18 @@ def track_training(
                         labels=data.labels, conditional=train_config.conditional,
                         extra_strategies=extra_strategies, out_dir=out / "track", device=train_config.device,
                         progress=progress)
+
+
+def stale_tracking(out_dir: Union[str, Path], train_config: Any, config: TrackConfig,
+                   extra_strategies: Sequence[WeightingStrategy] = ()) -> Optional[str]:
+    """What of a ``track_training`` folder no longer matches the configs: ``"training"`` (the run, its snapshots
+    and the tracking results), ``"tracking"`` (the tracking results only) or None (all current, or nothing there)."""
+    out = Path(out_dir)
+    path = out / "train_config.json"
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(train_config.identity(), default=str)):
+        return "training"
+    path = out / "track" / "track_config.json"
+    want = track_identity(config, train_config.prediction, train_config.T, extra_strategies)
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(want, default=str)):
+        return "tracking"
+    return None
