@@ -252,3 +252,167 @@ def test_config_validation():
         TrainConfig(prediction="score")
     cfg = TrainConfig(prediction="epsilon")
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ---- crash safety, validation, refusals and Ctrl-C --------------------------------------------------------
+
+CRASH = dict(SMALL, steps=10, cpu_threads=1)  # saves at steps 4, 8 and (final) 10
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(TrainConfig(**CRASH), out, progress=False)
+    return out
+
+
+# (writer in loop.py, its call that raises): write_csv runs twice per save (log.csv, then losses.csv)
+@pytest.mark.parametrize("writer, call", [
+    ("save_checkpoint", 2), ("write_csv", 3), ("write_csv", 4), ("save_weights", 2),  # inside the save of step 8
+    ("write_csv", 5), ("save_weights", 3),  # inside the final save (step 10)
+])
+def test_interrupted_save_resumes_with_complete_logs(tmp_path, monkeypatch, uninterrupted, writer, call):
+    original = getattr(loop_module, writer)
+    calls = {"n": 0}
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, writer, crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**CRASH), tmp_path, progress=False)
+    monkeypatch.setattr(loop_module, writer, original)
+    log = train(TrainConfig(**CRASH), tmp_path, progress=False)
+    assert log["step"].tolist() == list(range(1, 11))
+    ref_log, run_log = pd.read_csv(uninterrupted / "log.csv"), pd.read_csv(tmp_path / "log.csv")
+    drop = ["seconds"]  # wall-clock time is the only column that may differ
+    pd.testing.assert_frame_equal(ref_log.drop(columns=drop), run_log.drop(columns=drop))
+    assert run_log["seconds"].is_monotonic_increasing
+    pd.testing.assert_frame_equal(pd.read_csv(uninterrupted / "losses.csv"), pd.read_csv(tmp_path / "losses.csv"))
+    ref, mine = tensors(uninterrupted), tensors(tmp_path)
+    assert ref.keys() == mine.keys() and all(torch.equal(ref[k], mine[k]) for k in ref)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["step"]) == 10
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("inf"), "lr must be a finite number > 0"),
+    ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("grad_clip", float("nan"), "grad_clip must be a finite number > 0"),
+    ("grad_clip", float("inf"), "grad_clip must be a finite number > 0"),
+    ("grad_clip", -1.0, "grad_clip must be a finite number > 0"),
+    ("steps", 0, "steps must be a positive integer"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+])
+def test_config_rejects_bad_optimiser_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_grad_clip_off_spellings_are_one_run():
+    assert TrainConfig(grad_clip=None) == TrainConfig(grad_clip=0) == TrainConfig(grad_clip=0.0)
+    assert TrainConfig(grad_clip=None).grad_clip == 0.0 and TrainConfig(grad_clip=2).grad_clip == 2.0
+
+
+CLI_RUN = ["train", "--data", "synthetic", "--data-limit", "32", "--model", "dit-tiny", "--batch-size", "4",
+           "--image-size", "8", "--quiet", "--threads", "1", "--model-overrides", '{"hidden_size": 32, "depth": 1}']
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "inf"], "lr must be a finite"), (["--grad-clip", "nan"], "grad_clip must be a finite"),
+    (["--steps", "0"], "steps must be a positive integer"),
+])
+def test_cli_bad_values_fail_without_creating_out(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert cli_main(CLI_RUN + ["--out", str(out), "--steps", "2"] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_setup_leaves_no_out_dir(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        train(TrainConfig(**{**SMALL, "data": str(tmp_path / "missing.npy")}, steps=2), out, progress=False)
+    assert not out.exists()
+
+
+def test_summary_reports_non_finite_losses():
+    from gradconflict.cli.train import _summary
+
+    log = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [1.0, 2.0, float("nan"), 4.0]})
+    line = _summary(log, log_every=2)
+    assert "loss nan" in line and "DIVERGED" in line and "first at step 3" in line and "1 of 4" in line
+    finite = _summary(log.iloc[:2], log_every=2)
+    assert finite.startswith("step 2: loss 1.5000") and "DIVERGED" not in finite
+
+
+def test_cli_reports_a_diverged_run(tmp_path, capsys):
+    assert cli_main(CLI_RUN + ["--out", str(tmp_path / "run"), "--steps", "3", "--lr", "1e30", "--grad-clip", "0",
+                               "--warmup-steps", "0"]) == 0
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert not np.isfinite(log["loss"]).all()  # the premise: this learning rate does diverge
+    assert "DIVERGED" in capsys.readouterr().out
+
+
+def test_refuses_fewer_steps_than_the_checkpoint(tmp_path):
+    train(TrainConfig(**SMALL, steps=6), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="already trained to step 6.*steps=3"):
+        train(TrainConfig(**SMALL, steps=3), tmp_path, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert train(TrainConfig(**SMALL, steps=6), tmp_path, progress=False)["step"].tolist() == list(range(1, 7))
+
+
+def test_refuses_run_outputs_without_checkpoint(tmp_path):
+    train(TrainConfig(**SMALL, steps=4), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
+        train(TrainConfig(**SMALL, steps=8), tmp_path / "run", progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    # a folder with nothing of a run (here only the config.json written before the first step) trains
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.json").write_text(json.dumps(TrainConfig(**SMALL, steps=2).to_dict()))
+    assert train(TrainConfig(**SMALL, steps=2), tmp_path / "fresh", progress=False)["step"].tolist() == [1, 2]
+
+
+def test_cli_ctrl_c_prints_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = CLI_RUN + ["--out", str(out), "--steps", "8", "--checkpoint-every", "4"]
+    original = loop_module.EMA.update
+
+    def cli(argv):
+        try:
+            return cli_main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("KeyboardInterrupt escaped `gradconflict train`")
+
+    def interrupt_at(n):
+        calls = {"n": 0}
+
+        def update(self, model):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            original(self, model)
+
+        return update
+
+    monkeypatch.setattr(loop_module.EMA, "update", interrupt_at(2))  # before the first checkpoint
+    assert cli(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "step 0" in err
+    monkeypatch.setattr(loop_module.EMA, "update", interrupt_at(6))  # step 6 of 8, after the checkpoint of step 4
+    assert cli(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "same command" in err and "step 4" in err
+    monkeypatch.setattr(loop_module.EMA, "update", original)
+    assert cli(args) == 0
+    assert pd.read_csv(out / "log.csv")["step"].tolist() == list(range(1, 9))

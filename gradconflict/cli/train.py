@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "run"]
@@ -27,12 +30,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")
     p.add_argument("--schedule", default=d.schedule, choices=list(SCHEDULES), help="noise schedule")
     p.add_argument("--T", type=int, default=d.T, help="number of diffusion timesteps")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimiser steps")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimiser steps (>= 1)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (0 = off)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip, finite and > 0 (0 = off)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
@@ -73,10 +76,38 @@ def run(args: argparse.Namespace) -> int:
     if not is_main():  # the trainer is single-process: under torchrun rank 0 trains, the others wait for it
         barrier()
         return 0
-    log = train(config, args.out, progress=not args.quiet)
+    try:
+        log = train(config, args.out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"gradconflict train: interrupted; {_resume_hint(Path(args.out))}", file=sys.stderr)
+        return 130
     barrier()
     if len(log):
-        last = log.tail(min(len(log), config.log_every))
-        print(f"step {int(log['step'].iloc[-1])}: loss {last['loss'].mean():.4f} (mean of the last {len(last)} steps)")
+        print(_summary(log, config.log_every))
     print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv")
     return 0
+
+
+def _resume_hint(out: Path) -> str:
+    """One sentence on how an interrupted run continues: from which checkpoint, with the same command."""
+    from ..train.checkpoint import load_checkpoint
+
+    try:
+        step = int(load_checkpoint(out / "checkpoint.pt")["step"])
+    except (FileNotFoundError, ValueError):
+        return "no checkpoint was written yet, so running the same command again starts from step 0"
+    return f"run the same command again to resume from the checkpoint of step {step} in {out}"
+
+
+def _summary(log: Any, log_every: int) -> str:
+    """The end-of-run line: mean loss of the last ``log_every`` steps, NaN/Inf included, not skipped; a
+    run whose loss became non-finite is called diverged, with the first such step."""
+    last = log.tail(min(len(log), log_every))
+    mean = float(last["loss"].mean(skipna=False))
+    line = f"step {int(log['step'].iloc[-1])}: loss {mean:.4f} (mean of the last {len(last)} steps)"
+    bad = log[~log["loss"].map(math.isfinite)]
+    if len(bad):
+        line += (f"; DIVERGED: the loss is non-finite (first at step {int(bad['step'].iloc[0])}, {len(bad)} of "
+                 f"{len(log)} steps), so the weights are unusable; train again in another --out with a lower --lr "
+                 "or a --grad-clip")
+    return line

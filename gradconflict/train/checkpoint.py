@@ -5,7 +5,8 @@ Files in a run directory:
 * ``config.json``: the ``TrainConfig`` (written at the start of every training segment);
 * ``checkpoint.pt``: ``torch.save`` of a dict with ``format``, ``step``, ``config``, ``model_spec``, ``model``,
   ``ema``, ``optimizer``, ``rng`` (the data/timestep/noise ``torch.Generator`` state and the global CPU RNG)
-  and ``data_order`` (current permutation and position); loadable with ``weights_only=True``;
+  ``data_order`` (current permutation and position) and ``history`` (the log.csv / losses.csv columns up to
+  ``step``, so that a resume never depends on the CSVs); loadable with ``weights_only=True``;
 * ``model.safetensors``: model weights plus EMA weights under the prefix ``ema.``; the metadata holds
   ``config`` and ``model_spec`` as JSON, so it is self-contained;
 * ``log.csv`` (per step) and ``losses.csv`` (per bin), see ``gradconflict.train.loop``.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -11,6 +13,12 @@ from ..targets import normalize_prediction
 __all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES"]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
+
+
+def _real(value: Any) -> bool:
+    """True for a real number (int, float, numpy scalar), False for bools, strings and the like."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
 
 # fields that may differ between a run on disk and the config that resumes it
 RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads"})
@@ -29,7 +37,8 @@ class TrainConfig:
     * ``schedule``: "linear" | "cosine", ``T`` timesteps.
     * optimisation: AdamW with ``lr`` (per step), ``weight_decay``, ``betas``, linear warm-up over
       ``warmup_steps`` steps then a constant rate (so extending ``steps`` never changes earlier steps),
-      global-norm gradient clipping at ``grad_clip`` (0 = off), EMA with ``ema_decay``.
+      global-norm gradient clipping at ``grad_clip`` (0 or None = off, stored as 0), EMA with
+      ``ema_decay``. ``lr`` must be finite and > 0, ``grad_clip`` finite and > 0 (or off), ``steps`` >= 1.
     * ``bf16``: bfloat16 autocast of the forward pass, on CUDA only. ``device``: "cpu" or "cuda".
       ``cpu_threads``: torch intra-op threads during training (None = leave torch's setting); the tiny
       models run fastest with 1. Bit-exact resume on the CPU needs the same thread count in every segment.
@@ -49,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100
-    grad_clip: float = 1.0
+    grad_clip: Optional[float] = 1.0
     ema_decay: float = 0.999
     seed: int = 0
     device: str = "cpu"
@@ -71,14 +80,25 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {list(SCHEDULES)}")
         for name in ("steps", "batch_size", "T", "log_every", "checkpoint_every", "bins", "image_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}; use {name} >= 1")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or None), got {self.cpu_threads}")
         if self.bins > self.T:
             raise ValueError(f"bins ({self.bins}) cannot exceed T ({self.T})")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0 and weight_decay, warmup_steps, grad_clip >= 0")
+        if not _real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}; use e.g. lr=3e-4")
+        if not _real(self.weight_decay) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}; use 0 for none")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}; use 0 for no warm-up")
+        if self.grad_clip is None:
+            self.grad_clip = 0.0  # off; stored as 0 (the historical spelling) so that both are the same run
+        if not _real(self.grad_clip) or not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be a finite number > 0, or 0 / None for no clipping, got {self.grad_clip!r}")
+        self.grad_clip = float(self.grad_clip)
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two finite numbers in [0, 1), got {self.betas!r}; use e.g. (0.9, 0.999)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         from ..weighting import by_name

@@ -14,6 +14,11 @@ whose state is checkpointed, so on the CPU a resumed run is bit-identical to an 
 Outputs in ``out_dir``: ``config.json``, ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
 step: step, loss, loss_x0, lr, grad_norm, seconds) and ``losses.csv`` (tidy: step, bin, label, t_low,
 t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together).
+
+Crash safety: ``checkpoint.pt`` is the commit point of a save and also holds the log history, so a run
+interrupted anywhere (even between the files of one save) resumes with complete, duplicate-free logs.
+A save writes ``checkpoint.pt``, then ``log.csv``, ``losses.csv`` and last ``model.safetensors``, so a
+``model.safetensors`` whose step matches the checkpoint means the logs of that step were written as well.
 """
 
 from __future__ import annotations
@@ -97,24 +102,41 @@ def _lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * min(1.0, (step + 1) / config.warmup_steps)
 
 
-def _check_run_dir(out: Path, config: TrainConfig) -> None:
-    """Refuse a directory that holds a run with a different config."""
+def _check_run_dir(out: Path, config: TrainConfig, state: Optional[dict[str, Any]]) -> None:
+    """Refuse a directory that holds a run with a different config, a run already past ``config.steps``, or
+    the outputs of a run without the ``checkpoint.pt`` to resume it from (``state``: that checkpoint)."""
     previous: Optional[dict[str, Any]] = None
     if (out / "config.json").is_file():
         previous = json.loads((out / "config.json").read_text())
-    elif (out / "checkpoint.pt").is_file():
-        previous = load_checkpoint(out / "checkpoint.pt")["config"]
-    if previous is None:
-        return
-    mine = config.identity()
-    theirs = TrainConfig.from_dict(previous).identity()
-    diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
-    if diff:
-        text = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+    elif state is not None:
+        previous = state["config"]
+    if previous is not None:
+        mine = config.identity()
+        theirs = TrainConfig.from_dict(previous).identity()
+        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
+        if diff:
+            text = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ValueError(
+                f"{out} holds a run with a different config ({text}); use another output directory or the same "
+                "settings (only steps, log_every, checkpoint_every and device may change to resume)"
+            )
+    if state is None:
+        leftovers = [name for name in _RUN_FILES if (out / name).is_file()]
+        if leftovers:
+            raise ValueError(
+                f"{out} holds {', '.join(leftovers)} of a finished or partial run but no checkpoint.pt to resume it "
+                f"from; use another output directory, or delete {out} to train from scratch"
+            )
+    elif int(state["step"]) > config.steps:
+        done = int(state["step"])
         raise ValueError(
-            f"{out} holds a run with a different config ({text}); use another output directory or the same "
-            "settings (only steps, log_every, checkpoint_every and device may change to resume)"
+            f"{out} is already trained to step {done} (checkpoint.pt), past steps={config.steps}; use another "
+            f"output directory for a shorter run, or steps >= {done} to keep this one (a larger value resumes it)"
         )
+
+
+# files that show a directory holds (part of) a run; config.json alone is written before the first step
+_RUN_FILES: tuple[str, ...] = ("model.safetensors", "log.csv", "losses.csv")
 
 
 def _read_log(path: Path, upto: int) -> pd.DataFrame:
@@ -122,6 +144,34 @@ def _read_log(path: Path, upto: int) -> pd.DataFrame:
         return pd.DataFrame()
     frame = pd.read_csv(path)
     return frame[frame["step"] <= upto].reset_index(drop=True) if "step" in frame else pd.DataFrame()
+
+
+def _frame_to_state(frame: pd.DataFrame) -> dict[str, Any]:
+    """A log frame as checkpoint content loadable with ``weights_only=True``: numeric columns as tensors
+    (dtype kept, so the CSV written from it is byte-identical), other columns as lists of strings."""
+    return {
+        str(c): torch.from_numpy(frame[c].to_numpy().copy()) if pd.api.types.is_numeric_dtype(frame[c])
+        else [str(v) for v in frame[c]]
+        for c in frame.columns
+    }
+
+
+def _frame_from_state(state: dict[str, Any]) -> pd.DataFrame:
+    """Inverse of ``_frame_to_state``."""
+    return pd.DataFrame({c: v.numpy() if isinstance(v, torch.Tensor) else list(v) for c, v in state.items()})
+
+
+def _weights_step(path: Path) -> Optional[int]:
+    """The step recorded in ``model.safetensors``' metadata, or None if the file is missing or has none."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int(json.loads((handle.metadata() or {})["step"]))
+    except Exception:  # noqa: BLE001 - unreadable or foreign file: treat as stale, it is rewritten
+        return None
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
@@ -151,8 +201,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     """Train (or resume) a run in ``out_dir`` up to ``config.steps`` optimiser steps; returns the per-step log.
 
     A directory holding a checkpoint of the same run (same config except steps / log / checkpoint cadence /
-    device / cpu_threads) is resumed from it; a different run raises ``ValueError`` and leaves the directory
-    untouched.
+    device / cpu_threads) is resumed from it. ``ValueError``, with the directory left untouched (not even
+    created), for a different run, a run whose checkpoint is already past ``config.steps``, or run outputs
+    (model.safetensors, log.csv, losses.csv) without the ``checkpoint.pt`` to resume them from.
     """
     threads = torch.get_num_threads()
     if config.cpu_threads is not None:
@@ -165,9 +216,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
 
 def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataFrame:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(out, config)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output directory {out} is a file; give a directory path (new or holding this run)")
     device = _device(config.device)
+    state = load_checkpoint(out / "checkpoint.pt", map_location=device) if (out / "checkpoint.pt").is_file() else None
+    _check_run_dir(out, config, state)  # everything is checked before the directory is created or written to
     dataset, model = _build(config, device)
     schedule = make_schedule(config.schedule, config.T)
     strategy = by_name(config.weighting)
@@ -177,8 +230,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     generator = torch.Generator().manual_seed(config.seed)
     sampler = EpochSampler(len(dataset), generator)
     step = 0
-    if (out / "checkpoint.pt").is_file():
-        state = load_checkpoint(out / "checkpoint.pt", map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -186,9 +238,15 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         torch.set_rng_state(state["rng"]["torch_cpu"].cpu())
         sampler.load_state_dict(state["data_order"])
         step = int(state["step"])
+    if state is not None and "history" in state:  # the logs as of the checkpoint, whatever the CSVs hold
+        step_log = _frame_from_state(state["history"]["log"])
+        bin_log = _frame_from_state(state["history"]["losses"])
+    else:  # a checkpoint written before the history was kept in it
+        step_log = _read_log(out / "log.csv", step)
+        bin_log = _read_log(out / "losses.csv", step)
+    del state
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.to_dict())
-    step_log = _read_log(out / "log.csv", step)
-    bin_log = _read_log(out / "losses.csv", step)
     meta = {"config": config.to_dict(), "model_spec": model_spec(model), "dataset": dataset.name}
 
     images, labels = dataset.images.to(device), dataset.labels.to(device)
@@ -223,57 +281,64 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
             sums.zero_()
             counts.zero_()
 
-    def save(at: int) -> pd.DataFrame:
+    def save(at: int, checkpoint: bool = True) -> pd.DataFrame:
+        """Write the checkpoint of step ``at`` (the commit point, with the log history), then the logs and
+        last the weights (see the module docstring); ``checkpoint=False`` rewrites only the latter."""
         flush(at)
         frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["step", "loss", "loss_x0", "lr", "grad_norm", "seconds"])
-        save_checkpoint(out / "checkpoint.pt", {
-            "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
-            "data_order": sampler.state_dict(),
-        })
-        save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
+        bin_frame = pd.concat(bin_rows, ignore_index=True) if bin_rows else None
+        if checkpoint:
+            save_checkpoint(out / "checkpoint.pt", {
+                "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
+                "data_order": sampler.state_dict(),
+                "history": {"log": _frame_to_state(frame), "losses": _frame_to_state(bin_frame if bin_frame is not None else pd.DataFrame())},
+            })
         write_csv(frame, out / "log.csv")
-        if bin_rows:
-            write_csv(pd.concat(bin_rows, ignore_index=True), out / "losses.csv")
+        if bin_frame is not None:
+            write_csv(bin_frame, out / "losses.csv")
+        save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
         return frame
 
-    if step >= config.steps:
-        if not (out / "model.safetensors").is_file() or step == 0:
-            return save(step)
+    if step >= config.steps:  # == (a larger step was refused): finished; finish a save interrupted after the checkpoint
+        if _weights_step(out / "model.safetensors") != step:
+            return save(step, checkpoint=False)
         return step_log
     model.train()
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model}", dynamic_ncols=True)
-    for step in range(step, config.steps):
-        idx = sampler.next(config.batch_size)
-        t = torch.randint(0, config.T, (config.batch_size,), generator=generator)
-        noise = torch.randn((config.batch_size, *images.shape[1:]), generator=generator)
-        x0, t, noise = images[idx.to(device)], t.to(device), noise.to(device)
-        y = labels[idx.to(device)] if config.conditional else None
-        lr = _lr_at(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-            err = prediction_error(model, x0, t, schedule, config.prediction, noise, y)
-        weight = strategy.weight(schedule.snr(t), target=config.prediction).to(device=err.device, dtype=err.dtype)
-        loss = (weight * err).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        ema.update(model)
-        with torch.no_grad():
-            x0_err = err.detach().double() / factor[t]
-            sums.index_add_(0, task_of[t], x0_err)
-            counts.index_add_(0, task_of[t], torch.ones_like(x0_err))
-        done = step + 1
-        pending.append((done, loss.detach(), x0_err.mean(), lr, grad_norm.detach(), elapsed0 + time.perf_counter() - start))
-        if done % config.log_every == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            flush(done)
-        if done % config.checkpoint_every == 0 and done < config.steps:
-            save(done)
-        bar.update(1)
-    bar.close()
+    try:
+        for step in range(step, config.steps):
+            idx = sampler.next(config.batch_size)
+            t = torch.randint(0, config.T, (config.batch_size,), generator=generator)
+            noise = torch.randn((config.batch_size, *images.shape[1:]), generator=generator)
+            x0, t, noise = images[idx.to(device)], t.to(device), noise.to(device)
+            y = labels[idx.to(device)] if config.conditional else None
+            lr = _lr_at(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+                err = prediction_error(model, x0, t, schedule, config.prediction, noise, y)
+            weight = strategy.weight(schedule.snr(t), target=config.prediction).to(device=err.device, dtype=err.dtype)
+            loss = (weight * err).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = config.grad_clip if config.grad_clip else float("inf")  # 0 / None: no clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            ema.update(model)
+            with torch.no_grad():
+                x0_err = err.detach().double() / factor[t]
+                sums.index_add_(0, task_of[t], x0_err)
+                counts.index_add_(0, task_of[t], torch.ones_like(x0_err))
+            done = step + 1
+            pending.append((done, loss.detach(), x0_err.mean(), lr, grad_norm.detach(), elapsed0 + time.perf_counter() - start))
+            if done % config.log_every == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                flush(done)
+            if done % config.checkpoint_every == 0 and done < config.steps:
+                save(done)
+            bar.update(1)
+    finally:
+        bar.close()
     return save(config.steps)
