@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
 
 from gradconflict.reproduce import preset
 from gradconflict.reproduce.pipeline import reproduce
+
+PRESETS = ("quick", "full", "toy")
 
 
 @dataclass
@@ -20,12 +24,49 @@ class FigureConfig:
     progress: bool = True
 
 
-def run_figure(name: str, doc: str) -> None:
+def figure_parser(doc: Optional[str]) -> argparse.ArgumentParser:
+    """The options every figure script takes: ``--preset`` (or ``--quick``/``--full``/``--toy``, as in
+    ``gradconflict reproduce``), ``--device``, ``--out DIR`` and ``--no-progress``."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["quick", "full", "toy"], default="quick")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=".")
-    args = p.parse_args()
-    cfg = FigureConfig(args.preset, args.device, args.out)
-    reproduce(preset(cfg.preset, device=cfg.device), cfg.out, progress=cfg.progress, only=[name])
-    print(f"wrote {cfg.out}/figures/{name}.png and .csv")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--preset", choices=PRESETS,
+                      help="quick: tiny DiT on 16x16 MNIST, minutes on a CPU (default); full: DiT-S/2-like at 32x32, "
+                           "for a GPU; toy: seconds, a smoke test")
+    size.add_argument("--quick", dest="preset", action="store_const", const="quick", help="same as --preset quick")
+    size.add_argument("--full", dest="preset", action="store_const", const="full", help="same as --preset full")
+    size.add_argument("--toy", dest="preset", action="store_const", const="toy", help="same as --preset toy")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=".", metavar="DIR",
+                   help="folder that receives figures/ and runs/ (the cache shared with `gradconflict reproduce`; "
+                        "default: here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(preset="quick")
+    return p
+
+
+def parse_figure_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check ``argv``: ``--out`` must name a folder, not a PNG file."""
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() in {".png", ".csv", ".pdf", ".svg"}:
+        folder = out.parent.parent if out.parent.name == "figures" else out.parent
+        parser.error(f"--out is the output folder (figures/ and runs/ are written under it), got the file name "
+                     f"{args.out!r}; pass a folder instead, e.g. --out {folder}")
+    return args
+
+
+def fail(parser: argparse.ArgumentParser, err: Exception) -> NoReturn:
+    """A user mistake (``ValueError``, ``FileNotFoundError``): one line on stderr, exit status 2."""
+    parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def run_figure(name: str, doc: Optional[str], argv: Optional[Sequence[str]] = None) -> None:
+    """Parse the shared options and regenerate figure ``name`` (and the cached stages it needs) into OUT."""
+    parser = figure_parser(doc)
+    args = parse_figure_args(parser, argv)
+    cfg = FigureConfig(args.preset, args.device, args.out, progress=not args.no_progress)
+    try:
+        reproduce(preset(cfg.preset, device=cfg.device), cfg.out, progress=cfg.progress, only=[name])
+    except (ValueError, FileNotFoundError) as err:
+        fail(parser, err)
+    print(f"wrote {Path(cfg.out) / 'figures' / name}.png and .csv")

@@ -1,87 +1,81 @@
 """Paper Fig. 2: the cross-bin fine-tuning transfer matrix of a trained diffusion model (claim C1).
 
-    python experiments/fig2_transfer.py --quick                 # a few minutes on a CPU
-    python experiments/fig2_transfer.py                         # longer base training, more steps and seeds
-    python experiments/fig2_transfer.py --checkpoint runs/my_run --device cuda
+    python experiments/fig2_transfer.py [--preset quick|full|toy] [--device cuda] [--out DIR]
+    python experiments/fig2_transfer.py --checkpoint runs/my_run [--data digits] [--preset ...] [--out DIR]
 
-Without ``--checkpoint`` a dit-tiny is trained on MNIST (16x16) with ``gradconflict.train`` (plain
-eps-MSE, i.e. the "snr" weighting, AdamW 3e-4) into ``runs/fig2_<model>_<data>_<steps>steps``; a run
-already there is reused. Fine-tuning starts from the raw final weights (not the EMA: the EMA is not a
-point of the optimiser's trajectory). Then for each of K = 10 uniform bins a copy is fine-tuned with AdamW
-on that bin only, and every bin's loss (x0 units, fixed evaluation set) is compared with the base model:
+Without ``--checkpoint``: trains (or reuses) the cached reproduction run of `gradconflict reproduce` in
+DIR/runs/reproduce-<preset>/ and its transfer stage, like the other figure scripts.
+
+With ``--checkpoint`` (a training run directory, its model.safetensors / checkpoint.pt, or a model spec): the
+transfer matrix of that model with the preset's transfer setup (steps, lr, seeds, K bins), fine-tuned and
+evaluated on ``--data`` (default: the data the run was trained on, read from its config; mnist when it is
+not known, e.g. for a model spec). Fine-tuning starts from the raw final weights of a run (not the EMA: the
+EMA is not a point of the optimiser's trajectory). For each of the K uniform bins a copy is fine-tuned with
+AdamW on that bin only, and every bin's loss (x0 units, fixed evaluation set) is compared with the base model:
 ``transfer[i, j] = (L_j(theta_0) - L_j(theta_i)) / L_j(theta_0)``.
 
-Writes ``figures/fig2_transfer.png`` (heatmap and transfer against bin distance) and
-``figures/fig2_transfer.csv`` (one row per source and target bin: mean, standard error, losses), and
-prints each bin's reach and whether C1 (neighbours improve, distant bins get worse) holds.
+Writes DIR/figures/fig2_transfer.png (heatmap and transfer against bin distance) and
+DIR/figures/fig2_transfer.csv (one row per source and target bin: mean, standard error, losses), and prints
+each bin's reach and whether C1 (neighbours improve, distant bins get worse) holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass
+import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 
+from _common import fail, figure_parser, parse_figure_args
 from gradconflict.bins import TimestepBins
 from gradconflict.data import load_dataset
+from gradconflict.reproduce import ReproduceConfig, preset
+from gradconflict.reproduce.pipeline import reproduce
 from gradconflict.spec import load_model
-from gradconflict.train import TrainConfig, load_trained, train
+from gradconflict.train import TrainConfig, load_trained
+from gradconflict.train.checkpoint import load_checkpoint
 from gradconflict.transfer import TransferConfig, TransferResult, distance_profile, plot_transfer, run_transfer
+from gradconflict.transfer.matrix import result_from_frame
 from gradconflict.transfer.plot import describe_setup
 
-
-@dataclass
-class Fig2Config:
-    """Base model (trained here unless ``checkpoint`` names a run directory or model spec) and transfer setup."""
-
-    checkpoint: Optional[str] = None
-    model: str = "dit-tiny"
-    data: str = "mnist"
-    image_size: int = 16
-    train_steps: int = 3000
-    train_batch: int = 64
-    train_lr: float = 3e-4
-    train_weighting: str = "snr"
-    runs: str = "runs"
-    bins: int = 10
-    steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 16
-    eval_samples: int = 256
-    seeds: int = 4
-    device: str = "cpu"
-    out: str = "figures/fig2_transfer.png"
-
-    @classmethod
-    def quick(cls, **overrides: object) -> "Fig2Config":
-        """Minutes on a CPU: 300 training steps, 30 fine-tuning steps, 64 evaluation samples per bin, 2 seeds."""
-        return dataclasses.replace(cls(train_steps=300, steps=30, eval_samples=64, seeds=2), **overrides)
+NAME = "fig2_transfer"
+TITLE = "Fig. 2: fine-tune on one timestep bin, relative loss change of every bin"
 
 
-def base_model(cfg: Fig2Config):
-    """``(model, schedule, prediction, description)``: the given checkpoint, or a cached/new training run."""
-    if cfg.checkpoint is not None:
-        path = Path(cfg.checkpoint)
-        if path.is_dir():
-            model, schedule, prediction = load_trained(path, ema=False, device=cfg.device)
-            return model, schedule, prediction, f"run {path.name}"
-        loaded = load_model(cfg.checkpoint, device=cfg.device)
-        return loaded.model, loaded.schedule, loaded.prediction, loaded.source
-    run = Path(cfg.runs) / f"fig2_{cfg.model}_{cfg.data}_{cfg.train_steps}steps"
-    tc = TrainConfig(data=cfg.data, model=cfg.model, weighting=cfg.train_weighting, prediction="eps", steps=cfg.train_steps,
-                     batch_size=cfg.train_batch, lr=cfg.train_lr, image_size=cfg.image_size, device=cfg.device,
-                     checkpoint_every=max(cfg.train_steps, 1))
-    if not (run / "model.safetensors").is_file():
-        print(f"training {cfg.model} on {cfg.data} for {cfg.train_steps} steps into {run}")
-        train(tc, run)
-    else:
-        print(f"reusing the trained model in {run}")
-    model, schedule, prediction = load_trained(run, ema=False, device=cfg.device)
-    return model, schedule, prediction, f"{cfg.model} ({cfg.train_steps} training steps)"
+def training_config(checkpoint: str | Path) -> Optional[TrainConfig]:
+    """The ``TrainConfig`` of a gradconflict training run (directory, model.safetensors or checkpoint.pt),
+    or None for anything else (e.g. a model spec)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+        found = [p for p in (path / "model.safetensors", path / "checkpoint.pt") if p.is_file()]
+        if not found:
+            return None
+        path = found[0]
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return TrainConfig.from_dict(json.loads(meta["config"])) if "config" in meta else None
+    if path.suffix == ".pt" and path.is_file():
+        return TrainConfig.from_dict(load_checkpoint(path)["config"])
+    return None
+
+
+def base_model(checkpoint: str, device: str) -> tuple[Any, Any, str, str, Optional[TrainConfig]]:
+    """``(model, schedule, prediction, description, train_config)`` of ``checkpoint``: a training run is loaded
+    with its raw final weights, anything else through ``gradconflict.spec.load_model``."""
+    config = training_config(checkpoint)
+    if config is not None:
+        model, schedule, prediction = load_trained(checkpoint, ema=False, device=device)
+        return model, schedule, prediction, f"run {Path(checkpoint).name}", config
+    loaded = load_model(checkpoint, device=device)
+    return loaded.model, loaded.schedule, loaded.prediction, loaded.source, None
 
 
 def c1_verdict(result: TransferResult) -> str:
@@ -98,30 +92,75 @@ def c1_verdict(result: TransferResult) -> str:
             f"to distant bins (|j-i| >= {result.K // 2}) {far:+.4f} ({share:.0%} of distant pairs negative)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Paper Fig. 2: cross-bin fine-tuning transfer matrix")
-    parser.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
-    parser.add_argument("--checkpoint", default=None, help="training run directory or model spec (default: train one)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="PNG path (CSV beside it); default figures/fig2_transfer.png")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device), ("out", args.out)) if v is not None}
-    cfg = Fig2Config.quick(**overrides) if args.quick else dataclasses.replace(Fig2Config(), **overrides)
-    model, schedule, prediction, source = base_model(cfg)
-    size = getattr(getattr(model, "config", None), "image_size", cfg.image_size)
-    data = load_dataset(cfg.data, image_size=size)
-    bins = TimestepBins.uniform(schedule.T, cfg.bins)
-    tcfg = TransferConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, eval_samples=cfg.eval_samples, seeds=cfg.seeds)
-    result = run_transfer(model, data, bins, tcfg, schedule=schedule, prediction=prediction)
-    setup = describe_setup(result, source, data.name) + f", {prediction}-prediction, loss in x0 units"
-    png = plot_transfer(result, cfg.out, setup=setup, title="Fig. 2: fine-tune on one timestep bin, relative loss change of every bin")
-    print(f"{setup}; {'batched' if result.batched else 'sequential'} fine-tuning, {result.seconds:.0f} s")
+def print_result(result: TransferResult) -> None:
     for line in result.reach_lines():
         print(line)
     if result.all_row is not None:
         print(f"all bins (control): relative loss reduction {np.array2string(result.all_row, precision=4)}")
     print(c1_verdict(result))
-    print(f"wrote {png} and {Path(png).with_suffix('.csv')}")
+
+
+def from_checkpoint(checkpoint: str, data_name: Optional[str], config: ReproduceConfig, out: Path, progress: bool) -> Path:
+    """The transfer matrix of ``checkpoint`` with the transfer setup of ``config``; returns the PNG path."""
+    device = config.train.device
+    model, schedule, prediction, source, trained = base_model(checkpoint, device)
+    if data_name is None:
+        data_name = trained.data if trained is not None else "mnist"
+        print(f"data: {data_name} ({'the run was trained on it' if trained is not None else 'default; the checkpoint names no training data'})")
+    limit = trained.data_limit if trained is not None and data_name == trained.data else None
+    size = getattr(getattr(model, "config", None), "image_size", None) or (trained.image_size if trained else 16)
+    data = load_dataset(data_name, image_size=size, limit=limit)
+    channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if channels is not None and data.images.shape[1] != channels:
+        raise ValueError(f"--data {data_name} has {data.images.shape[1]} channel(s) but the model takes {channels}; "
+                         f"pass --data with {channels}-channel images")
+    bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
+    tcfg = TransferConfig(**{"progress": progress, **config.transfer})
+    result = run_transfer(model, data, bins, tcfg, schedule=schedule, prediction=prediction)
+    setup = describe_setup(result, source, data.name) + f", {prediction}-prediction, loss in x0 units"
+    png = plot_transfer(result, out / "figures" / f"{NAME}.png", setup=setup, title=TITLE)
+    print(f"{setup}; {'batched' if result.batched else 'sequential'} fine-tuning, {result.seconds:.0f} s")
+    print_result(result)
+    return png
+
+
+def from_reproduction(config: ReproduceConfig, out: Path, progress: bool) -> Path:
+    """Fig. 2 of the cached reproduction run (shared with ``gradconflict reproduce``); returns the PNG path."""
+    reproduce(config, out, progress=progress, only=[NAME])
+    cached = out / "runs" / f"reproduce-{config.name}" / "transfer.csv"  # the pipeline's transfer stage
+    if cached.is_file():
+        bins = TimestepBins.uniform(config.train.T, config.transfer_bins)
+        print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**config.transfer)))
+    return out / "figures" / f"{NAME}.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = figure_parser(__doc__)
+    p.add_argument("--checkpoint", default=None,
+                   help="training run directory, its weights file, or a model spec (default: the reproduction run of "
+                        "--preset, trained here or reused from DIR/runs/)")
+    p.add_argument("--data", default=None,
+                   help="data to fine-tune and evaluate on, with --checkpoint only (default: the data of the "
+                        "checkpoint's training run; mnist when unknown)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parse_figure_args(parser, argv)
+    config = preset(args.preset, device=args.device)
+    if args.data is not None and args.checkpoint is None:
+        parser.error(f"--data applies to --checkpoint only: without it the figure comes from the reproduction run "
+                     f"of --preset {args.preset}, trained on {config.train.data}; pass --checkpoint RUN, or drop --data")
+    out, progress = Path(args.out), not args.no_progress
+    try:
+        if args.checkpoint is not None:
+            png = from_checkpoint(args.checkpoint, args.data, config, out, progress)
+        else:
+            png = from_reproduction(config, out, progress)
+    except (ValueError, FileNotFoundError) as err:
+        fail(parser, err)
+    print(f"wrote {png} and {png.with_suffix('.csv')}")
     return 0
 
 

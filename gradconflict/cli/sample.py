@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "run"]
@@ -17,25 +18,49 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--run", required=True, help="run directory (or model.safetensors / checkpoint.pt)")
-    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--out", required=True, help="output PNG path (.png is appended when it has no extension)")
     p.add_argument("--n", type=int, default=16, help="number of samples")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps, 1 to the run's T (number of timesteps)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM stochasticity in [0, 1] (0 = deterministic, 1 = DDPM-like); ddim only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=run)
 
 
+def output_path(out: str) -> Path:
+    """The file the grid is written to: ``out``, with ``.png`` appended when it has no extension (as matplotlib
+    would), so that the path printed is the path written."""
+    path = Path(out)
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` for options no sampler can honour (before the run is loaded)."""
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like noise), got {args.eta:g}")
+    if args.sampler == "ddpm" and args.eta != 0.0:
+        raise ValueError(f"--eta {args.eta:g} applies to --sampler ddim only (ddpm always adds the posterior noise); "
+                         "drop --eta or use --sampler ddim")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the run and write the grid."""
     from ..train import load_trained, sample_grid_png
 
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+    check_args(args)
+    out = output_path(args.out)
     model, schedule, prediction = load_trained(args.run, ema=not args.no_ema, device=args.device)
-    sample_grid_png(model, schedule, prediction, args.out, n=args.n, steps=args.steps, seed=args.seed,
-                    method=args.sampler, eta=args.eta)
-    print(f"wrote {args.out}")
+    if args.steps > schedule.T:
+        raise ValueError(f"--steps {args.steps} exceeds the run's T = {schedule.T} timesteps; "
+                         f"use --steps {schedule.T} or fewer")
+    sample_grid_png(model, schedule, prediction, out, n=args.n, steps=args.steps, seed=args.seed,
+                    method=args.sampler, eta=args.eta)  # written atomically: never a half-written PNG
+    print(f"wrote {out}")
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..schedule import NoiseSchedule
 from ..targets import to_x0
 
@@ -153,6 +154,5 @@ def sample_grid_png(model: nn.Module, schedule: NoiseSchedule, prediction: str, 
     arch = type(model).__name__
     fig.suptitle(title or f"{arch} ({prediction}-prediction), {method.upper()} {steps} steps, seed {seed}", fontsize=9)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100))  # never a half-written PNG
     return x
