@@ -284,3 +284,39 @@ def test_a_loss_that_turns_nan_mid_run_is_reported_at_its_step(monkeypatch, bloc
         messages.append(str(err.value))
     step = [int(m.split("at step ")[1].split()[0]) for m in messages]
     assert step[0] > 0 and step[0] == step[1]
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_seed(tmp_path: Path, monkeypatch) -> None:
+    """Seeds are independent: a run stopped after seed 0 and started again with the same resume folder skips
+    seed 0 and gives the rows of an uninterrupted run; other inputs in the same folder are refused."""
+    import gradconflict.transfer.matrix as matrix
+
+    model, data = _setup()
+    bins = gc.TimestepBins.uniform(1000, 2)
+    kw = dict(steps=2, lr=1e-2, eval_samples=4, seeds=3, schedule=SCHEDULE, prediction="eps", progress=False)
+    full = transfer_matrix(model, data, bins, **kw)
+    real, calls = matrix.finetune_copies, []
+
+    def stop_at_second_seed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matrix, "finetune_copies", stop_at_second_seed)
+    with pytest.raises(KeyboardInterrupt):
+        transfer_matrix(model, data, bins, resume_dir=tmp_path, **kw)
+    assert sorted(pd.read_csv(tmp_path / "transfer_seeds.csv")["seed"].unique()) == [0]
+    calls.clear()
+    monkeypatch.setattr(matrix, "finetune_copies", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = transfer_matrix(model, data, bins, resume_dir=tmp_path, **kw)
+    assert len(calls) == 2  # seeds 1 and 2 only
+    cols = ["seed", "source", "target", "loss_before", "loss_after", "transfer"]
+    got = resumed.frame[cols].sort_values(["seed", "source", "target"]).to_numpy(dtype=float)
+    ref = full.frame[cols].sort_values(["seed", "source", "target"]).to_numpy(dtype=float)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"transfer results of another run \(differs in \['lr'\]\)"):
+        transfer_matrix(model, data, bins, resume_dir=tmp_path, **{**kw, "lr": 2e-2})
+    other, _ = _setup(seed=1)
+    with pytest.raises(ValueError, match=r"differs in \['model'\]"):
+        transfer_matrix(other, data, bins, resume_dir=tmp_path, **kw)

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, include_all=not args.no_all,
                          mode=args.mode, batched=not args.sequential, first_order=args.first_order,
                          progress=not args.quiet)
-    result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=loaded.prediction)
+    # each finished seed is kept in --out: an interrupted run continues with the next seed when rerun
+    result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=loaded.prediction,
+                          resume_dir=Path(args.out))
     if not is_main():
         return 0
     out = Path(args.out)

@@ -8,6 +8,7 @@ training run, its snapshots and the tracking results; a changed tracking config 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -91,9 +92,16 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         data = load_dataset(tc.data, image_size=tc.image_size, limit=tc.data_limit)
         bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
         cfg = TransferConfig(**{"progress": progress, **config.transfer})
-        result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=prediction)
+        # finished seeds survive an interruption; the folder is named by the stage's inputs, so a changed
+        # config starts a fresh one (and the stale ones are removed once this stage is done)
+        key = hashlib.sha256(json.dumps(config.identity("transfer"), sort_keys=True, default=str).encode()).hexdigest()
+        partial = cache / f"transfer-seeds-{key[:12]}"
+        result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=prediction, resume_dir=partial)
         if is_main():
             write_csv(result.frame, transfer_csv)
+            for stale in cache.glob("transfer-seeds-*"):
+                if stale != partial:
+                    shutil.rmtree(stale)
 
     if need_transfer:
         _stage(cache, "transfer", config.identity("transfer"), transfer_stage, log)

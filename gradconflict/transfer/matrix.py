@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -38,6 +39,7 @@ from ..engine import check_samples_independent, task_gram
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
 from .config import TransferConfig
+from .resume import SeedLog, fingerprint
 from .evaluate import EvalSet, base_params, draw_eval_set, evaluate_losses, relative_reduction
 from .stacked import BatchStream, Source, derive_seed, finetune_copies, sources_of
 
@@ -164,8 +166,12 @@ def _first_order(model: nn.Module, streams: Sequence[BatchStream], eval_set: Eva
 
 
 def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: TransferConfig, *,
-                 schedule: NoiseSchedule, prediction: Optional[str] = None) -> TransferResult:
-    """The transfer matrix of ``model`` for ``config`` (see the module docstring and ``transfer_matrix``)."""
+                 schedule: NoiseSchedule, prediction: Optional[str] = None,
+                 resume_dir: Optional[Union[str, Path]] = None) -> TransferResult:
+    """The transfer matrix of ``model`` for ``config`` (see the module docstring and ``transfer_matrix``).
+
+    ``resume_dir``: keep the rows of each finished seed there (``resume.py``), and skip the seeds already
+    there when the run is started again with the same model, data and config."""
     start = time.perf_counter()
     check_samples_independent(model)
     if prediction is None:
@@ -189,7 +195,20 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
     theta0 = base_params(model)
     frames, used_batched = [], config.batched
     seeds = config.seed_list()
+    log, done = None, set()
+    if resume_dir is not None:
+        # a seed's rows depend on neither the other seeds nor how the copies are run (batched or not, chunks)
+        skip = {"progress", "seeds", "seed", "batched", "eval_chunk"}
+        identity = {**{k: v for k, v in config.to_dict().items() if k not in skip}, "bins": list(map(int, bins.edges)),
+                    "T": schedule.T, "prediction": prediction, "model": fingerprint(theta0.values()),
+                    "data": fingerprint([images] + ([use_labels] if use_labels is not None else []))}
+        log = SeedLog(resume_dir, identity)
+        previous, done = log.finished(seeds)
+        if previous is not None:
+            frames.append(previous)
     for seed in tqdm(seeds, desc="transfer seeds", disable=not config.progress or len(seeds) == 1 or not dist.is_main()):
+        if seed in done:
+            continue
         eval_set = draw_eval_set(images, use_labels, bins, config.eval_samples, derive_seed(seed, _EVAL),
                                  device=device, dtype=dtype)
         before = evaluate_losses(model, eval_set, schedule, prediction, theta0, chunk=config.eval_chunk)
@@ -209,6 +228,8 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
         fo = (_first_order(model, streams, eval_set, before, schedule, prediction, config)
               if config.first_order else np.full((C, K), np.nan))
         frames.append(_rows(seed, sources, bins, before.numpy(), after.numpy(), fo))
+        if log is not None:
+            log.record(pd.concat(frames, ignore_index=True))
     return _result(pd.concat(frames, ignore_index=True), bins, config, time.perf_counter() - start, used_batched)
 
 
@@ -264,7 +285,8 @@ def transfer_matrix(model: nn.Module, data: Any, bins: TimestepBins, *, steps: O
                     schedule: NoiseSchedule, prediction: Optional[str] = None, batch_size: int = 16,
                     weight_decay: float = 0.0, grad_clip: Optional[float] = None, include_all: bool = True,
                     mode: str = "finetune", batched: bool = True, progress: bool = True, seed: int = 0,
-                    first_order: bool = False, gram_method: str = "fused", eval_chunk: int = 512) -> TransferResult:
+                    first_order: bool = False, gram_method: str = "fused", eval_chunk: int = 512,
+                    resume_dir: Optional[Union[str, Path]] = None) -> TransferResult:
     """Cross-bin transfer matrix of ``model`` (see the module docstring; fields as ``TransferConfig``).
 
     Args:
@@ -276,6 +298,7 @@ def transfer_matrix(model: nn.Module, data: Any, bins: TimestepBins, *, steps: O
         eval_samples: samples per bin in each seed's evaluation set; seeds: count or list (base ``seed``).
         mode: "finetune" or "lookahead" (one SGD step; also computes ``first_order``).
         batched: vmap over copies (else sequential); progress: tqdm bars.
+        resume_dir: a folder that keeps each finished seed's rows; rerun with it to skip them (``resume.py``).
 
     Returns:
         ``TransferResult`` (``.frame``, ``.matrix``, ``.stderr``, ``.all_row``, ``.first_order``, ``.labels``).
@@ -284,4 +307,4 @@ def transfer_matrix(model: nn.Module, data: Any, bins: TimestepBins, *, steps: O
                             batch_size=batch_size, weight_decay=weight_decay, grad_clip=grad_clip, include_all=include_all,
                             mode=mode, batched=batched, first_order=first_order, gram_method=gram_method,
                             eval_chunk=eval_chunk, progress=progress)
-    return run_transfer(model, data, bins, config, schedule=schedule, prediction=prediction)
+    return run_transfer(model, data, bins, config, schedule=schedule, prediction=prediction, resume_dir=resume_dir)

@@ -1,0 +1,79 @@
+"""Seed-level resume for long transfer runs: nothing finished is lost when a run is interrupted.
+
+Seeds are independent (each draws its own fine-tuning batches and evaluation set from the base seed), so a
+run can stop after any seed and continue with the next. ``SeedLog`` keeps, in a folder:
+
+* ``transfer_resume.json``: what the rows depend on -- the ``TransferConfig`` (without the seed list and the
+  execution settings: progress, batched, eval_chunk), the bins, the schedule's T, the prediction type, and
+  fingerprints of theta_0 and of the data;
+* ``transfer_seeds.csv``: the tidy rows of every finished seed, rewritten atomically after each seed (rows of
+  seeds a later run does not ask for are kept).
+
+A folder holding rows of another identity is refused (naming what differs), never silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import pandas as pd
+import torch
+
+from .. import distributed as dist
+from .._io import write_csv, write_json
+
+__all__ = ["SeedLog", "fingerprint"]
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (hex, 16 characters)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class SeedLog:
+    """The finished seeds of a transfer run in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Union[str, Path], identity: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity, default=str))
+        self.rows = self.folder / "transfer_seeds.csv"
+        self._others = pd.DataFrame()
+        stamp = self.folder / "transfer_resume.json"
+        if dist.is_main():
+            if stamp.is_file():
+                old = json.loads(stamp.read_text())
+                if old != self.identity:
+                    diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+                    raise ValueError(f"{self.folder} holds transfer results of another run (differs in {diff}); "
+                                     f"use another output folder, or remove {self.rows} and {stamp}")
+            else:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_json(stamp, self.identity)
+
+    def finished(self, seeds: list[int]) -> tuple[Optional[pd.DataFrame], set[int]]:
+        """``(rows, seeds)`` already computed for ``seeds`` (the same on every rank under torch.distributed)."""
+        frame = None
+        if dist.is_main() and self.rows.is_file():
+            frame = pd.read_csv(self.rows)
+            wanted = frame["seed"].isin(seeds)
+            self._others = frame[~wanted].reset_index(drop=True)  # seeds this run does not ask for: kept on disk
+            frame = frame[wanted].reset_index(drop=True)
+        mask = torch.zeros(len(seeds), dtype=torch.float64)
+        if frame is not None:
+            mask[[i for i, s in enumerate(seeds) if s in set(frame["seed"])]] = 1.0
+        mask = dist.all_reduce_sum(mask)  # rank 0's view, shared with every rank
+        done = {s for s, m in zip(seeds, mask.tolist()) if m > 0}
+        return (frame if frame is not None and len(frame) else None), done
+
+    def record(self, frame: pd.DataFrame) -> None:
+        """Rewrite the rows of every finished seed (atomically; rank 0 only), keeping rows of other seeds."""
+        if dist.is_main():
+            write_csv(pd.concat([self._others, frame], ignore_index=True) if len(self._others) else frame, self.rows)
