@@ -147,7 +147,7 @@ def task_gram(
         seconds=seconds,
         labels=labels,
         gradients=grads if return_gradients else None,
-        sketch=sketch.S if sketch is not None else None,
+        sketch=sketch.finish() if sketch is not None else None,
     )
 
 

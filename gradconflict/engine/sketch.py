@@ -23,6 +23,7 @@ class CountSketch:
         self.K, self.dim, self.seed = K, dim, seed
         self.param_order = param_order or {}
         self.S = torch.zeros(K, dim, dtype=torch.float64)
+        self._acc: torch.Tensor | None = None  # the part accumulated on a device (see ``add``)
 
     def hashes(self, name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         number = self.param_order.get(name, abs(hash(name)) % (2**31))
@@ -32,9 +33,26 @@ class CountSketch:
         return buckets, signs
 
     def add(self, name: str, J: torch.Tensor) -> None:
+        """Add one layer's ``J`` (K x n), on its own device: the CPU-drawn hashes travel there (pinned, without
+        blocking), so on a GPU the backward pass is not synchronised with the host per layer."""
         buckets, signs = self.hashes(name, J.shape[1])
-        self.S.index_add_(1, buckets, J.detach().to("cpu", torch.float64) * signs)
+        if J.device.type != "cpu":
+            if self._acc is None:
+                self._acc = torch.zeros(self.K, self.dim, dtype=torch.float64, device=J.device)
+            buckets = buckets.pin_memory().to(J.device, non_blocking=True)
+            signs = signs.pin_memory().to(J.device, non_blocking=True)
+            self._acc.index_add_(1, buckets, J.detach().to(torch.float64) * signs)
+            return
+        self.S.index_add_(1, buckets, J.detach().to(torch.float64) * signs)
+
+    def finish(self) -> torch.Tensor:
+        """``S`` on the CPU, with what was accumulated on a device added (call once the backward pass is over)."""
+        if self._acc is not None:
+            self.S += self._acc.cpu()
+            self._acc = None
+        return self.S
 
     def gram(self) -> torch.Tensor:
         """The sketched Gram ``S S^T`` (an unbiased estimate of G)."""
-        return self.S @ self.S.T
+        S = self.finish()
+        return S @ S.T
