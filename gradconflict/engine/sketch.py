@@ -39,8 +39,10 @@ class CountSketch:
         if J.device.type != "cpu":
             if self._acc is None:
                 self._acc = torch.zeros(self.K, self.dim, dtype=torch.float64, device=J.device)
-            buckets = buckets.pin_memory().to(J.device, non_blocking=True)
-            signs = signs.pin_memory().to(J.device, non_blocking=True)
+            if J.device.type == "cuda":
+                buckets, signs = buckets.pin_memory(), signs.pin_memory()
+            buckets = buckets.to(J.device, non_blocking=True)
+            signs = signs.to(J.device, non_blocking=True)
             self._acc.index_add_(1, buckets, J.detach().to(torch.float64) * signs)
             return
         self.S.index_add_(1, buckets, J.detach().to(torch.float64) * signs)
