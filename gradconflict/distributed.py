@@ -14,9 +14,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "shutdown", "barrier", "is_distributed", "rank", "world_size", "is_main", "all_reduce_sum", "shard", "local_device"]
+__all__ = ["init_from_env", "shutdown", "barrier", "wait_for_all", "is_distributed", "rank", "world_size", "is_main",
+           "all_reduce_sum", "shard", "local_device"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
+# waits that are long by design (the other ranks wait while rank 0 trains): torchrun ends them if rank 0 fails
+WAIT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_WAIT", str(7 * 24 * 3600)))
+_wait_group: Optional[object] = None
 
 
 def is_distributed() -> bool:
@@ -25,10 +29,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 when not distributed)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -42,7 +48,7 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIME
     if not dist.is_available() or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        if backend is None:
+        if backend is None:  # the command's --device decides where it is given (see cli.main)
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -85,9 +91,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wait_for_all() -> None:
+    """A barrier for waits that may outlast ``GRADCONFLICT_DIST_TIMEOUT`` by design, such as the other ranks
+    waiting while rank 0 trains: it runs on a gloo group whose timeout is ``GRADCONFLICT_DIST_WAIT`` (seconds,
+    default a week; torchrun still ends every rank at once if one fails). No-op when not distributed."""
+    global _wait_group
+    if not is_distributed():
+        return
+    if _wait_group is None:
+        _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
+    dist.barrier(group=_wait_group)
+
+
 def shutdown() -> None:
     """Wait for every rank, then destroy the process group (a rank that exits with it alive can abort)."""
+    global _wait_group
     if dist.is_available() and dist.is_initialized():
-        if is_distributed():
-            dist.barrier()
+        wait_for_all()  # ranks may finish far apart (e.g. rank 0 still writing figures)
         dist.destroy_process_group()
+        _wait_group = None

@@ -93,3 +93,36 @@ def test_reproduce_toy_under_torchrun_equals_the_plain_run(tmp_path: Path) -> No
     assert list(dist["holds"]) == list(plain["holds"])
     for column in ["near", "far", "ratio_min_snr_5", "ratio_constant"]:
         pd.testing.assert_series_equal(dist[column], plain[column], rtol=1e-6)
+
+
+def test_a_long_wait_for_rank_0_outlasts_the_collective_timeout(tmp_path: Path) -> None:
+    """Under torchrun the trainer runs on rank 0 alone while the others wait: that wait must not be bound by
+    GRADCONFLICT_DIST_TIMEOUT (here 3 s against an 8 s wait)."""
+    import os
+
+    out = tmp_path / "wait.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "scripts" / "dist_gram.py"), str(out), str(HERE), "slow_wait"]
+    env = {**os.environ, "GRADCONFLICT_DIST_TIMEOUT": "3", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(out)["ok"]
+
+
+def test_resumed_tracking_agrees_on_done_steps_across_ranks(tmp_path: Path) -> None:
+    """Rank 0's folder decides which steps are done: ranks that see another folder (no shared disk) must not
+    compute a step rank 0 skips, or the all-reduces would mix two checkpoints."""
+    from gradconflict.track import TrackConfig, track_models
+
+    torch.manual_seed(0)
+    models = [(0, UNetLike().double()), (5, UNetLike().double())]
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cfg = TrackConfig(bins=4, per_task=3, resamples=2, ugd_steps=50, fw_max_iter=50)
+    out = tmp_path / "res.pt"
+    track_models(models[:1], images, gc.NoiseSchedule.linear(), "eps", cfg, out_dir=f"{out}_rank0", progress=False)
+    ref = track_models(models, images, gc.NoiseSchedule.linear(), "eps", cfg, progress=False)
+    proc = _torchrun(out, "track_resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=False)["grams"]
+    for key in [(5, 0), (5, 1)]:
+        assert float(abs(got[key] - ref.grams[key]).max() / abs(ref.grams[key]).max()) <= 1e-10

@@ -60,7 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from ..distributed import init_from_env, shutdown
 
-    init_from_env()  # under torchrun: a process group from the environment; otherwise nothing
+    # under torchrun: a process group from the environment (NCCL for a CUDA --device, else gloo); otherwise nothing
+    device = str(getattr(args, "device", None) or "")
+    init_from_env(backend=None if device.startswith("cuda") else "gloo")
     try:
         _check_device(getattr(args, "device", None))
         result = args.handler(args)

@@ -71,17 +71,17 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size, data_limit=args.data_limit, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
     )
-    from ..distributed import barrier, is_main
+    from ..distributed import is_main, wait_for_all
 
     if not is_main():  # the trainer is single-process: under torchrun rank 0 trains, the others wait for it
-        barrier()
+        wait_for_all()
         return 0
     try:
         log = train(config, args.out, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"gradconflict train: interrupted; {_resume_hint(Path(args.out))}", file=sys.stderr)
         return 130
-    barrier()
+    wait_for_all()
     if len(log):
         print(_summary(log, config.log_every))
     print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv")

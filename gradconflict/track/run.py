@@ -48,6 +48,7 @@ class TrackResult:
 
 
 def make_bins(schedule: NoiseSchedule, config: TrackConfig) -> TimestepBins:
+    """The tracking run's K bins: uniform in t, or uniform in log-SNR (``config.binning``)."""
     if config.binning == "uniform":
         return TimestepBins.uniform(schedule.T, config.bins)
     return TimestepBins.log_snr_uniform(schedule, config.bins)
@@ -166,13 +167,17 @@ def track_models(
         _check_config(out, track_identity(config, prediction, schedule.T, extra_strategies, inputs))
         if sources:
             _check_sources(out, sources)
-    if out is not None:
+    if out is not None and dist.is_main():  # rank 0's folder decides (other ranks may not see the same disk)
         previous = load_track(out)
     obj_rows = [previous.objectives] if previous is not None else []
     w_rows = [previous.weights] if previous is not None else []
     grams = dict(previous.grams) if previous is not None else {}
-    done = set(previous.objectives["step"].unique()) if previous is not None else set()
-    for step, model_at in tqdm(items, desc="track", disable=not progress, dynamic_ncols=True):
+    held = set(previous.objectives["step"].unique()) if previous is not None else set()
+    if not steps_given:
+        raise ValueError("nothing to track: give at least one (step, model)")
+    mask = dist.all_reduce_sum(torch.tensor([1.0 if s in held else 0.0 for s in steps_given], dtype=torch.float64))
+    done = {s for s, m in zip(steps_given, mask.tolist()) if m > 0}  # the same on every rank
+    for step, model_at in tqdm(items, desc="track", disable=not progress or not dist.is_main(), dynamic_ncols=True):
         if step in done:
             continue
         model = model_at() if not isinstance(model_at, nn.Module) else model_at
@@ -247,7 +252,7 @@ def track_training(
                                      f"of step {step}; remove {out} to start the tracking run again")
                 snapshots.mkdir(parents=True, exist_ok=True)
                 atomic_write(snap, lambda p: shutil.copyfile(run_dir / "model.safetensors", p))
-            dist.barrier()
+            dist.wait_for_all()  # rank 0 may train for longer than the collective timeout
             return load_trained(snap, ema=False)[0]
 
         return load

@@ -15,6 +15,31 @@ D.init_from_env()
 mode = sys.argv[3]
 if mode == "fail" and D.rank() == 1:
     raise RuntimeError("rank 1 failed on purpose")
+if mode == "slow_wait":  # rank 0 busy for longer than the collective timeout (as when it trains alone)
+    import time
+
+    if D.is_main():
+        time.sleep(8)
+    D.wait_for_all()
+    if D.is_main():
+        torch.save({"ok": True}, sys.argv[1])
+    D.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
+if mode == "track_resume":  # each rank sees its own --out: rank 0's already holds step 0, rank 1's is empty
+    from gradconflict.track import TrackConfig, track_models
+
+    torch.manual_seed(0)
+    models = [(0, UNetLike().double()), (5, UNetLike().double())]
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = track_models(models, images, gc.NoiseSchedule.linear(), "eps",
+                       TrackConfig(bins=4, per_task=3, resamples=2, ugd_steps=50, fw_max_iter=50),
+                       out_dir=f"{sys.argv[1]}_rank{D.rank()}", progress=False)
+    if D.is_main():
+        torch.save({"grams": res.grams}, sys.argv[1])
+    D.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 if mode == "track":
     from gradconflict.track import TrackConfig, track_models
 
