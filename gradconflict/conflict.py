@@ -84,7 +84,9 @@ def norm_ratios(G: Any) -> np.ndarray:
 
 def pairwise_frame(G: Any, bins: Optional[TimestepBins] = None, schedule: Optional[NoiseSchedule] = None) -> pd.DataFrame:
     """Tidy table, one row per task pair k < l: cosine, conflict flag, magnitude similarity, norm ratio and,
-    with bins, the distance between bin centres in timesteps and (with a schedule) in log-SNR (nats)."""
+    with bins, the distance between bin centres in timesteps and (with a schedule) in log-SNR (nats); a bin's
+    log-SNR centre is the midpoint of the (finite) log-SNR range of its timesteps, so log-SNR-uniform bins
+    are equally spaced."""
     G = as_gram(G)
     K = G.shape[0]
     if bins is not None and bins.K != K:
@@ -101,7 +103,8 @@ def pairwise_frame(G: Any, bins: Optional[TimestepBins] = None, schedule: Option
         df["t_distance"] = np.abs(centers[l] - centers[k])
         if schedule is not None:
             lam = np.asarray(schedule.log_snr(np.arange(bins.T)))
-            mids = np.array([np.mean(lam[lo:hi][np.isfinite(lam[lo:hi])]) for lo, hi in zip(bins.lows, bins.highs)])
+            ranges = [lam[lo:hi][np.isfinite(lam[lo:hi])] for lo, hi in zip(bins.lows, bins.highs)]
+            mids = np.array([(r.max() + r.min()) / 2 if r.size else np.nan for r in ranges])
             df["log_snr_distance"] = np.abs(mids[l] - mids[k])
     return df
 
@@ -111,7 +114,7 @@ def summary(G: Any) -> dict[str, float]:
     G = as_gram(G)
     K = G.shape[0]
     c = cosine(G)
-    off = c[~np.eye(K, dtype=bool)] if K > 1 else np.array([1.0])
+    off = c[~np.eye(K, dtype=bool)] if K > 1 else np.array([np.nan])  # K = 1: there are no pairs
     n = _norms(G)
     return {
         "K": float(K),

@@ -37,7 +37,12 @@ def test_pairwise_frame_distances() -> None:
     row = df[(df.task_i == 0) & (df.task_j == 3)].iloc[0]
     assert row.t_distance == pytest.approx(75.0)
     lam = np.asarray(schedule.log_snr(np.arange(100)))
-    assert row.log_snr_distance == pytest.approx(abs(lam[75:100].mean() - lam[0:25].mean()))
+    # log-SNR decreases with t: a bin's centre is the midpoint of its first and last timestep's log-SNR
+    assert row.log_snr_distance == pytest.approx(abs((lam[75] + lam[99]) / 2 - (lam[0] + lam[24]) / 2))
+    snr_bins = gc.TimestepBins.log_snr_uniform(schedule, 4)
+    gaps = conflict.pairwise_frame(A @ A.T, snr_bins, schedule).query("task_j == task_i + 1")["log_snr_distance"]
+    step = np.abs(np.diff(lam)).max()  # bins end on whole timesteps: equal up to one timestep's log-SNR step
+    assert gaps.max() - gaps.min() <= 2 * step
     cos = (A[0] @ A[3]) / np.linalg.norm(A[0]) / np.linalg.norm(A[3])
     assert row.cosine == pytest.approx(cos)
     assert row.label_i == "0-24"
@@ -50,3 +55,8 @@ def test_bad_gram() -> None:
         conflict.cosine(np.array([[np.nan]]))
     with pytest.raises(ValueError, match="bins define"):
         conflict.pairwise_frame(np.eye(3), gc.TimestepBins.uniform(10, 2))
+
+
+def test_summary_of_one_task_has_no_pair_statistics() -> None:
+    s = conflict.summary(np.array([[2.0]]))
+    assert s["K"] == 1 and np.isnan(s["mean_cosine"]) and np.isnan(s["min_cosine"])

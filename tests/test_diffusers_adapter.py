@@ -108,6 +108,9 @@ def test_dit_learned_sigma_shape_and_fused_equals_loop(tmp_path: Path) -> None:
     got = task_gram(loaded.model, x0, T_BATCH, TASK, **kw)
     assert _rel(got.gram, ref.gram) <= 1e-10
     torch.testing.assert_close(got.cosine(), ref.cosine(), rtol=0, atol=1e-10)
+    for bad in (5, 7):  # 5 would silently be the null class, 7 an index error deep in the model
+        with pytest.raises(ValueError, match=f"has 5 classes .* got label {bad}"):
+            loaded.model(x0, T_BATCH, y=torch.tensor([0, 1, 2, 3, 4, bad]))
 
 
 def test_legacy_transformer2d_is_wrapped() -> None:

@@ -815,3 +815,14 @@ def test_badly_scaled_gram_keeps_the_single_precision_factor():
     A *= np.logspace(0, -5, K)[rng.permutation(K), None]  # row norms spread over 5 decades
     G = A @ A.T
     _assert_float32_factor_suffices(G, 1e-3 * np.trace(G) / K)
+
+
+def test_ugd_warm_started_at_a_vertex_still_reaches_the_optimum():
+    """softmax(log w0) cannot move a zero weight: the warm start mixes in a little of the uniform point."""
+    G = gram(8, 8, 7)
+    lam = 0.1 * np.trace(G) / 8
+    _, f_ref = reference(G, lam)
+    w0 = np.zeros(8)
+    w0[int(np.argmax(np.diag(G)))] = 1.0  # the worst vertex
+    res = solve(G, lam, "ugd", w0=w0, steps=20000, tol=0.0)
+    assert res.objective <= f_ref * (1 + 1e-5)  # log(w0) alone stays at the vertex: about 10x the optimum

@@ -96,3 +96,15 @@ def test_module_help_subprocess():
         [sys.executable, "-m", "gradconflict.cli.solve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "--lam" in out.stdout and "--method" in out.stdout
+
+
+def test_repeated_labels_keep_every_weight_in_json(tmp_path, capsys):
+    import json
+
+    from gradconflict.cli import main
+
+    path = tmp_path / "g.csv"
+    path.write_text("a,a\n2,-1\n-1,3\n")
+    assert main(["solve", str(path), "--json"]) == 0
+    weights = json.loads(capsys.readouterr().out)["weights"]
+    assert weights == pytest.approx({"a": 4 / 7, "a.1": 3 / 7})

@@ -99,13 +99,18 @@ class DiffusersModel(nn.Module):
                 raise ValueError(f"{cfg.class_name} is class-conditional and has no null class: pass class labels y")
             return torch.full((x_t.shape[0],), null, dtype=torch.long, device=x_t.device)
         y = torch.as_tensor(y, device=x_t.device)
+        if cfg.num_classes and not y.is_floating_point() and y.numel() and int(y.max()) >= cfg.num_classes:
+            raise ValueError(
+                f"{cfg.class_name} has {cfg.num_classes} classes (labels 0..{cfg.num_classes - 1}) but got label "
+                f"{int(y.max())}; pass labels of the classes it was trained on (or y < 0 / None for no class)"
+            )
         if not y.is_floating_point() and bool((y < 0).any()):
             if null is None:
                 raise ValueError(f"{cfg.class_name} has no null class: labels must be >= 0, got {int(y.min())}")
             y = torch.where(y < 0, torch.full_like(y, null), y)
         return y
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         """Load a state dict of this wrapper or of the wrapped model (keys without the ``model.`` prefix)."""
         if state_dict and not any(str(k).startswith("model.") for k in state_dict):
             state_dict = {f"model.{k}": v for k, v in state_dict.items()}

@@ -30,6 +30,17 @@ def _label(cell: Any) -> str:
     return text[1:].strip() if text.startswith("#") else text  # np.savetxt(header=...) writes "# " in front
 
 
+def _unique(labels: list[str]) -> list[str]:
+    """Task names as given, with a repeated name numbered (``a``, ``a.1``, ...) so no weight is lost by name."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in labels:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        out.append(name if n == 0 else f"{name}.{n}")
+    return out
+
+
 def read_gram(path: str) -> pd.DataFrame:
     """Read a K x K Gram CSV: plain numbers, a header row of labels, or a header row and an index column.
 
@@ -61,6 +72,7 @@ def read_gram(path: str) -> pd.DataFrame:
             labels = raw.iloc[0, :].map(_label).tolist()
         else:
             labels = [str(i) for i in range(rows)]
+        labels = _unique(labels)
         return pd.DataFrame(body.to_numpy(dtype=float), index=labels, columns=labels)
     if unreadable is not None:
         raise ValueError(f"{path}: the {unreadable} x {unreadable} matrix has non-numeric or empty entries; every "

@@ -48,6 +48,7 @@ class TaskGradients:
         return torch.from_numpy(cosine(self.gram.numpy()))
 
     def task_labels(self) -> list[str]:
+        """The task names: the bins' t ranges (e.g. "0-99") when a TimestepBins was given, else 0..K-1."""
         return self.labels if self.labels is not None else [str(k) for k in range(self.K)]
 
     def gram_frame(self) -> pd.DataFrame:
@@ -56,6 +57,7 @@ class TaskGradients:
         return pd.DataFrame(self.gram.numpy(), index=pd.Index(lab, name="bin"), columns=lab)
 
     def cosine_frame(self) -> pd.DataFrame:
+        """The cosine matrix as a labelled K x K DataFrame (dimensionless, in [-1, 1])."""
         lab = self.task_labels()
         return pd.DataFrame(self.cosine().numpy(), index=pd.Index(lab, name="bin"), columns=lab)
 

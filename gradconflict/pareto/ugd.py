@@ -14,7 +14,9 @@ Defaults: ``optimizer="adam"``, ``lr=0.05`` (Adam) / ``lr=10.0`` (SGD),
 ``steps=1000``, Adam ``betas=(0.9, 0.999)``, ``eps=1e-12``, start
 ``init="uniform"`` (``beta = 0``) unless an initial beta is given (``init=``
 array or ``beta0=``) or a warm start ``w0`` (mapped to
-``beta = log(max(w0, 1e-30))``).
+``beta = log((1 - 1e-3) w0 + 1e-3 / K)``: a sparse w0, such as an exact solver's
+answer, is mixed with a little of the uniform point so that every task keeps
+a gradient; a pure ``log(w0)`` would leave zero weights stuck at zero).
 
 Stopping: a problem stops (its ``beta`` is frozen) as soon as its duality
 gap ``2 (f - min_i g_i) <= tol`` (relative to ``s``; default ``1e-8``);
@@ -29,6 +31,7 @@ import numpy as np
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"adam": 0.05, "sgd": 10.0}
+WARM_MIX = 1e-3  # share of the uniform point mixed into a warm start w0 (see the module docstring)
 
 
 def softmax(beta: np.ndarray) -> np.ndarray:
@@ -73,7 +76,8 @@ def ugd(
         if beta0 is not None:
             beta = np.array(np.broadcast_to(np.asarray(beta0, dtype=np.float64), (n, K)))
         elif w0 is not None:
-            beta = np.log(np.maximum(np.broadcast_to(np.asarray(w0, dtype=np.float64), (n, K)), 1e-30))
+            w = np.maximum(np.broadcast_to(np.asarray(w0, dtype=np.float64), (n, K)), 0.0)
+            beta = np.log((1.0 - WARM_MIX) * w + WARM_MIX / K)  # softmax(beta) = the mixed point
         else:
             beta = np.zeros((n, K))
     except ValueError:
