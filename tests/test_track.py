@@ -80,27 +80,24 @@ def test_lambda_sweep_goes_from_sparse_to_uniform() -> None:
         lambda_sweep(G, gc.TimestepBins.uniform(60, 6), lams=[-1.0])
 
 
-def test_track_cli_on_user_checkpoints(tmp_path: Path, capsys) -> None:
-    import textwrap
-
-    from gradconflict.cli import main
-
+def _user_model_and_checkpoints(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A ``file.py:build`` model spec (the zoo's UNet) and two checkpoints of it with different weights."""
     spec = tmp_path / "net.py"
-    spec.write_text(textwrap.dedent("""
-        import sys
-        sys.path.insert(0, %r)
-        import gradconflict as gc
-        from zoo import UNetLike
-
-        def build():
-            return UNetLike(), gc.NoiseSchedule.linear(), "eps"
-    """ % str(Path(__file__).parent)))
+    spec.write_text("import sys\nsys.path.insert(0, %r)\nimport gradconflict as gc\nfrom zoo import UNetLike\n\n"
+                    "def build():\n    return UNetLike(), gc.NoiseSchedule.linear(), 'eps'\n" % str(Path(__file__).parent))
     paths = []
     for k in range(2):
         torch.manual_seed(k)
         path = tmp_path / f"ckpt{k}.pt"
         torch.save(UNetLike().state_dict(), path)
         paths.append(str(path))
+    return spec, paths
+
+
+def test_track_cli_on_user_checkpoints(tmp_path: Path, capsys) -> None:
+    from gradconflict.cli import main
+
+    spec, paths = _user_model_and_checkpoints(tmp_path)
     out = tmp_path / "out"
     code = main(["track", "--model", f"{spec}:build", "--checkpoints", *paths, "--steps", "100", "200",
                  "--data", "synthetic", "--image-size", "8", "--bins", "4", "--per-task", "2", "--resamples", "2",
@@ -131,15 +128,7 @@ def test_a_step_tracked_from_another_source_or_other_inputs_is_refused(tmp_path:
 def test_track_cli_refuses_other_checkpoints_or_data_in_the_same_out(tmp_path: Path) -> None:
     from gradconflict.cli import main
 
-    paths = []
-    for k in range(2):
-        torch.manual_seed(k)
-        path = tmp_path / f"ckpt{k}.pt"
-        torch.save(UNetLike().state_dict(), path)
-        paths.append(str(path))
-    spec = tmp_path / "net.py"
-    spec.write_text("import sys\nsys.path.insert(0, %r)\nimport gradconflict as gc\nfrom zoo import UNetLike\n\n"
-                    "def build():\n    return UNetLike(), gc.NoiseSchedule.linear(), 'eps'\n" % str(Path(__file__).parent))
+    spec, paths = _user_model_and_checkpoints(tmp_path)
     common = ["track", "--model", f"{spec}:build", "--image-size", "8", "--bins", "4", "--per-task", "2",
               "--resamples", "1", "--out", str(tmp_path / "out")]
     assert main([*common, "--checkpoints", paths[0], "--steps", "100", "--data", "synthetic"]) == 0
