@@ -169,3 +169,23 @@ def test_task_gram_respects_and_restores_the_new_tf32_settings() -> None:
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored
     finally:
         matmul.fp32_precision, conv.fp32_precision = old
+
+
+def test_a_model_that_reads_the_legacy_cudnn_flags_still_runs() -> None:
+    """Code inside the model may use torch.backends.cudnn.flags (legacy TF32 switches): task_gram must not have
+    switched to the newer fp32_precision settings, which make those legacy reads raise."""
+
+    class Legacy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.backends.cudnn.flags(enabled=True):
+                return self.lin(x)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, generator=g)
+    res = task_gram(Legacy(), x0, torch.randint(0, 1000, (8,), generator=g), torch.arange(8) % 2, K=2,
+                    schedule=SCHEDULE)
+    assert res.gram.shape == (2, 2)

@@ -781,7 +781,7 @@ def test_score_with_bins_needs_schedule():
         score(np.eye(2), 0.1, ["min_snr:5"], bins=bins)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 100 * 2.0**-7), (torch.float16, 100 * 2.0**-10)])
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 0.1), (torch.float16, 100 * 2.0**-10)])  # capped at 0.1
 def test_solve_low_precision_tensors(dtype, rtol):
     from gradconflict.pareto._validate import to_numpy
 
@@ -792,6 +792,9 @@ def test_solve_low_precision_tensors(dtype, rtol):
     # K = 2 closed form with Q = G + lam I: w_1 = (Q22 - Q12) / (Q11 + Q22 - 2 Q12) = 0.6 / 2.2 = 3 / 11
     res = solve(G, 0.1)
     np.testing.assert_allclose(res.weights, [3 / 11, 8 / 11], atol=1e-8)
+    bad = torch.tensor([[1.0, 1.5], [1.5, 1.0]], dtype=dtype)  # eigenvalue -0.5: still refused in low precision
+    with pytest.raises(ValueError, match="not positive semidefinite"):
+        solve(bad, 0.1)
 
 
 def test_solve_accepts_a_task_gradients_result() -> None:
@@ -826,3 +829,17 @@ def test_ugd_warm_started_at_a_vertex_still_reaches_the_optimum():
     w0[int(np.argmax(np.diag(G)))] = 1.0  # the worst vertex
     res = solve(G, lam, "ugd", w0=w0, steps=20000, tol=0.0)
     assert res.objective <= f_ref * (1 + 1e-5)  # log(w0) alone stays at the vertex: about 10x the optimum
+
+
+def test_ill_conditioned_pivoting_does_not_cycle():
+    """Gradient norms over 3.5 decades and a tiny ridge (cond(Q_FF) ~ 1e7): a loosely refined float32 solve can
+    get a small weight's sign wrong and send the pivoting back to a set it saw; it then decides on precise solves
+    instead of cycling to the pivot cap (was: 111 solves, against 12 now)."""
+    rng = np.random.default_rng(5)
+    K = 1000
+    X = rng.standard_normal((250, K)) * np.exp(rng.uniform(-4, 4, K))
+    G = X.T @ X
+    lam = 1e-6 * np.trace(G) / K
+    res = solve(G, lam, check_psd=False)
+    assert res.converged and res.iterations <= 30
+    assert_kkt(G, lam, res.weights, tol=1e-10)

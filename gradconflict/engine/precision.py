@@ -53,12 +53,14 @@ def precision_eps(precision: str) -> float:
 
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """Set CUDA's TF32 switches (matmul and cuDNN convolutions) for the duration of the block, then restore them;
-    no effect on the CPU. Uses the ``fp32_precision`` settings where this torch has them (2.9+: reading the legacy
-    ``allow_tf32`` after a user set the new ones raises), else the legacy ``allow_tf32`` switches."""
+    """Set CUDA's TF32 switches (matmul and cuDNN) for the duration of the block, then restore them; no effect on
+    the CPU. Uses the legacy ``allow_tf32`` switches, which code inside the block may read too; where a user has
+    set torch's newer ``fp32_precision`` settings (2.9+), reading the legacy ones raises, and those are used."""
     matmul = torch.backends.cuda.matmul
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+    try:
+        old = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the new API is in use: mixing the two raises
+        conv = torch.backends.cudnn.conv
         old = matmul.fp32_precision, conv.fp32_precision
         matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
         try:
@@ -66,7 +68,6 @@ def tf32(enabled: bool) -> Iterator[None]:
         finally:
             matmul.fp32_precision, conv.fp32_precision = old
         return
-    old = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield

@@ -38,17 +38,20 @@ SYM_TILE = 128  # block size of the symmetry check
 LOWRANK_MAX_RANK = 128  # pivoted partial Cholesky gives up after min(K / 8, this) pivots
 
 
+RTOL_MAX = 0.1  # a half-precision input still gets symmetry and PSD checks (100 eps would be 0.78 for bf16)
+
+
 def _rtol(dtype: np.dtype) -> float:
     eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else np.finfo(np.float64).eps
-    return max(1e-8, 100.0 * float(eps))
+    return max(1e-8, min(100.0 * float(eps), RTOL_MAX))
 
 
 def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
     """Convert numpy / torch / pandas / nested lists to float64 numpy.
 
     Returns ``(array, rtol)`` where ``rtol`` is the relative tolerance that
-    matches the precision of the original data: ``max(1e-8, 100 * eps)``
-    with ``eps`` of the input dtype (bfloat16 / float16 tensors are widened
+    matches the precision of the original data: ``max(1e-8, min(100 * eps,
+    0.1))`` with ``eps`` of the input dtype (bfloat16 / float16 tensors are widened
     through float32 but keep their own ``eps``, 2^-7 / 2^-10).
     """
     if hasattr(x, "gram") and hasattr(x, "cosine"):  # a TaskGradients result: its Gram matrix
@@ -60,7 +63,7 @@ def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
         if x.is_floating_point() and x.element_size() < 4:  # bfloat16 / float16: numpy lacks bfloat16
             import torch
 
-            rtol = max(1e-8, 100.0 * float(torch.finfo(x.dtype).eps))  # tolerance of the original precision
+            rtol = max(1e-8, min(100.0 * float(torch.finfo(x.dtype).eps), RTOL_MAX))  # the original precision's
             return np.asarray(x.float().numpy(), dtype=np.float64), rtol
         arr = x.numpy()
     elif hasattr(x, "to_numpy"):  # pandas DataFrame / Series

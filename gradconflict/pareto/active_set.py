@@ -170,6 +170,8 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
     sub = SubsetSolver(Q) if sub is None else sub
     best, budget = K + 1, 3
     precise = False  # pivot on loosely refined solves; solve precisely before accepting or on close calls
+    always_precise = False  # set when a loose solve led back to a set seen before (a sign decided wrongly)
+    seen: set[bytes] = set()
     it = 0
     w_prev = -np.diagonal(Q)  # first factor: small-norm tasks first (large ones tend to leave)
     while True:
@@ -177,7 +179,12 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
             if it == max_iter:
                 return None, it
             it += 1
-        out = sub.affine_weights(precise) if sub.update(F, priority=w_prev) else None
+        if not precise:
+            key = np.packbits(F).tobytes()
+            if key in seen:  # cycling: on an ill-conditioned set a loose solve can get a small weight's sign wrong
+                always_precise = True
+            seen.add(key)
+        out = sub.affine_weights(precise or always_precise) if sub.update(F, priority=w_prev) else None
         if out is None:
             return None, it
         idx, v = out
@@ -189,10 +196,10 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
         primal = idx[v < -EPS]
         dual = np.flatnonzero((g < mu - EPS) & ~F)
         nviol = primal.size + dual.size
-        if nviol == 0 and precise:
+        if nviol == 0 and (precise or always_precise):
             np.maximum(w, 0.0, out=w)
             return w / w.sum(), it
-        if not precise:
+        if not precise and not always_precise:
             worst = max(-v.min(initial=0.0), mu - g[~F].min(initial=mu))
             if nviol == 0 or worst <= AMBIGUOUS:
                 precise = True  # accept, or decide a close call, only on a precise solve of this set
