@@ -97,3 +97,26 @@ def test_a_changed_config_reruns_what_depends_on_it(tmp_path: Path, capsys) -> N
     after = pd.read_csv(track / "track" / "track_objectives.csv")
     assert (track / "snapshots" / "step3.safetensors").read_bytes() != snapshot  # retrained
     assert not np.allclose(after["objective"].to_numpy(), before["objective"].to_numpy()[: len(after)])
+
+
+def test_fewer_steps_or_another_cadence_retrain_instead_of_reusing_the_longer_run(tmp_path: Path, capsys) -> None:
+    """Training steps are not part of the training identity (a longer run resumes), so a shorter run must be
+    caught by the trained step itself, and a new tracking cadence by its missing snapshots."""
+    from dataclasses import replace
+
+    from gradconflict.reproduce import preset, reproduce
+    from gradconflict.track.run import _trained_step
+
+    base = preset("toy")  # 6 steps, tracked every 3
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    run = tmp_path / "runs" / "reproduce-toy" / "track" / "run" / "model.safetensors"
+    shorter = replace(base, train=replace(base.train, steps=3))
+    reproduce(shorter, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    assert "the training config changed" in capsys.readouterr().out
+    assert _trained_step(run) == 3  # retrained to the asked length, not the step-6 model
+    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "track" / "track" / "track_objectives.csv")["step"]
+    assert sorted(steps.unique()) == [3]
+    cadence = replace(base, every=2)  # checkpoints 2, 4, 6 of a run that has none of them yet
+    reproduce(cadence, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "track" / "track" / "track_objectives.csv")["step"]
+    assert sorted(steps.unique()) == [2, 4, 6]

@@ -113,11 +113,14 @@ def test_a_step_tracked_from_another_source_or_other_inputs_is_refused(tmp_path:
     """Rerunning into a folder skips the steps it holds, so those steps must stand for the same models and data."""
     images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     kw = dict(out_dir=tmp_path, progress=False, inputs={"model": "unet", "data": "a"})
-    track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a"}, **kw)
+    track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a", 5: "ckpt-b"}, **kw)
     with pytest.raises(ValueError, match="step 0 tracked from 'ckpt-a', not 'ckpt-b'"):
         track_models(_models()[:1], images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-b"}, **kw)
+    # a step not tracked yet may come from anywhere (e.g. its checkpoint was re-saved after an interrupted run)
     more = track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a", 5: "ckpt-c"}, **kw)
     assert sorted(more.objectives["step"].unique()) == [0, 5]  # a new step from a new source is added
+    with pytest.raises(ValueError, match="step 5 tracked from 'ckpt-c', not 'ckpt-d'"):
+        track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a", 5: "ckpt-d"}, **kw)
     with pytest.raises(ValueError, match=r"differs in \['inputs'\]"):
         track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path, progress=False,
                      inputs={"model": "unet", "data": "b"})

@@ -76,7 +76,7 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     schedule = make_schedule(tc.schedule, tc.T)
     track_dir = cache / "track"
 
-    stale = stale_tracking(track_dir, tc, config.track) if is_main() else None
+    stale = stale_tracking(track_dir, tc, config.track, every=config.every) if is_main() else None
     if stale is not None:  # a changed config reruns what depends on it: the cached results of the old one go
         removed = track_dir if stale == "training" else track_dir / "track"
         log(f"[track] the {stale} config changed: removing {removed} (results of the previous config)")

@@ -103,19 +103,29 @@ def track_identity(config: TrackConfig, prediction: str, T: int, extra_strategie
     return identity | {"inputs": dict(inputs)} if inputs else identity
 
 
-def _check_sources(out: Path, sources: dict[int, str]) -> None:
-    """``track_sources.json`` maps each tracked step to where its model came from; a step already tracked from
-    another source is refused (its results would silently stand for the other model)."""
+def _read_sources(out: Path) -> dict[int, str]:
     path = out / "track_sources.json"
-    old = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
-    clash = sorted(s for s in sources if s in old and old[s] != sources[s])
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
+    """``track_sources.json`` maps each tracked step to where its model came from; a step whose results are in
+    ``out`` (``held``) but came from another source is refused (its results would silently stand for the other
+    model). Steps not tracked yet may come from anywhere."""
+    old = _read_sources(out)
+    clash = sorted(s for s in sources if s in held and s in old and old[s] != sources[s])
     if clash:
         s = clash[0]
         raise ValueError(f"{out} holds step {s} tracked from {old[s]!r}, not {sources[s]!r}; use another --out, "
                          f"or remove {out}")
-    merged = {**old, **{int(k): v for k, v in sources.items()}}
-    if merged != old:
-        write_json(path, {str(k): v for k, v in sorted(merged.items())})
+
+
+def _record_source(out: Path, step: int, source: str) -> None:
+    """Note where the step just saved came from (after its results are written)."""
+    recorded = _read_sources(out)
+    if recorded.get(step) != source:
+        recorded[step] = source
+        write_json(out / "track_sources.json", {str(k): v for k, v in sorted(recorded.items())})
 
 
 def file_source(path: Union[str, Path]) -> str:
@@ -165,10 +175,9 @@ def track_models(
     previous = None
     if out is not None and dist.is_main():
         _check_config(out, track_identity(config, prediction, schedule.T, extra_strategies, inputs))
+        previous = load_track(out)  # rank 0's folder decides (other ranks may not see the same disk)
         if sources:
-            _check_sources(out, sources)
-    if out is not None and dist.is_main():  # rank 0's folder decides (other ranks may not see the same disk)
-        previous = load_track(out)
+            _check_sources(out, sources, set(previous.objectives["step"].unique()) if previous is not None else set())
     obj_rows = [previous.objectives] if previous is not None else []
     w_rows = [previous.weights] if previous is not None else []
     grams = dict(previous.grams) if previous is not None else {}
@@ -200,6 +209,8 @@ def track_models(
         result = TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
         if out is not None and dist.is_main():
             _save(out, result)
+            if sources and int(step) in sources:
+                _record_source(out, int(step), sources[int(step)])
     if not obj_rows:
         raise ValueError("nothing to track: give at least one (step, model)")
     return TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
@@ -264,15 +275,29 @@ def track_training(
 
 
 def stale_tracking(out_dir: Union[str, Path], train_config: Any, config: TrackConfig,
-                   extra_strategies: Sequence[WeightingStrategy] = ()) -> Optional[str]:
+                   extra_strategies: Sequence[WeightingStrategy] = (), every: Optional[int] = None) -> Optional[str]:
     """What of a ``track_training`` folder no longer matches the configs: ``"training"`` (the run, its snapshots
-    and the tracking results), ``"tracking"`` (the tracking results only) or None (all current, or nothing there)."""
+    and the tracking results), ``"tracking"`` (the tracking results only) or None (all current, or nothing there).
+
+    Training is stale when its config differs, when the run is already past ``train_config.steps`` (its final
+    model would not be the one asked for), or, with ``every``, when a checkpoint to track lies before the
+    trained step and has no snapshot. Tracking is stale when its config differs or it holds steps that
+    ``every`` no longer asks for."""
     out = Path(out_dir)
     path = out / "train_config.json"
     if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(train_config.identity(), default=str)):
         return "training"
+    weights = out / "run" / "model.safetensors"
+    trained = _trained_step(weights) if weights.is_file() else 0
+    wanted = list(range(every, train_config.steps + 1, every)) if every else []
+    if trained > train_config.steps or any(
+            s < trained and not (out / "snapshots" / f"step{s}.safetensors").is_file() for s in wanted):
+        return "training"
     path = out / "track" / "track_config.json"
     want = track_identity(config, train_config.prediction, train_config.T, extra_strategies)
     if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(want, default=str)):
+        return "tracking"
+    previous = load_track(out / "track") if every else None
+    if previous is not None and set(previous.objectives["step"].unique()) - set(wanted):
         return "tracking"
     return None
