@@ -86,7 +86,8 @@ def pairwise_frame(G: Any, bins: Optional[TimestepBins] = None, schedule: Option
     """Tidy table, one row per task pair k < l: cosine, conflict flag, magnitude similarity, norm ratio and,
     with bins, the distance between bin centres in timesteps and (with a schedule) in log-SNR (nats); a bin's
     log-SNR centre is the midpoint of the (finite) log-SNR range of its timesteps, so log-SNR-uniform bins
-    are equally spaced."""
+    are equally spaced up to whole timesteps (except where the schedule jumps, e.g. the cosine schedule's last
+    step)."""
     G = as_gram(G)
     K = G.shape[0]
     if bins is not None and bins.K != K:
