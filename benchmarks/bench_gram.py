@@ -12,7 +12,10 @@ deviation of a reduced ``--gram-precision`` fold from the float32 fold on the sa
 
 Columns: ``fused_check_x`` runs the self-check on every call (``check=True``); ``fused_x`` is the default
 (``check="once"``) after the model passed its check on an earlier call, which is what every call but the
-first costs in a tracking run; ``fused_nocheck_x`` is ``check=False``.
+first costs in a tracking run; ``fused_nocheck_x`` is ``check=False``. Each row starts with an untimed training
+step and fused call (first-call costs on neither side); the step, fused and its variants are best of
+``--repeats``, loop and vmap one run each; everything timed runs with TF32 off (as the engine does) and, with
+``--bf16``, under the same autocast (the float32 loop is then only the error reference).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gradconflict as gc
 from gradconflict.engine import per_sample_losses
+from gradconflict.engine.precision import tf32
 from gradconflict.models import build_model
 
 
@@ -78,8 +82,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple
     memory growth on the CPU) and the last result."""
     best, peak, out = float("inf"), float("nan"), None
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        if device.type == "cuda":  # the caching allocator keeps its blocks (steady state); only the peak is reset
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
@@ -128,16 +131,24 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
     noise = torch.randn(x0.shape, generator=g).to(device)
     t_d = t.to(device)
 
+    def amp_ctx():
+        return torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False)
+
     def step():
-        with torch.autocast(device.type, dtype=amp) if amp else torch.autocast(device.type, enabled=False):
+        with tf32(False), amp_ctx():  # the engine's matmul precision (TF32 off), the same autocast
             l = per_sample_losses(model, x0, t_d, noise, schedule, prediction=cfg.prediction)
-        l.mean().backward()
+            l.mean().backward()
         model.zero_grad(set_to_none=True)
 
-    base, base_mem, _ = timed(step, device, args.repeats)
     common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
-    ref_s, ref_mem, ref = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", **common),
-                                device, 1) if K * n <= args.max_loop else (float("nan"), float("nan"), None)
+    step()  # untimed warm-up of both sides: kernels, allocator, and the fused self-check (cached after the first call)
+    gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **common)
+    base, base_mem, _ = timed(step, device, args.repeats)
+    small = K * n <= args.max_loop
+    # loop: timed under the same autocast as the step (one run); the float32 loop is the untimed error reference
+    ref_s, ref_mem, timed_loop = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", autocast_dtype=amp,
+                                                            **common), device, 1) if small else (float("nan"),) * 3
+    ref = (timed_loop if amp is None else gc.task_gram(model, x0, t_d, task, method="loop", **common)) if small else None
     c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
                                                    autocast_dtype=amp, **common), device, args.repeats)
     f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
@@ -158,8 +169,12 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
         row.update({f"fused_{prec}_x": r_s / base, f"{prec}_fold_err": _rel(reduced.gram, fused.gram)})
     if args.vmap and K * n <= args.max_loop:
         try:
-            v_s, v_mem, vg = timed(lambda: vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule,
-                                                     cfg.prediction, args.vmap_chunk), device, 1)
+            def vmapped():
+                with tf32(False), amp_ctx():
+                    return vmap_gram(model, x0, t_d, task.to(device), K, noise, schedule, cfg.prediction,
+                                     args.vmap_chunk)
+
+            v_s, v_mem, vg = timed(vmapped, device, 1)
             row.update(vmap_x=v_s / base, vmap_GiB=v_mem,
                        vmap_err=_rel(vg, ref.gram) if ref is not None else float("nan"))
         except (RuntimeError, NotImplementedError) as err_v:  # out of memory or unsupported op

@@ -47,6 +47,9 @@ def bench(model_name: str, device: torch.device, K: int, steps: int, batch: int,
 
     times = {"sequential": float("inf"), "batched": float("inf")}
     results = {}
+    warm = TransferConfig(steps=1, lr=1e-4, batch_size=batch, progress=False)
+    for fn in (finetune_sequential, finetune_stacked):  # untimed: first-call costs (kernels, allocator) on neither side
+        fn(model, streams()[:2], warm, schedule, model.config.prediction)
     for _ in range(repeats):  # interleaved, so that a load change on a shared machine hits both paths
         for name, fn in (("sequential", finetune_sequential), ("batched", finetune_stacked)):
             _sync(device)
@@ -54,12 +57,16 @@ def bench(model_name: str, device: torch.device, K: int, steps: int, batch: int,
             results[name] = fn(model, streams(), cfg, schedule, model.config.prediction)
             _sync(device)
             times[name] = min(times[name], time.perf_counter() - t0)
-    diff = max(float((results["batched"].params[n] - results["sequential"].params[n]).abs().max()) for n in results["batched"].params)
+    seq, bat = results["sequential"].params, results["batched"].params
+    diff = max(float((bat[n] - seq[n]).abs().max()) for n in bat)
+    theta0 = dict(model.named_parameters())
+    moved = max(float((seq[n] - theta0[n].detach().unsqueeze(0)).abs().max()) for n in seq)  # how far fine-tuning went
     return {
         "model": model_name, "device": str(device), "copies": K, "steps": steps, "batch_per_copy": batch,
         "params": sum(p.numel() for p in model.parameters()),
         "sequential_s": times["sequential"], "batched_s": times["batched"],
         "speedup": times["sequential"] / times["batched"], "max_param_diff": diff,
+        "diff_over_movement": diff / moved if moved > 0 else float("nan"),  # << 1: same runs, not just close ones
     }
 
 
@@ -70,7 +77,7 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10, help="K copies (one per bin)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="samples per copy per step")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path after an untimed warm-up (best kept)")
     parser.add_argument("--quick", action="store_true", help="5 steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
