@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -32,6 +33,9 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
     return path
 
 
+MAX_TICK_LABELS = 30  # per axis of a K x K heatmap
+
+
 def matrix_heatmap(
     frame: pd.DataFrame,
     path: str | Path,
@@ -51,8 +55,11 @@ def matrix_heatmap(
     size = max(4.5, min(12.0, 0.55 * K + 2.5))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     annot = K <= 12 if annotate is None else annotate
+    # many bins: the same every-n-th label on both axes, at most MAX_TICK_LABELS (rotated labels would overlap)
+    ticks = "auto" if K <= MAX_TICK_LABELS else int(np.ceil(K / MAX_TICK_LABELS))
     sns.heatmap(frame, ax=ax, cmap=cmap, center=center, vmin=vmin, vmax=vmax, annot=annot, fmt=".2f",
-                square=True, cbar_kws={"label": colorbar}, annot_kws={"fontsize": 7})
+                square=True, cbar_kws={"label": colorbar}, annot_kws={"fontsize": 7}, xticklabels=ticks,
+                yticklabels=ticks)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -60,3 +60,30 @@ def test_bad_gram() -> None:
 def test_summary_of_one_task_has_no_pair_statistics() -> None:
     s = conflict.summary(np.array([[2.0]]))
     assert s["K"] == 1 and np.isnan(s["mean_cosine"]) and np.isnan(s["min_cosine"])
+
+
+def test_a_heatmap_of_many_bins_labels_every_nth_bin_on_both_axes(tmp_path) -> None:
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from gradconflict.plots import MAX_TICK_LABELS, matrix_heatmap
+
+    K = 200
+    labels = [f"{5 * k}-{5 * k + 4}" for k in range(K)]
+    frame = pd.DataFrame(np.eye(K), index=labels, columns=labels)
+    seen = {}
+    real = plt.Figure.savefig
+
+    def spy(self, *args, **kwargs):  # read the tick labels off the figure being saved
+        ax = self.axes[0]
+        seen["x"] = [t.get_text() for t in ax.get_xticklabels()]
+        seen["y"] = [t.get_text() for t in ax.get_yticklabels()]
+        return real(self, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        matrix_heatmap(frame, tmp_path / "h.png", title="t", xlabel="x", ylabel="y", colorbar="c")
+    finally:
+        plt.Figure.savefig = real
+    assert seen["x"] == seen["y"] and 0 < len(seen["x"]) <= MAX_TICK_LABELS
+    assert seen["x"][0] == "0-4" and seen["x"][1] == labels[int(np.ceil(K / MAX_TICK_LABELS))]
