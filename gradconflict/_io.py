@@ -9,11 +9,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pandas as pd
 
-__all__ = ["atomic_write", "write_csv", "write_json", "write_text"]
+__all__ = ["atomic_write", "write_csv", "write_json", "write_text", "as_json", "identity_changes", "record_identity"]
 
 
 def _umask() -> int:
@@ -47,6 +47,32 @@ def write_csv(frame: pd.DataFrame, path: str | Path, index: bool = False) -> Pat
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented, key-sorted JSON atomically."""
     return atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def as_json(data: Any) -> Any:
+    """``data`` as it reads back after ``write_json`` (tuples become lists, other objects strings)."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def identity_changes(path: str | Path, identity: dict[str, Any]) -> Optional[list[str]]:
+    """The keys in which the identity recorded at ``path`` differs from ``identity``; None when none is recorded."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    old, new = json.loads(path.read_text()), as_json(identity)
+    return sorted(k for k in set(old) | set(new) if (k in old) != (k in new) or old.get(k) != new.get(k))
+
+
+def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix: str) -> None:
+    """Record what a folder's results depend on at ``path``, or raise ``ValueError`` when a different identity is
+    recorded there: "<folder> holds <holds> (differs in [keys]); <fix>"."""
+    path = Path(path)
+    diff = identity_changes(path, identity)
+    if diff:
+        raise ValueError(f"{path.parent} holds {holds} (differs in {diff}); {fix}")
+    if diff is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, as_json(identity))
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
-from .._io import atomic_write, write_csv, write_json
+from .._io import atomic_write, identity_changes, record_identity, write_csv, write_json
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
 from ..schedule import NoiseSchedule
@@ -83,16 +83,7 @@ def _save(out: Path, result: TrackResult) -> None:
 def _check_config(out: Path, identity: dict[str, Any], name: str = "track_config.json",
                   what: str = "tracking results of another config") -> None:
     """Record ``identity`` in ``out/name``, or refuse when the one recorded there differs (naming the keys)."""
-    path = out / name
-    identity = json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != identity:
-            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise ValueError(f"{out} holds {what} (differs in {diff}); use another --out, or remove {out}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(path, identity)
+    record_identity(out / name, identity, what, f"use another --out, or remove {out}")
 
 
 def track_identity(config: TrackConfig, prediction: str, T: int, extra_strategies: Sequence[WeightingStrategy] = (),
@@ -284,8 +275,7 @@ def stale_tracking(out_dir: Union[str, Path], train_config: Any, config: TrackCo
     trained step and has no snapshot. Tracking is stale when its config differs or it holds steps that
     ``every`` no longer asks for."""
     out = Path(out_dir)
-    path = out / "train_config.json"
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(train_config.identity(), default=str)):
+    if identity_changes(out / "train_config.json", train_config.identity()):
         return "training"
     weights = out / "run" / "model.safetensors"
     trained = _trained_step(weights) if weights.is_file() else 0
@@ -293,9 +283,8 @@ def stale_tracking(out_dir: Union[str, Path], train_config: Any, config: TrackCo
     if trained > train_config.steps or any(
             s < trained and not (out / "snapshots" / f"step{s}.safetensors").is_file() for s in wanted):
         return "training"
-    path = out / "track" / "track_config.json"
     want = track_identity(config, train_config.prediction, train_config.T, extra_strategies)
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(want, default=str)):
+    if identity_changes(out / "track" / "track_config.json", want):
         return "tracking"
     previous = load_track(out / "track") if every else None
     if previous is not None and set(previous.objectives["step"].unique()) - set(wanted):

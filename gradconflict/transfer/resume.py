@@ -15,7 +15,6 @@ A folder holding rows of another identity is refused (naming what differs), neve
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -23,7 +22,7 @@ import pandas as pd
 import torch
 
 from .. import distributed as dist
-from .._io import write_csv, write_json
+from .._io import record_identity, write_csv
 
 __all__ = ["SeedLog", "fingerprint"]
 
@@ -43,20 +42,12 @@ class SeedLog:
 
     def __init__(self, folder: Union[str, Path], identity: dict[str, Any]) -> None:
         self.folder = Path(folder)
-        self.identity = json.loads(json.dumps(identity, default=str))
         self.rows = self.folder / "transfer_seeds.csv"
         self._others = pd.DataFrame()
         stamp = self.folder / "transfer_resume.json"
         if dist.is_main():
-            if stamp.is_file():
-                old = json.loads(stamp.read_text())
-                if old != self.identity:
-                    diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
-                    raise ValueError(f"{self.folder} holds transfer results of another run (differs in {diff}); "
-                                     f"use another output folder, or remove {self.rows} and {stamp}")
-            else:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                write_json(stamp, self.identity)
+            record_identity(stamp, identity, "transfer results of another run",
+                            f"use another output folder, or remove {self.rows} and {stamp}")
 
     def finished(self, seeds: list[int]) -> tuple[Optional[pd.DataFrame], set[int]]:
         """``(rows, seeds)`` already computed for ``seeds`` (the same on every rank under torch.distributed)."""
