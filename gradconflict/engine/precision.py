@@ -56,23 +56,24 @@ def tf32(enabled: bool) -> Iterator[None]:
     """Set CUDA's TF32 switches (matmul and cuDNN) for the duration of the block, then restore them; no effect on
     the CPU. Uses the legacy ``allow_tf32`` switches, which code inside the block may read too; where a user has
     set torch's newer ``fp32_precision`` settings (2.9+), reading the legacy ones raises, and those are used."""
-    matmul = torch.backends.cuda.matmul
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     try:
-        old = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        old = matmul.allow_tf32, cudnn.allow_tf32
+        new = enabled, enabled
+
+        def put(values: tuple) -> None:
+            matmul.allow_tf32, cudnn.allow_tf32 = values
     except RuntimeError:  # the new API is in use: mixing the two raises
-        conv = torch.backends.cudnn.conv
-        old = matmul.fp32_precision, conv.fp32_precision
-        matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, conv.fp32_precision = old
-        return
-    matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+        old = matmul.fp32_precision, cudnn.conv.fp32_precision
+        new = ("tf32", "tf32") if enabled else ("ieee", "ieee")
+
+        def put(values: tuple) -> None:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = values
+    put(new)
     try:
         yield
     finally:
-        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        put(old)
 
 
 def layer_gram(J: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
