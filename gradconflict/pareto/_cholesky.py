@@ -84,11 +84,14 @@ class SubsetSolver:
     def _refactor(self, F: np.ndarray, priority: np.ndarray | None = None) -> bool:
         """Factor ``M_F`` afresh, tasks ordered by ``priority`` (descending) when given, else by index."""
         idx = _ordered(np.flatnonzero(F), priority)
-        M = self._Qf if idx.size == F.size and priority is None else self._Qf.take(idx, axis=0).take(idx, axis=1)
-        M = M + self.shift  # a fresh array: LAPACK overwrites it
+        M = self._Qf + self.shift if idx.size == F.size and priority is None else self._block(idx, idx)
         L, info = self._potrf(M.T, lower=1, clean=0, overwrite_a=1)  # M symmetric
         self.flops += idx.size**3 / 3
         return self._set_base(idx, F, L if info == 0 else None)
+
+    def _block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``M[rows, cols] = Q[rows, cols] + shift`` in the factor's precision (a fresh array LAPACK may overwrite)."""
+        return self._Qf.take(rows, axis=0).take(cols, axis=1) + self.shift
 
     def _set_base(self, idx: np.ndarray, F: np.ndarray, L: np.ndarray | None) -> bool:
         self._pos[self.base] = -1
@@ -124,9 +127,8 @@ class SubsetSolver:
         rows[is_old] = self.L[self._pos[T[is_old]], :p]
         new = T[~is_old]
         if new.size and p:
-            Mb = self._Qf[np.ix_(head, new)] + self.shift
-            rows[~is_old] = solve_triangular(L11, Mb, lower=True, check_finite=False).T
-        S = self._Qf[np.ix_(T, T)] + self.shift
+            rows[~is_old] = solve_triangular(L11, self._block(head, new), lower=True, check_finite=False).T
+        S = self._block(T, T)
         if p:
             S -= rows @ rows.T
         LTT, info = self._potrf(S.T, lower=1, clean=0, overwrite_a=1)
