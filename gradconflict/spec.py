@@ -35,7 +35,7 @@ import torch.nn as nn
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "BUILTIN_INIT_SEED"]
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "BUILTIN_INIT_SEED"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -255,3 +255,15 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
         raise ValueError(f"the model takes {size} x {size} images but --image-size is {image_size}: leave out "
                          f"--image-size (images are resized to {size} x {size}) or use a model built for that size")
     return size, channels
+
+
+def model_data(model: Any, data: str, image_size: Optional[int], limit: Optional[int] = None) -> tuple[Any, int]:
+    """``(dataset, size)``: ``data`` loaded at the model's input size (:func:`model_input`), its channel count
+    checked against the model's."""
+    from .data import load_dataset
+
+    size, channels = model_input(model, image_size)
+    dataset = load_dataset(data, image_size=size, limit=limit)
+    if channels is not None and dataset.channels != channels:
+        raise ValueError(f"the model takes {channels} channels but {dataset.name!r} has {dataset.channels}")
+    return dataset, size

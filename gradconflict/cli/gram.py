@@ -42,11 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import conflict
     from ..bins import TimestepBins
-    from ..data import load_dataset
     from ..engine import sample_task_batch, task_gram
     from ..plots import matrix_heatmap, write_csv
     from ..models import MODEL_NAMES
-    from ..spec import BUILTIN_INIT_SEED, load_model, model_input
+    from ..spec import BUILTIN_INIT_SEED, load_model, model_data
 
     from ..distributed import is_main, local_device, shard
 
@@ -58,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
               "--model RUN_FOLDER", file=sys.stderr)
     model, schedule = loaded.model, loaded.schedule
     config = getattr(model, "config", None)
-    size, in_ch = model_input(model, args.image_size)
-    data = load_dataset(args.data, image_size=size)
-    in_ch = data.channels if in_ch is None else in_ch
-    if data.channels != in_ch:
-        raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
+    data, _ = model_data(model, args.data, args.image_size)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     conditional = bool(getattr(config, "num_classes", 0))
     batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels, conditional=conditional)

@@ -35,10 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
-    from ..spec import load_model, model_input
+    from ..spec import load_model, model_data
     from ..track import TrackConfig, file_source, track_models
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
@@ -46,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"got {len(steps)} --steps for {len(args.checkpoints)} --checkpoints; give one step each")
     device = local_device(args.device)
     first = load_model(args.model, args.checkpoints[0], device=device, verbose=is_main())  # notes the run's config once
-    size, in_ch = model_input(first.model, args.image_size)
-    data = load_dataset(args.data, image_size=size)
-    if in_ch is not None and data.channels != in_ch:
-        raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
+    data, size = model_data(first.model, args.data, args.image_size)
 
     def loader(path: str):
         return lambda: load_model(args.model, path, device=device, verbose=False).model

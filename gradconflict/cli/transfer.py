@@ -49,10 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute the transfer matrix and write its files; prints how far each bin's positive transfer reaches."""
     from ..bins import TimestepBins
-    from ..data import load_dataset
     from ..distributed import is_main, local_device
     from .._io import write_csv
-    from ..spec import load_model, model_input
+    from ..spec import load_model, model_data
     from ..transfer import TransferConfig, plot_transfer, run_transfer
     from ..transfer.plot import describe_setup
 
@@ -60,10 +59,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.checkpoint, device=device)
     model, schedule = loaded.model, loaded.schedule
     model.eval()
-    size, in_ch = model_input(model, args.image_size)
-    data = load_dataset(args.data, image_size=size, limit=args.data_limit)
-    if in_ch is not None and data.channels != in_ch:
-        raise ValueError(f"the model takes {in_ch} channels but {data.name!r} has {data.channels}")
+    data, _ = model_data(model, args.data, args.image_size, limit=args.data_limit)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     steps = args.steps if args.steps is not None or args.mode == "lookahead" else 50
     cfg = TransferConfig(steps=steps, lr=args.lr, optimizer=args.optimizer if args.mode == "finetune" else "sgd",
