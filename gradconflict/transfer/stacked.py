@@ -15,8 +15,10 @@ independent runs, each with a fresh optimiser state. Gradient clipping is per co
 copy's slices, as ``clip_grad_norm_``). On the CPU, Linear and attention run through copy-batched kernels
 (``kernels.py``: fused-bias ``baddbmm`` and one flash SDPA call over all copies, instead of vmap's ``bmm`` +
 bias add and math / per-copy-fallback attention); on CUDA attention runs with the math SDPA backend (fused
-kernels fail in vmap's backward there). The stacked optimiser uses torch's multi-tensor (foreach)
-implementation: the same elementwise update. ``finetune_sequential`` is the reference: a deep copy per copy,
+kernels fail in vmap's backward there). On CUDA the whole step (forward, backward, clipping, optimiser) is
+captured as a CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed (``cudagraph.py``): the tiny models'
+steps are launch-bound, and replaying removes the per-kernel CPU cost. The stacked optimiser uses torch's
+multi-tensor (foreach) implementation: the same elementwise update. ``finetune_sequential`` is the reference: a deep copy per copy,
 one after the other, with the same batches (each copy draws from its own seeded CPU generator).
 
 The model runs in eval mode (dropout off), so the copies are deterministic functions of their batches.
@@ -42,6 +44,7 @@ from ..bins import TimestepBins
 from ..engine import per_sample_losses
 from ..schedule import NoiseSchedule
 from .config import TransferConfig
+from .cudagraph import GRAPH_WARMUP, GraphedStep, WarmupStream, cuda_graphs_enabled
 from .kernels import StackedKernels, use_stacked_kernels
 
 __all__ = [
@@ -151,12 +154,17 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
-def _optimizer(params: list[torch.Tensor], config: TransferConfig, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
-    """``config``'s optimiser on ``params``; ``foreach``: torch's multi-tensor implementation (None: torch's default)."""
+def _optimizer(params: list[torch.Tensor], config: TransferConfig, foreach: Optional[bool] = None,
+               capturable: bool = False) -> torch.optim.Optimizer:
+    """``config``'s optimiser on ``params``; ``foreach``: torch's multi-tensor implementation (None: torch's default);
+    ``capturable``: AdamW keeps its step count on the device as a float32 tensor, so its step can be captured in
+    a CUDA graph; its bias corrections ``1 - beta^t`` are then computed in float32 (relative difference about
+    1e-5 in the first updates against the CPU form, which computes them in Python floats). Every CUDA run uses
+    it, batched or sequential, so the paths stay the same computation. SGD has no step count."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, foreach=foreach)
     return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                             foreach=foreach)
+                             foreach=foreach, capturable=capturable)
 
 
 def _check_loss(losses: torch.Tensor, sources: Sequence[Source], step: int) -> None:
@@ -198,7 +206,7 @@ def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config
     for c, stream in enumerate(streams):
         clone = copy.deepcopy(model).eval()
         params = [p for _, p in trainable(clone)]
-        opt = _optimizer(params, config)
+        opt = _optimizer(params, config, capturable=device.type == "cuda")  # the stacked path's AdamW on CUDA
         history = torch.zeros((1, config.steps), dtype=torch.float64, device=device)
         for first in range(0, config.steps, block):
             steps = min(block, config.steps - first)
@@ -234,8 +242,11 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
     start, sources, C = time.perf_counter(), [s.source for s in streams], len(streams)
     base = trainable(model)
     leaves = {n: p.detach().unsqueeze(0).repeat(C, *([1] * p.ndim)).requires_grad_(True) for n, p in base}
-    opt = _optimizer(list(leaves.values()), config, foreach=True)
-    tables = ScheduleTables(schedule, base[0][1].device)
+    device = base[0][1].device
+    graphs = cuda_graphs_enabled(device, config.steps)  # capture the step after a warm-up (cudagraph.py)
+    # capturable on every CUDA run, graphed or not, so that both paths and the sequential reference do the same math
+    opt = _optimizer(list(leaves.values()), config, foreach=True, capturable=device.type == "cuda")
+    tables = ScheduleTables(schedule, device)
 
     def one_copy(params: dict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
         def call(x: torch.Tensor, tt: torch.Tensor, **k: torch.Tensor) -> torch.Tensor:
@@ -244,8 +255,23 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
         return per_sample_losses(call, x0, t, noise, tables, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
 
     batched_loss = vmap(one_copy, in_dims=(0, 0, 0, 0, 0))
-    device = base[0][1].device
     kernels = use_stacked_kernels(device)
+
+    def train_step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
+        """One step of every copy; the per-copy losses ``(C,)`` before the step. No host synchronisation."""
+        # the math SDPA backend for attention left to vmap's rules (fused kernels have no batching rule for
+        # their backward); StackedKernels' own attention op re-enables the fused backends on physical tensors
+        with StackedKernels() if kernels else contextlib.nullcontext(), sdpa_kernel(SDPBackend.MATH):
+            per_copy = batched_loss(leaves, x0, t, noise, kw)
+            opt.zero_grad(set_to_none=True)
+            per_copy.sum().backward()
+        if config.grad_clip is not None:
+            clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
+        opt.step()
+        return per_copy.detach()
+
+    graphed: Optional[GraphedStep] = None
+    warmup = WarmupStream() if graphs else None
     history = torch.zeros((C, config.steps), dtype=torch.float64, device=device)  # on device: no sync per step
     bar = tqdm(total=config.steps, desc=f"{desc} ({C} copies, vmap)", disable=not config.progress, leave=False, dynamic_ncols=True)
     block = _block_steps(streams, config.steps)
@@ -256,26 +282,25 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
         kws = {k: torch.stack([d[3][k] for d in draws], dim=1) for k in draws[0][3]}
         for j in range(steps):
             step = first + j
-            kw = {k: v[j] for k, v in kws.items()}
-            # the math SDPA backend for attention left to vmap's rules (fused kernels have no batching rule for
-            # their backward); StackedKernels' own attention op re-enables the fused backends on physical tensors
-            with StackedKernels() if kernels else contextlib.nullcontext(), sdpa_kernel(SDPBackend.MATH):
-                try:
-                    per_copy = batched_loss(leaves, x0s[j], ts[j], noises[j], kw)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except RuntimeError as err:
-                    if step == 0:
-                        raise VmapUnsupported(str(err)) from err
-                    raise
+            args = (x0s[j], ts[j], noises[j], {k: v[j] for k, v in kws.items()})
+            if graphed is not None:
+                per_copy = graphed(*args)
+            else:
+                with warmup if warmup is not None else contextlib.nullcontext():
+                    try:
+                        per_copy = train_step(*args)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except RuntimeError as err:
+                        if step == 0:
+                            raise VmapUnsupported(str(err)) from err
+                        raise
                 if step == 0:
                     _check_loss(per_copy, sources, step)  # fail fast on a broken model
-                opt.zero_grad(set_to_none=True)
-                per_copy.sum().backward()
-            if config.grad_clip is not None:
-                clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
-            opt.step()
-            history[:, step] = per_copy.detach()
+                if warmup is not None and step + 1 == GRAPH_WARMUP:
+                    graphed = GraphedStep.capture(train_step, *args, reset=lambda: opt.zero_grad(set_to_none=True))
+                    warmup = None
+            history[:, step] = per_copy
             bar.update(1)
         _check_history(history[:, first : first + steps], sources, first)  # one sync per block
     bar.close()

@@ -52,6 +52,8 @@ if mode == "track":
     D.shutdown()
     sys.stdout.flush()
     os._exit(0)  # skip C++ static destructors: gloo threads can abort a finished process on a loaded machine
+# a setting the ranks must share (the automatic memory budget): every rank gets the smallest
+assert D.all_reduce_min(10 + 7 * D.rank()) == 10, "all_reduce_min must return the smallest value over ranks"
 model, x0, t, task, noise = seeded_problem()
 mine = D.shard(len(t))
 res = gc.task_gram(model, x0[mine], t[mine], task[mine], K=4, schedule=gc.NoiseSchedule.linear(), noise=noise[mine],
