@@ -189,3 +189,60 @@ def test_a_model_that_reads_the_legacy_cudnn_flags_still_runs() -> None:
     res = task_gram(Legacy(), x0, torch.randint(0, 1000, (8,), generator=g), torch.arange(8) % 2, K=2,
                     schedule=SCHEDULE)
     assert res.gram.shape == (2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bf16_fold_under_autocast_builds_bf16_gradients_directly(kind: str, device: str, monkeypatch) -> None:
+    """With the bf16 fold, autocast's bf16 layers produce J in bfloat16 straight from the product (no float32 J):
+    the Gram equals the float64 Gram of the bf16-rounded float32 per-task gradients: to 1e-6 for Linear (the same
+    float32 sums, rounded once), and for Conv well inside the rounding's own effect (about 1e-3 here; the bf16
+    convolution kernels sum in their own order)."""
+    from gradconflict.engine import rules
+
+    torch.manual_seed(0)
+    model = (NormLinear() if kind == "linear" else NormConv()).to(device)
+    N, K = 8, 4
+    x0 = (torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)).to(device)
+    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990], device=device)
+    task = torch.arange(N) // 2
+    args = dict(schedule=SCHEDULE, K=K, noise=torch.randn_like(x0), check=True, autocast_dtype=torch.bfloat16)
+    full = task_gram(model, x0, t, task, return_gradients=True, **args)  # float32 J (checked above against float64)
+    Jb = full.gradients.to(torch.bfloat16).double()
+    calls = []
+    original = rules.half_bmm
+    monkeypatch.setattr(rules, "half_bmm", lambda a, b: calls.append(a.dtype) or original(a, b))
+    got = task_gram(model, x0, t, task, gram_precision="bf16", **args)
+    assert not calls  # the float32-output product was not used
+    assert _rel(got.gram, Jb @ Jb.T) <= (1e-6 if kind == "linear" else 5e-4)
+    assert _rel(got.gram, full.gram) > 1e-4  # really rounded to bfloat16
+
+
+@pytest.mark.parametrize("K", [5, 300])
+def test_symmetric_product_computes_the_lower_blocks_only_and_is_exact_to_float32(K: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(K, 700, generator=g)
+    calls = []
+
+    def product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], y.shape[0]))
+        return x @ y.T
+
+    got = precision.symmetric_product(a, product)
+    ref = a.double() @ a.double().T
+    assert _rel(got.double(), ref) <= 1e-6
+    if K >= precision.SYMMETRIC_MIN_K:  # the blocks above the diagonal are the ones below, transposed
+        k = K // precision.SYMMETRIC_BLOCKS
+        assert torch.equal(got[:k, k:], got[k:, :k].T)
+    b = precision.SYMMETRIC_BLOCKS if K >= precision.SYMMETRIC_MIN_K else 1
+    assert len(calls) == b * (b + 1) // 2
+    assert sum(m * n for m, n in calls) <= (0.7 if b > 1 else 1.0) * K * K  # (b + 1) / (2 b) of the products
+
+
+@pytest.mark.parametrize("gram_precision", ["fp32", "tf32", "bf16"])
+def test_blocked_fold_in_the_engine_equals_the_float64_loop(gram_precision: str, monkeypatch) -> None:
+    monkeypatch.setattr(precision, "SYMMETRIC_MIN_K", 2)  # every fold of this K = 4 problem goes through blocks
+    model, x0, t, task, args = _dit_batch()
+    got = task_gram(model, x0, t, task, gram_precision=gram_precision, check=True, **args)
+    exact = task_gram(model.double(), x0.double(), t, task, method="loop", **{**args, "noise": args["noise"].double()})
+    assert _rel(got.gram, exact.gram) <= (1e-5 if gram_precision != "bf16" else 1e-2)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .checks import first_line
 from .fallback import fallback_grads, tensor_leaves
 from .grouping import TaskIndex
-from .precision import HALF_DTYPES, check_gram_precision, layer_gram, tf32
+from .precision import HALF_DTYPES, check_gram_precision, full_precision_reduction, layer_gram, tf32
 from .rules import FORWARD_EXTRAS, HALF_INPUT_RULES, ROW_CHUNKED, rule_for
 from .workspace import Workspace, swap_workspace
 
@@ -157,6 +157,12 @@ class FusedGram:
             # the layer ran in half precision (autocast): build from the operands it used, the input cast as the
             # forward cast it; products of half-valued operands are exact in TF32 (precision.py)
             call.args = (call.args[0].to(grad.dtype), *call.args[1:])
+            if self._direct_bf16(grad):
+                # the bf16 fold rounds J to bfloat16 anyway: let the product round its float32 accumulator to
+                # bfloat16 itself (half the memory traffic of a float32 J, native tensor-core kernels)
+                with full_precision_reduction():
+                    self._apply_rule(call, rule, grad, torch.bfloat16, rows)
+                return
             if grad.device.type == "cuda":
                 with tf32(True):
                     self._apply_rule(call, rule, grad, dtype, rows)
@@ -169,6 +175,12 @@ class FusedGram:
             self._apply_rule(call, rule, grad, dtype, rows)
         finally:
             swap_workspace(previous)
+
+    def _direct_bf16(self, grad: torch.Tensor) -> bool:
+        """Whether a bfloat16 layer's per-task gradients are produced in bfloat16 directly: with the bf16 fold,
+        when nothing else reads J at full precision (returned gradients, a sketch) and no compute dtype is forced."""
+        return (grad.dtype == torch.bfloat16 and self.gram_precision == "bf16" and self.compute_dtype is None
+                and not self.keep_gradients and self.sketch is None)
 
     def _apply_rule(self, call: _Call, rule: Any, grad: torch.Tensor, dtype: torch.dtype, rows: Optional[int]) -> None:
         if rows is None:
