@@ -149,8 +149,9 @@ def benchmarks(smoke: bool, only: set) -> None:
     if smoke:
         transfer += ["--copies", "2", "--steps", "2", "--batch", "2", "--repeats", "1"]
     steps = [
-        ("profile", f"gram dit-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "--K", mid, "--n", n8, "--no-vmap",
-                                                            "--repeats", "1", "--profile", "--max-loop", "0"], {}),
+        ("profile", f"gram dit-s and unet-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "unet", "--K", mid, "--n",
+                                                                         n8, "--no-vmap", "--repeats", "1", "--profile",
+                                                                         "--max-loop", "0"], {}),
         ("gram100", f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
         ("transfer", "transfer K=10 (vmap rules)", transfer, {}),
         ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
