@@ -83,6 +83,16 @@ def _per_task_reference(kind: str, layer: nn.Module, a: torch.Tensor, b: torch.T
     return out
 
 
+def _autocast_problem(kind: str, device: str):
+    """A norm layer (float32 under autocast) feeding a Linear or Conv2d (bfloat16 under autocast): 8 samples, K = 4."""
+    torch.manual_seed(0)
+    model = (NormLinear() if kind == "linear" else NormConv()).to(device)
+    N, K = 8, 4
+    x0 = (torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)).to(device)
+    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990], device=device)
+    return model, x0, t, torch.arange(N) // 2, K
+
+
 # on a GPU machine the CUDA paths run too: bf16 x bf16 -> float32 matmuls (out_dtype) and exact TF32 convolutions
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -90,12 +100,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_autocast_layers_are_built_from_the_operands_autocast_used(kind: str, device: str) -> None:
-    torch.manual_seed(0)
-    model = (NormLinear() if kind == "linear" else NormConv()).to(device)
-    N, K = 8, 4
-    x0 = (torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)).to(device)
-    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990], device=device)
-    task = torch.arange(N) // 2
+    model, x0, t, task, K = _autocast_problem(kind, device)
     seen, handle = _capture(model.layer)
     try:
         got = task_gram(model, x0, t, task, schedule=SCHEDULE, K=K, noise=torch.randn_like(x0), check=True,
@@ -200,12 +205,7 @@ def test_bf16_fold_under_autocast_builds_bf16_gradients_directly(kind: str, devi
     convolution kernels sum in their own order)."""
     from gradconflict.engine import rules
 
-    torch.manual_seed(0)
-    model = (NormLinear() if kind == "linear" else NormConv()).to(device)
-    N, K = 8, 4
-    x0 = (torch.randn(N, 3, 6) if kind == "linear" else torch.randn(N, 4, 5, 5)).to(device)
-    t = torch.tensor([5, 30, 200, 260, 500, 520, 800, 990], device=device)
-    task = torch.arange(N) // 2
+    model, x0, t, task, K = _autocast_problem(kind, device)
     args = dict(schedule=SCHEDULE, K=K, noise=torch.randn_like(x0), check=True, autocast_dtype=torch.bfloat16)
     full = task_gram(model, x0, t, task, return_gradients=True, **args)  # float32 J (checked above against float64)
     Jb = full.gradients.to(torch.bfloat16).double()
