@@ -72,10 +72,11 @@ def main() -> None:
                         help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
     parser.add_argument("--only", default=None,
                         help="comma-separated steps to run, of: tests, checks (fused vs loop, torchrun), profile, gram100, "
-                             "transfer, kernels, gram1000, profile1000, unet100, k10 (default: all but the profiles)")
+                             "transfer, kernels, fold, gram1000, profile1000, unet100, k10 (default: all but the profiles)")
     args = parser.parse_args()
     smoke = args.smoke
-    steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "gram1000", "profile1000", "unet100", "k10")
+    steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "fold", "gram1000", "profile1000", "unet100",
+             "k10")
     only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000"}
     if only - set(steps):
         parser.error(f"unknown steps {sorted(only - set(steps))} in --only; use some of {', '.join(steps)}")
@@ -90,9 +91,13 @@ def main() -> None:
     if "tests" in only:
         # the CUDA cases of the precision tests (half-precision operands against float64 products of the same
         # operands, the bf16 fold against the rounded gradients) and of the CUDA-graph fine-tuning (a few seconds)
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
-                        *(os.path.join(root, "tests", f) for f in ("test_engine_precision.py", "test_transfer_cuda.py"))],
-                       check=False, cwd=root, timeout=300)
+        try:
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-p", "no:cacheprovider",
+                            *(os.path.join(root, "tests", f) for f in ("test_engine_precision.py",
+                                                                       "test_transfer_cuda.py"))],
+                           check=False, cwd=root, timeout=300)
+        except subprocess.TimeoutExpired:
+            print("tests: stopped after 300 s", flush=True)
     if "checks" in only:
         correctness(smoke)
     benchmarks(smoke, only)
@@ -157,6 +162,8 @@ def benchmarks(smoke: bool, only: set) -> None:
         ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
         ("gram1000", f"gram dit-s K={big} n=1", gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap",
                                             "--repeats", "1"], {}),
+        ("fold", "fold alone: plain vs symmetric blocks", [sys.executable, os.path.join(HERE, "bench_fold.py"), "--device",
+                                                           DEVICE, "--columns", "20000" if smoke else "2000000"], {}),
         ("profile1000", f"gram dit-s K={big} n=1, profiled", gram + ["--models", "dit", "--K", big, "--n", "1",
                                                                     "--max-loop", "0", "--no-vmap", "--repeats", "1",
                                                                     "--profile"], {}),

@@ -51,9 +51,7 @@ def _run(model, data, bins, cfg, fn):
 
 @cuda
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_graphed_float64_run_equals_the_sequential_run(optimizer: str, monkeypatch) -> None:
-    monkeypatch.delenv("GRADCONFLICT_CUDA_GRAPHS", raising=False)
-    captured = _spy(monkeypatch)
+def test_graphed_float64_run_equals_the_eager_and_the_sequential_runs(optimizer: str, monkeypatch) -> None:
     torch.manual_seed(0)
     model = Tiny().double().cuda()
     data = (torch.rand(40, 1, 8, 8, dtype=torch.float64) * 2 - 1).cuda()
@@ -61,13 +59,23 @@ def test_graphed_float64_run_equals_the_sequential_run(optimizer: str, monkeypat
     cfg = TransferConfig(steps=GRAPH_WARMUP + 5, lr=1e-2, optimizer=optimizer, batch_size=5, grad_clip=0.05,
                          weight_decay=0.1, progress=False)
     seq = _run(model, data, bins, cfg, finetune_sequential)
+    monkeypatch.setenv("GRADCONFLICT_CUDA_GRAPHS", "0")
+    eager = _run(model, data, bins, cfg, finetune_stacked)
+    monkeypatch.delenv("GRADCONFLICT_CUDA_GRAPHS")
+    captured = _spy(monkeypatch)
     bat = _run(model, data, bins, cfg, finetune_stacked)
     assert len(captured) == 1 and captured[0] is not None  # the replayed steps ran
-    for name in seq.params:
-        torch.testing.assert_close(bat.params[name], seq.params[name], rtol=0, atol=1e-10)
-    torch.testing.assert_close(torch.as_tensor(bat.losses), torch.as_tensor(seq.losses), rtol=0, atol=1e-10)
-    moved = max(float((seq.params[n] - p.detach()).abs().max()) for n, p in model.named_parameters())
+    start = dict(model.named_parameters())
+    moved = max(float((seq.params[n] - start[n].detach()).abs().max()) for n in seq.params)
     assert moved > 1e-4  # the replays really stepped
+    for name in seq.params:
+        # replays are the eager stacked step exactly (both use the capturable optimiser)
+        torch.testing.assert_close(bat.params[name], eager.params[name], rtol=0, atol=1e-12)
+        # the sequential reference keeps torch's usual AdamW, whose bias correction is computed in Python floats
+        # rather than float32 step tensors: about 1e-5 of the movement; SGD has none and matches to rounding
+        tol = 1e-4 * moved if optimizer == "adamw" else 1e-10
+        torch.testing.assert_close(bat.params[name], seq.params[name], rtol=0, atol=tol)
+    torch.testing.assert_close(torch.as_tensor(bat.losses), torch.as_tensor(eager.losses), rtol=0, atol=1e-12)
 
 
 @cuda

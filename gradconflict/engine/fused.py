@@ -178,9 +178,10 @@ class FusedGram:
 
     def _direct_bf16(self, grad: torch.Tensor) -> bool:
         """Whether a bfloat16 layer's per-task gradients are produced in bfloat16 directly: with the bf16 fold,
-        when nothing else reads J at full precision (returned gradients, a sketch) and no compute dtype is forced."""
+        when nothing else reads J at full precision (returned gradients, a sketch), no compute dtype is forced, and
+        J is not summed over torchrun ranks first (a bf16 sum would round again)."""
         return (grad.dtype == torch.bfloat16 and self.gram_precision == "bf16" and self.compute_dtype is None
-                and not self.keep_gradients and self.sketch is None)
+                and not self.keep_gradients and self.sketch is None and self.reduce is None)
 
     def _apply_rule(self, call: _Call, rule: Any, grad: torch.Tensor, dtype: torch.dtype, rows: Optional[int]) -> None:
         if rows is None:

@@ -97,18 +97,21 @@ def layer_gram(J: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
 
 
 SYMMETRIC_BLOCKS = 4  # row blocks of J for K >= SYMMETRIC_MIN_K: (b + 1) / (2 b) of the full product's flops
+SYMMETRIC_BLOCKS_CUDA = 2  # GPU matmuls lose efficiency on small blocks: 3/4 of the flops in 500-row products
 SYMMETRIC_MIN_K = 256
 
 
 def symmetric_product(a: torch.Tensor, product) -> torch.Tensor:
     """``a a^T`` from the products of row blocks on and below the diagonal only, each block above the diagonal
-    the transpose of its mirror: 5/8 of the flops of one product for K >= ``SYMMETRIC_MIN_K`` rows (the fold
-    at K ~ 1000; measured 0.70x the time of the full float32 product at K = 1000 on one CPU core).
+    the transpose of its mirror, for K >= ``SYMMETRIC_MIN_K`` rows (the fold at K ~ 1000): 5/8 of the flops of
+    one product on the CPU (4 blocks; measured 0.70x the time of the full float32 product at K = 1000 on one
+    core), 3/4 on a GPU (2 blocks; ``benchmarks/bench_fold.py`` times both there).
     ``product(x, y)`` returns ``x y^T``."""
     K = a.shape[0]
     if K < SYMMETRIC_MIN_K:
         return product(a, a)
-    edges = [K * i // SYMMETRIC_BLOCKS for i in range(SYMMETRIC_BLOCKS + 1)]
+    blocks = SYMMETRIC_BLOCKS_CUDA if a.device.type == "cuda" else SYMMETRIC_BLOCKS
+    edges = [K * i // blocks for i in range(blocks + 1)]
     rows = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     out = None
     for i, ri in enumerate(rows):

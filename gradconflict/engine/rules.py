@@ -157,8 +157,11 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
         weight_shape = (grad.shape[1], *weight_shape[1:])
     K, c_out = idx.K, grad.shape[1]
     grad = grad.to(dtype)
+    # sums of products built in two stages (per sample, then per task) accumulate in float32 when the output is
+    # half precision, so the result is rounded once, as one product rounds its float32 accumulator
+    acc = torch.float32 if dtype in HALF_DTYPES else dtype
     if _trainable(module, "weight") and _pointwise_bmm_ok(module, x, c_out, idx):
-        out["weight"] = _pointwise_weight(x.to(dtype), grad, idx).reshape(K, *weight_shape)
+        out["weight"] = _pointwise_weight(x.to(acc), grad.to(acc), idx).reshape(K, *weight_shape).to(dtype)
     elif _trainable(module, "weight"):
         xp, padding = _explicit_padding(module, x.to(dtype))
         xg = _sample_major(xp, idx, "conv_input")  # (m, K*C, *S)
@@ -167,7 +170,7 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
         dw = _CONV_WEIGHT_GRAD[x.ndim - 2](xg, shape, bg, module.stride, padding, module.dilation, K * module.groups)
         out["weight"] = dw.reshape(K, *weight_shape)
     if module.bias is not None and _trainable(module, "bias"):
-        out["bias"] = idx.group(grad.reshape(grad.shape[0], c_out, -1).sum(-1)).sum(1)
+        out["bias"] = idx.group(grad.reshape(grad.shape[0], c_out, -1).sum(-1, dtype=acc)).sum(1).to(dtype)
     return out
 
 

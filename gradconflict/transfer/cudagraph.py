@@ -38,47 +38,71 @@ def cuda_graphs_enabled(device: torch.device, steps: int) -> bool:
 
 
 class WarmupStream:
-    """Context for an eager step before capture: runs it on a side stream that waits for the current one,
-    and makes the current stream wait for it afterwards (torch's recipe for warm-up before graph capture)."""
+    """Context for an eager step before capture on ``device``: runs it on a side stream that waits for the
+    current one, and makes the current stream wait for it afterwards (torch's recipe for warm-up before graph
+    capture)."""
 
-    def __init__(self) -> None:
-        self.stream = torch.cuda.Stream()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
 
     def __enter__(self) -> "WarmupStream":
-        self.stream.wait_stream(torch.cuda.current_stream())
+        self._device = torch.cuda.device(self.device)
+        self._device.__enter__()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._ctx = torch.cuda.stream(self.stream)
         self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
-        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._device.__exit__(*exc)
 
 
 class GraphedStep:
     """``step(x0, t, noise, kw) -> losses`` captured on example inputs; calling it copies the inputs into the
-    captured buffers, replays, and returns the losses buffer (overwritten by the next call)."""
+    captured buffers, replays, and returns the losses buffer (overwritten by the next call). Capture, copies and
+    replays run with the inputs' device as the current device (a model on ``cuda:1`` while ``cuda:0`` is current)."""
 
     def __init__(self, step: Step, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> None:
+        self.device = x0.device
         self._inputs = (x0.clone(), t.clone(), noise.clone(), {k: v.clone() for k, v in kw.items()})
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._out = step(*self._inputs)
+        self._failure: Optional[BaseException] = None
+
+        def recorded(*args: object) -> torch.Tensor:  # keeps the step's own error: capture_end reports another
+            try:
+                return step(*args)
+            except BaseException as err:
+                self._failure = err
+                raise
+
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
+            self._out = recorded(*self._inputs)
 
     @classmethod
     def capture(cls, step: Step, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict,
                 reset: Callable[[], None]) -> Optional["GraphedStep"]:
         """The captured step, or None (with a warning) when this model or optimiser cannot be captured;
         ``reset`` runs before capture and after a failed one (e.g. ``optimizer.zero_grad(set_to_none=True)``,
-        so the backward inside the graph allocates its gradients in the graph's memory)."""
+        so the backward inside the graph allocates its gradients in the graph's memory). A failed capture
+        leaves the current stream as it found it (torch's graph context may not restore it when capture ends
+        with an error)."""
+        device = x0.device
         reset()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        previous = torch.cuda.current_stream(device)
+        graphed = cls.__new__(cls)
         try:
-            return cls(step, x0, t, noise, kw)
+            cls.__init__(graphed, step, x0, t, noise, kw)
+            return graphed
         except Exception as err:  # noqa: BLE001 - any capture failure means: go on eagerly
-            torch.cuda.synchronize()
+            torch.cuda.set_stream(previous)
+            torch.cuda.synchronize(device)
             reset()
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            cause = getattr(graphed, "_failure", None) or err
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             warnings.warn(f"the fine-tuning step could not be captured as a CUDA graph ({first[:200]}); going on "
                           "without graphs (set GRADCONFLICT_CUDA_GRAPHS=0 to skip the attempt)", RuntimeWarning,
                           stacklevel=2)
@@ -86,10 +110,11 @@ class GraphedStep:
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
         sx0, st, snoise, skw = self._inputs
-        sx0.copy_(x0)
-        st.copy_(t)
-        snoise.copy_(noise)
-        for k, v in skw.items():
-            v.copy_(kw[k])
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            sx0.copy_(x0)
+            st.copy_(t)
+            snoise.copy_(noise)
+            for k, v in skw.items():
+                v.copy_(kw[k])
+            self.graph.replay()
         return self._out

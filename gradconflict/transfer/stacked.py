@@ -158,9 +158,10 @@ def _optimizer(params: list[torch.Tensor], config: TransferConfig, foreach: Opti
                capturable: bool = False) -> torch.optim.Optimizer:
     """``config``'s optimiser on ``params``; ``foreach``: torch's multi-tensor implementation (None: torch's default);
     ``capturable``: AdamW keeps its step count on the device as a float32 tensor, so its step can be captured in
-    a CUDA graph; its bias corrections ``1 - beta^t`` are then computed in float32 (relative difference about
-    1e-5 in the first updates against the CPU form, which computes them in Python floats). Every CUDA run uses
-    it, batched or sequential, so the paths stay the same computation. SGD has no step count."""
+    a CUDA graph; its bias corrections ``1 - beta^t`` are then computed in float32, which moves the first updates
+    by about 1e-5 relative against the usual form (Python floats), the one the sequential reference keeps. The
+    stacked path uses it on every CUDA run; SGD has no step count. torch's warning that a capturable optimiser
+    runs outside a graph (the warm-up steps) is silenced by ``finetune_stacked``."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, foreach=foreach)
     return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
@@ -206,7 +207,7 @@ def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config
     for c, stream in enumerate(streams):
         clone = copy.deepcopy(model).eval()
         params = [p for _, p in trainable(clone)]
-        opt = _optimizer(params, config, capturable=device.type == "cuda")  # the stacked path's AdamW on CUDA
+        opt = _optimizer(params, config)
         history = torch.zeros((1, config.steps), dtype=torch.float64, device=device)
         for first in range(0, config.steps, block):
             steps = min(block, config.steps - first)
@@ -244,7 +245,7 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
     leaves = {n: p.detach().unsqueeze(0).repeat(C, *([1] * p.ndim)).requires_grad_(True) for n, p in base}
     device = base[0][1].device
     graphs = cuda_graphs_enabled(device, config.steps)  # capture the step after a warm-up (cudagraph.py)
-    # capturable on every CUDA run, graphed or not, so that both paths and the sequential reference do the same math
+    # capturable on every CUDA run, graphed or not (GRADCONFLICT_CUDA_GRAPHS=0), so both do the same arithmetic
     opt = _optimizer(list(leaves.values()), config, foreach=True, capturable=device.type == "cuda")
     tables = ScheduleTables(schedule, device)
 
@@ -267,11 +268,13 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
             per_copy.sum().backward()
         if config.grad_clip is not None:
             clip_per_copy_([p.grad for p in leaves.values()], config.grad_clip)
-        opt.step()
+        with warnings.catch_warnings():  # torch warns once that a capturable optimiser steps outside a graph
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            opt.step()
         return per_copy.detach()
 
     graphed: Optional[GraphedStep] = None
-    warmup = WarmupStream() if graphs else None
+    warmup = WarmupStream(device) if graphs else None
     history = torch.zeros((C, config.steps), dtype=torch.float64, device=device)  # on device: no sync per step
     bar = tqdm(total=config.steps, desc=f"{desc} ({C} copies, vmap)", disable=not config.progress, leave=False, dynamic_ncols=True)
     block = _block_steps(streams, config.steps)
