@@ -161,11 +161,13 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
             l.mean().backward()
         model.zero_grad(set_to_none=True)
 
+    # fused_x and fused_err: the float32 fold (explicit: the default "auto" is tf32 on a GPU, column fused_tf32_x)
     common = dict(schedule=schedule, prediction=cfg.prediction, noise=noise, K=K)
+    fp32 = dict(common, gram_precision="fp32")
     phase["now"] = "step"
     step()  # untimed warm-up of both sides: kernels, allocator, and the fused self-check (cached after the first call)
     phase["now"] = "fused (first call)"
-    gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **common)
+    gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **fp32)
     phase["now"] = "step"
     base, base_mem, _ = timed(step, device, args.repeats)
     phase["now"] = "loop"
@@ -176,21 +178,21 @@ def _row(model, name: str, P: int, K: int, n: int, args: argparse.Namespace, dev
     ref = (timed_loop if amp is None else gc.task_gram(model, x0, t_d, task, method="loop", **common)) if small else None
     phase["now"] = "fused"
     c_s, c_mem, fused = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=True,
-                                                   autocast_dtype=amp, **common), device, args.repeats)
+                                                   autocast_dtype=amp, **fp32), device, args.repeats)
     f_s, f_mem, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused",
-                                               autocast_dtype=amp, **common), device, args.repeats)
+                                               autocast_dtype=amp, **fp32), device, args.repeats)
     u_s, _, _ = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", check=False,
-                                           autocast_dtype=amp, **common), device, args.repeats)
+                                           autocast_dtype=amp, **fp32), device, args.repeats)
     row = dict(model=name, params_M=P / 1e6, K=K, n=n, step_s=base, step_GiB=base_mem,
                fused_x=f_s / base, fused_check_x=c_s / base, fused_nocheck_x=u_s / base,
                fused_GiB=max(f_mem, c_mem), loop_x=ref_s / base)
     if ref is not None:  # the engine's own error: fused in float32 against loop in float32
-        exact = fused if amp is None else gc.task_gram(model, x0, t_d, task, method="fused", **common)
+        exact = fused if amp is None else gc.task_gram(model, x0, t_d, task, method="fused", **fp32)
         row["fused_err"] = _rel(exact.gram, ref.gram)
         if amp is not None:  # what bf16 activations add (the model, not the engine)
             row["amp_err"] = _rel(fused.gram, ref.gram)
     if args.profile:
-        _profile(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **common), step, device)
+        _profile(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp, **fp32), step, device)
     for prec in args.gram_precision:  # reduced fold precision: time, and deviation from the fp32 fold
         r_s, _, reduced = timed(lambda: gc.task_gram(model, x0, t_d, task, method="fused", autocast_dtype=amp,
                                                      gram_precision=prec, **common), device, args.repeats)

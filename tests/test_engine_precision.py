@@ -249,3 +249,19 @@ def test_blocked_fold_in_the_engine_equals_the_float64_loop(gram_precision: str,
     got = task_gram(model, x0, t, task, gram_precision=gram_precision, check=True, **args)
     exact = task_gram(model.double(), x0.double(), t, task, method="loop", **{**args, "noise": args["noise"].double()})
     assert _rel(got.gram, exact.gram) <= (1e-5 if gram_precision != "bf16" else 1e-2)
+
+
+def test_auto_fold_precision_is_tf32_only_for_float32_models_on_a_gpu() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision.resolve_gram_precision("auto", cuda, torch.float32) == "tf32"
+    assert precision.resolve_gram_precision("auto", cuda, torch.bfloat16) == "tf32"
+    assert precision.resolve_gram_precision("auto", cuda, torch.float64) == "fp32"  # float64 stays exact
+    assert precision.resolve_gram_precision("auto", cpu, torch.float32) == "fp32"
+    assert precision.resolve_gram_precision("bf16", cpu, torch.float32) == "bf16"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="'auto', 'fp32', 'tf32', 'bf16'"):
+        precision.resolve_gram_precision("fp8", cuda, torch.float32)
+    # on the CPU the default is the float32 fold, bit for bit, and the loop accepts the default
+    model, x0, t, task, args = _dit_batch()
+    assert torch.equal(task_gram(model, x0, t, task, **args).gram,
+                       task_gram(model, x0, t, task, gram_precision="fp32", **args).gram)
+    task_gram(model, x0, t, task, method="loop", **args)

@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="run the model under torch.autocast in this dtype (e.g. bf16 on a GPU; default none)")
-    p.add_argument("--gram-precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="fold precision of the fused Gram: fp32 (default, ~1e-7 relative error) or tf32 / bf16 "
-                        "(~1e-3, faster on a GPU with many bins)")
+    p.add_argument("--gram-precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+                   help="fold precision of the fused Gram: fp32 (~1e-7 relative error), tf32 / bf16 (~1e-5, "
+                        "faster on a GPU with many bins); auto (default): tf32 on a GPU, fp32 on the CPU")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler=run)
 
