@@ -153,23 +153,24 @@ def benchmarks(smoke: bool, only: set) -> None:
     n8 = "2" if smoke else "8"
     if smoke:
         transfer += ["--copies", "2", "--steps", "2", "--batch", "2", "--repeats", "1"]
+    # the steps whose numbers were not yet measured on a GPU first (see benchmarks/results/)
     steps = [
-        ("profile", f"gram dit-s and unet-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "unet", "--K", mid, "--n",
-                                                                         n8, "--no-vmap", "--repeats", "1", "--profile",
-                                                                         "--max-loop", "0"], {}),
-        ("gram100", f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
-        ("transfer", "transfer K=10 (vmap rules)", transfer, {}),
-        ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
         ("gram1000", f"gram dit-s K={big} n=1", gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap",
                                             "--repeats", "1"], {}),
         ("fold", "fold alone: plain vs symmetric blocks", [sys.executable, os.path.join(HERE, "bench_fold.py"), "--device",
                                                            DEVICE, "--columns", "20000" if smoke else "2000000"], {}),
-        ("profile1000", f"gram dit-s K={big} n=1, profiled", gram + ["--models", "dit", "--K", big, "--n", "1",
-                                                                    "--max-loop", "0", "--no-vmap", "--repeats", "1",
-                                                                    "--profile"], {}),
+        ("transfer", "transfer K=10 (vmap rules)", transfer, {}),
+        ("gram100", f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
         ("unet100", f"gram unet-s K={mid} n={n8}", gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2"],
          {}),
         ("k10", f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
+        ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
+        ("profile", f"gram dit-s and unet-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "unet", "--K", mid, "--n",
+                                                                         n8, "--no-vmap", "--repeats", "1", "--profile",
+                                                                         "--max-loop", "0"], {}),
+        ("profile1000", f"gram dit-s K={big} n=1, profiled", gram + ["--models", "dit", "--K", big, "--n", "1",
+                                                                    "--max-loop", "0", "--no-vmap", "--repeats", "1",
+                                                                    "--profile"], {}),
     ]
     for key, title, cmd, env in steps:
         if key not in only:
