@@ -4,7 +4,8 @@
     python benchmarks/bench_fold.py --device cuda --columns 2000000
 
 For each K and fold precision (``engine/precision.py``), the seconds of the plain product (what the fold did
-before the blocks), of the blocked one (the engine's fold: blocked from ``SYMMETRIC_MIN_K`` rows), their ratio
+before the blocks), of the blocked product at every K (the engine blocks only from ``SYMMETRIC_MIN_K`` = 256
+rows), their ratio
 (blocked / plain: below 1 is a gain), and each one's relative error against float64. Best of ``--repeats``,
 both measured in the same run.
 """

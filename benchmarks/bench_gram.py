@@ -12,9 +12,11 @@ deviation of a reduced ``--gram-precision`` fold from the float32 fold on the sa
 
 Columns: ``fused_check_x`` runs the self-check on every call (``check=True``); ``fused_x`` is the default
 (``check="once"``) after the model passed its check on an earlier call, which is what every call but the
-first costs in a tracking run; ``fused_nocheck_x`` is ``check=False``. Each row starts with an untimed training
+first costs in a tracking run; ``fused_nocheck_x`` is ``check=False``. These three use the explicit float32 fold
+(the ``"auto"`` default is the tf32 fold on a GPU: column ``fused_tf32_x``). Each row starts with an untimed training
 step and fused call (first-call costs on neither side); the step, fused and its variants are best of
-``--repeats``, loop and vmap one run each; everything timed runs with TF32 off (as the engine does) and, with
+``--repeats``, loop and vmap one run each; everything timed runs with TF32 off (as the engine does, except the
+tf32 fold and autocast's half-precision layers, see ``engine/precision.py``) and, with
 ``--bf16``, under the same autocast (the float32 loop is then only the error reference).
 """
 

@@ -13,9 +13,11 @@ folder that travels with the run (say .devdeps/) and put that folder on PYTHONPA
    errors (the loop runs without autocast: under autocast the error is what bf16 activations change);
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
    plain run (checked on the CSVs);
-3. bench_gram at the GPU size (K = 100, n = 8 and K = 1000, n = 1; then the UNet and K = 10), ratios to one
-   training step, and bench_transfer (batched vs sequential fine-tuning, goal >= 10x) with vmap's own rules and
-   with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; each step has a time limit.
+3. benchmarks, the ones not yet measured on a GPU first, each with a time limit: bench_gram dit-s K = 1000, n = 1;
+   bench_fold (plain vs symmetric block fold); bench_transfer (batched vs sequential fine-tuning, goal >= 10x,
+   vmap's own rules); bench_gram dit-s K = 100, n = 8 (with loop and vmap), unet-s K = 100, n = 8, both at
+   K = 10; bench_transfer with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; the profiles
+   (``profile``, ``profile1000``) only when named in ``--only``. bench_gram's ratios are to one training step.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Hooks on each layer capture its input in the forward pass and its output gradient in the backward pass.
 The layer's K per-task gradients are built at once (``rules.py``, or ``fallback.py`` for unknown layers),
-folded into the Gram ``G += J J^T`` (J: K x layer size, accumulated in float64) and freed, so the extra
+folded into the Gram ``G += J J^T`` (J: K x layer size; G accumulated in float64) and freed, so the extra
 memory is about K times the largest layer. A parameter used several times (tied weights, a module called
 twice) is folded after its last use, once its per-task gradient is complete.
 """

@@ -72,12 +72,13 @@ def task_gram(
         train_mode: keep the model's training mode (dropout active); by default the model runs in eval
             mode, so dropout is off and "fused" and "loop" see the same function.
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype (e.g. torch.bfloat16 on a
-            GPU); per-task gradients are then formed in float32 and folded into a float64 Gram.
+            GPU); per-task gradients are then formed in float32 (in bfloat16 directly with
+            ``gram_precision="bf16"``, see ``precision.py``) and folded into a float64 Gram.
         max_chunk_elements: memory budget of the fused method: a Linear or Conv layer whose K per-task
             gradients hold more elements than this is built and folded a few output rows at a time (same
             result; shared parameters and grouped convs are built whole). ``"auto"`` (default): on a GPU, 2% of
-            the GPU memory free when the call starts (torch's cached blocks count as free) (e.g. about 1.5 GiB of an idle 80 GB card, which splits a
-            DiT's 384 -> 2304 modulation layer at K = 1000 into a few pieces); no budget on the CPU. ``None``:
+            the GPU memory free when the call starts, torch's cached blocks counted as free (about 1.5 GiB of an
+            idle 80 GB card, which splits a DiT's 384 -> 2304 modulation layer at K = 1000 into a few pieces); no budget on the CPU. ``None``:
             no budget anywhere.
         check: the fused method's self-check, ``1^T G 1 = ||sum_k g_k||^2`` against the ordinary gradient,
             which catches parameters used outside the modules that own them. ``"once"`` (default) runs it
@@ -87,7 +88,7 @@ def task_gram(
             parameter gradients (faster by about one weight-gradient pass).
         gram_precision: how the fused method folds ``G += J J^T``: ``"fp32"`` (float32 products, each layer
             summed in float64, relative error about 1e-7), ``"tf32"`` or ``"bf16"`` (J rounded to that format,
-            float32 accumulation: measured 6e-6 to 4e-5 (tf32) and 5e-5 (bf16) relative error in G against the
+            float32 accumulation: measured 4e-6 to 4e-5 (tf32) and 5e-5 (bf16) relative error in G against the
             fp32 fold on an H100, much faster on a GPU when the fold dominates, as at K ~ 1000). ``"auto"``
             (default): ``"tf32"`` for float32 / half models on a GPU, ``"fp32"`` otherwise. See
             ``precision.py``; the loop reference always folds in float64.

@@ -11,18 +11,21 @@ Two separate questions, answered separately:
   float32 arithmetic, at tensor-core speed. Autograd's own half-precision weight gradient rounds its output to
   the half dtype; these per-task gradients do not.
 
-* **Folding** ``G += J J^T`` (``gram_precision``). ``"fp32"`` (default): float32 products and sums, TF32 off,
+* **Folding** ``G += J J^T`` (``gram_precision``). ``"fp32"`` (the default off the GPU and for float64 models):
+  float32 products and sums, TF32 off,
   each layer's Gram summed in float64 (relative error about 1e-7 for a float32 model). ``"tf32"``: J's entries
   rounded to TF32 on CUDA (no effect on the CPU, which has no TF32). ``"bf16"``: J rounded to bfloat16, products
   accumulated in float32 (CUDA: ``torch.mm(..., out_dtype=float32)`` where this torch has it; elsewhere the same
   numbers from float32 products of the rounded values). Both reduced precisions fold a layer in pieces of at
   most :data:`FOLD_COLUMNS` coordinates whose Grams are summed in float64, so rounding, not the length of the
   float32 sums, sets the error: about ``2^-9`` relative per entry of J for bf16, ``2^-11`` for TF32, which
-  averages down in G to roughly 1e-3 (bf16) of its Frobenius norm. They buy speed where the fold dominates
-  (K ~ 1000 tasks on a GPU); the default is exact to float32. Under bf16 autocast with the bf16 fold, the bf16
+  averages down in G: about 5e-4 (bf16) of its Frobenius norm on random J, 4e-6 to 6e-5 measured on model
+  gradients on an H100. They buy speed where the fold dominates (K ~ 1000 tasks on a GPU); ``"fp32"`` is exact
+  to float32, and the default ``"auto"`` (``resolve_gram_precision``) picks ``"tf32"`` on a GPU. Under bf16 autocast with the bf16 fold, the bf16
   layers' per-task gradients come out of their product in bfloat16 directly (the float32 accumulator rounded
   once: the same numbers without a float32 J in memory). At K >= ``SYMMETRIC_MIN_K`` every fold computes only the
-  row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the flops).
+  row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the flops with 4 blocks on
+  the CPU, 3/4 with 2 on CUDA).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def check_gram_precision(precision: str, allow_auto: bool = False) -> str:
 
 def resolve_gram_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
     """``"auto"``: ``"tf32"`` for a float32 or half-precision model on a GPU (measured on an H100 at K = 100 and
-    1000: Gram error 6e-6 and 4e-5 relative against the float32 fold, at 0.96x and 0.35x its time), ``"fp32"``
+    1000: Gram error 4e-6 to 1e-5 and 4e-5 relative against the float32 fold, at 0.96x and 0.35x its time), ``"fp32"``
     elsewhere (the CPU has no TF32; float64 models keep float64 products). Other values are returned checked."""
     precision = check_gram_precision(precision, allow_auto=True)
     if precision != "auto":

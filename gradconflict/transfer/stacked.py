@@ -18,7 +18,8 @@ bias add and math / per-copy-fallback attention); on CUDA attention runs with th
 kernels fail in vmap's backward there). On CUDA the whole step (forward, backward, clipping, optimiser) is
 captured as a CUDA graph after ``GRAPH_WARMUP`` eager steps and replayed (``cudagraph.py``): the tiny models'
 steps are launch-bound, and replaying removes the per-kernel CPU cost. The stacked optimiser uses torch's
-multi-tensor (foreach) implementation: the same elementwise update. ``finetune_sequential`` is the reference: a deep copy per copy,
+multi-tensor (foreach) implementation: the same elementwise update (on CUDA AdamW is made ``capturable``: its
+bias corrections in float32, about 1e-5 relative from the sequential reference's first updates). ``finetune_sequential`` is the reference: a deep copy per copy,
 one after the other, with the same batches (each copy draws from its own seeded CPU generator).
 
 The model runs in eval mode (dropout off), so the copies are deterministic functions of their batches.
