@@ -100,3 +100,15 @@ def test_gram_cli_autocast_and_gram_precision_flags(tmp_path: Path) -> None:
     b = pd.read_csv(tmp_path / "bf16" / "gram.csv", index_col=0).to_numpy()
     err = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert 1e-6 < err < 5e-2
+
+
+def test_gram_cli_task_chunks_give_the_same_gram(tmp_path: Path) -> None:
+    spec = _write_spec(tmp_path)
+    common = ["gram", "--model", f"{spec}:build", "--data", "synthetic", "--image-size", "8", "--bins", "4",
+              "--per-task", "3", "--seed", "7"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--task-chunks", "4", "--out", str(tmp_path / "pairs")]) == 0
+    a = pd.read_csv(tmp_path / "one" / "gram.csv", index_col=0).to_numpy()
+    b = pd.read_csv(tmp_path / "pairs" / "gram.csv", index_col=0).to_numpy()
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)  # float32 model: the same samples, other batches
+    assert main([*common, "--task-chunks", "9", "--out", str(tmp_path / "bad")]) != 0

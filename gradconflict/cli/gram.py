@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gram-precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
                    help="fold precision of the fused Gram: fp32 (~1e-7 relative error), tf32 / bf16 (~1e-5, "
                         "faster on a GPU with many bins); auto (default): tf32 on a GPU, fp32 on the CPU")
+    p.add_argument("--task-chunks", type=int, default=1,
+                   help="when the batch does not fit in memory: split the bins into this many groups and run one pass "
+                        "per pair of groups (about 2/M of the batch each, the same Gram; default 1: one pass)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler=run)
 
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)
     res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
                     loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method,
-                    autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast], gram_precision=args.gram_precision)
+                    autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast],
+                    gram_precision=args.gram_precision, task_chunks=args.task_chunks)
     if not is_main():
         return 0
     out = Path(args.out)

@@ -14,6 +14,7 @@ from ..bins import TimestepBins
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
 from .checks import check_samples_independent
+from .chunked import check_task_chunks, pair_passes
 from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
@@ -50,6 +51,7 @@ def task_gram(
     max_chunk_elements: Union[int, str, None] = "auto",
     check: Union[bool, str] = "once",
     gram_precision: str = "auto",
+    task_chunks: int = 1,
 ) -> TaskGradients:
     """Gram matrix of the per-task gradients of ``model`` on one batch.
 
@@ -93,6 +95,12 @@ def task_gram(
             (default): ``"tf32"`` for float32 / half models on a GPU, ``"fp32"`` otherwise. See
             ``precision.py``; the loop reference always folds in float64.
 
+        task_chunks: memory budget for the activations (fused method): split the K tasks into this many groups
+            and run one fused pass per pair of groups, each over about ``2 N / task_chunks`` samples; the
+            passes process ``(task_chunks - 1) N`` samples in all, and give the same Gram (``chunked.py``).
+            1 (default): one pass over the whole batch. Not with ``return_gradients``, ``sketch_dim`` or
+            torchrun (there each rank already holds 1 / world of the batch).
+
     Returns:
         TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
         ``cosine()``.
@@ -132,6 +140,11 @@ def task_gram(
     kw = dict(schedule=schedule, prediction=prediction, loss_space=loss_space)
     gram_precision = resolve_gram_precision(gram_precision if method == "fused" else "fp32", device, params[0][1].dtype)
     sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
+    task_chunks = check_task_chunks(task_chunks, K) if method == "fused" else 1
+    if task_chunks > 1 and (return_gradients or sketch_dim or dist_utils.is_distributed()):
+        raise ValueError("task_chunks > 1 cannot return per-task gradients or a sketch, nor run under torchrun (each "
+                         "rank there already holds 1 / world of the batch); use task_chunks=1, or method='loop' for "
+                         "the gradients")
     start = time.perf_counter()
     with _mode(model, train_mode), _saved_grads(params), tf32(False):  # TF32 rounds to 10 mantissa bits
         check_samples_independent(model)
@@ -139,8 +152,14 @@ def task_gram(
             gram, losses, grads = _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, kw)
         else:
             run_check, signature = check_due(check, model, params, x0, model_kwargs, autocast_dtype)
-            gram, losses, grads = _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch,
-                                         return_gradients, kw, max_chunk_elements, run_check, gram_precision)
+            fused = dict(params=params, autocast_dtype=autocast_dtype, kw=kw, max_chunk_elements=max_chunk_elements,
+                         gram_precision=gram_precision)
+            if task_chunks > 1:
+                gram, losses, grads = _fused_pairs(model, x0, t, noise, idx, model_kwargs, task_chunks,
+                                                   check is True, run_check, fused)
+            else:
+                gram, losses, grads = _fused(model, x0, t, noise, idx, model_kwargs=model_kwargs, sketch=sketch,
+                                             return_gradients=return_gradients, check=run_check, **fused)
             if run_check:
                 mark_checked(model, signature)  # reached only when the check passed
     seconds = time.perf_counter() - start
@@ -288,7 +307,22 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
     return J @ J.T, torch.tensor(losses, dtype=torch.float64), J
 
 
-def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch, return_gradients, kw,
+def _fused_pairs(model, x0, t, noise, idx, model_kwargs, chunks, check_every_pass, first_check, fused):
+    """``_fused`` once per pair of task groups (``chunked.py``): the same Gram, less activation memory per pass."""
+
+    def run(sel, local_task, k, check):
+        sub = TaskIndex(local_task, k)
+        kw_sel = {key: (v[sel.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
+                  for key, v in model_kwargs.items()}
+        s = sel.to(x0.device)
+        gram, losses, _ = _fused(model, x0[s], t[s], noise[s], sub, model_kwargs=kw_sel, check=check, **fused)
+        return gram, losses
+
+    gram, losses = pair_passes(idx.task, idx.K, chunks, run, check_every_pass, first_check)
+    return gram, losses, None
+
+
+def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, sketch=None, return_gradients=False,
            max_chunk_elements=None, check=True, gram_precision="fp32"):
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
     fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,

@@ -1,0 +1,70 @@
+"""``task_gram(..., task_chunks=m)``: one fused pass per pair of task groups gives the Gram of one pass over the
+whole batch, each pass seeing only two groups' samples (``engine/chunked.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradconflict as gc
+from gradconflict.engine import task_gram
+from gradconflict.engine.chunked import task_groups
+
+from zoo import DiTBlocks, UNetLike
+
+SCHEDULE = gc.NoiseSchedule.linear()
+
+
+def _problem(model_cls, K: int = 5, sizes=(3, 1, 2, 3, 2), classes: bool = False):
+    """Tasks of unequal sizes (sample counts ``sizes``), samples interleaved; optional class labels."""
+    torch.manual_seed(0)
+    model = (model_cls(num_classes=3) if classes else model_cls()).double()
+    g = torch.Generator().manual_seed(0)
+    task = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])[torch.randperm(sum(sizes), generator=g)]
+    t = torch.randint(0, 1000, (len(task),), generator=g)
+    x0 = torch.randn(len(task), 1, 8, 8, generator=g, dtype=torch.float64)
+    kwargs = {"y": torch.randint(0, 3, (len(task),), generator=g)} if classes else {}
+    args = dict(schedule=SCHEDULE, K=K, noise=torch.randn(x0.shape, generator=g, dtype=torch.float64),
+                model_kwargs=kwargs)
+    return model, x0, t, task, args
+
+
+@pytest.mark.parametrize("classes", [False, True])
+@pytest.mark.parametrize("model_cls", [DiTBlocks, UNetLike])
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_pair_passes_equal_the_float64_loop(model_cls, chunks: int, classes: bool) -> None:
+    model, x0, t, task, args = _problem(model_cls, classes=classes)
+    ref = task_gram(model, x0, t, task, method="loop", **args)
+    got = task_gram(model, x0, t, task, task_chunks=chunks, **args)
+    assert float((got.gram - ref.gram).norm() / ref.gram.norm()) <= 1e-12
+    torch.testing.assert_close(got.losses, ref.losses, rtol=1e-12, atol=0)
+    assert torch.equal(got.gram, got.gram.T)
+    assert got.counts.tolist() == [3, 1, 2, 3, 2]
+
+
+def test_each_pass_sees_only_two_groups_and_every_pair_is_run() -> None:
+    model, x0, t, task, args = _problem(DiTBlocks, K=6, sizes=(2, 2, 2, 2, 2, 2))
+    batches: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    try:
+        task_gram(model, x0, t, task, task_chunks=3, check=False, **args)
+    finally:
+        handle.remove()
+    assert batches == [8, 8, 8]  # 3 pairs of 2 groups of 2 tasks x 2 samples, never the whole batch of 12
+    groups = task_groups(6, 3)
+    assert [g.tolist() for g in groups] == [[0, 1], [2, 3], [4, 5]]
+    assert [len(g) for g in task_groups(7, 3)] == [2, 2, 3]  # sizes differ by at most one
+
+
+@pytest.mark.parametrize("chunks", [0, 6, 1.5, True, "2"])
+def test_task_chunks_outside_one_to_K_is_refused(chunks) -> None:
+    model, x0, t, task, args = _problem(DiTBlocks)
+    with pytest.raises(ValueError, match="task_chunks must be an integer between 1"):
+        task_gram(model, x0, t, task, task_chunks=chunks, **args)
+
+
+@pytest.mark.parametrize("extra", [{"return_gradients": True}, {"sketch_dim": 8}])
+def test_task_chunks_refuse_what_they_cannot_return(extra: dict) -> None:
+    model, x0, t, task, args = _problem(DiTBlocks)
+    with pytest.raises(ValueError, match="task_chunks > 1 cannot return per-task gradients or a sketch"):
+        task_gram(model, x0, t, task, task_chunks=2, **extra, **args)
