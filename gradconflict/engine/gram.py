@@ -80,8 +80,8 @@ def task_gram(
             gradients hold more elements than this is built and folded a few output rows at a time (same
             result; shared parameters and grouped convs are built whole). ``"auto"`` (default): on a GPU, 2% of
             the GPU memory free when the call starts, torch's cached blocks counted as free (about 1.5 GiB of an
-            idle 80 GB card, which splits a DiT's 384 -> 2304 modulation layer at K = 1000 into a few pieces); no budget on the CPU. ``None``:
-            no budget anywhere.
+            idle 80 GB card, which splits a DiT's 384 -> 2304 modulation layer at K = 1000 into a few pieces);
+            no budget on the CPU. ``None``: no budget anywhere.
         check: the fused method's self-check, ``1^T G 1 = ||sum_k g_k||^2`` against the ordinary gradient,
             which catches parameters used outside the modules that own them. ``"once"`` (default) runs it
             on the first call for a model and call signature (see ``coverage.py``) and trusts it afterwards;
@@ -94,7 +94,6 @@ def task_gram(
             fp32 fold on an H100, much faster on a GPU when the fold dominates, as at K ~ 1000). ``"auto"``
             (default): ``"tf32"`` for float32 / half models on a GPU, ``"fp32"`` otherwise. See
             ``precision.py``; the loop reference always folds in float64.
-
         task_chunks: memory budget for the activations (fused method): split the K tasks into this many groups
             and run one fused pass per pair of groups, each over about ``2 N / task_chunks`` samples; the
             passes process ``(task_chunks - 1) N`` samples in all, and give the same Gram (``chunked.py``).
@@ -109,7 +108,7 @@ def task_gram(
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     check = normalize_check(check)
     schedule = _as_schedule(schedule)
-    max_chunk_elements = chunk_budget(max_chunk_elements, x0.device if isinstance(x0, torch.Tensor) else None)
+    check_budget(max_chunk_elements)
     gram_precision = check_gram_precision(gram_precision, allow_auto=True)
     if method == "loop" and gram_precision not in ("fp32", "auto"):
         raise ValueError(f"gram_precision={gram_precision!r} applies to method='fused'; the loop reference always "
@@ -139,6 +138,9 @@ def task_gram(
         raise ValueError("the model has no parameter with requires_grad=True: there is no gradient to compare")
     kw = dict(schedule=schedule, prediction=prediction, loss_space=loss_space)
     gram_precision = resolve_gram_precision(gram_precision if method == "fused" else "fp32", device, params[0][1].dtype)
+    if method == "fused":
+        # per-task gradients are float64 for float64 models, else float32 (half-precision models included)
+        max_chunk_elements = chunk_budget(max_chunk_elements, device, max(4, params[0][1].element_size()))
     sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
     task_chunks = check_task_chunks(task_chunks, K) if method == "fused" else 1
     if task_chunks > 1 and (return_gradients or sketch_dim or dist_utils.is_distributed()):
@@ -178,24 +180,31 @@ def task_gram(
 AUTO_BUDGET_FRACTION = 0.02  # of the free GPU memory, for one layer's per-task gradients (max_chunk_elements="auto")
 
 
-def chunk_budget(max_chunk_elements: Union[int, str, None], device: Optional[torch.device]) -> Optional[int]:
-    """The fused method's memory budget in elements: None, a positive int, or ``"auto"`` resolved on ``device``:
-    ``AUTO_BUDGET_FRACTION`` of the GPU memory free now (torch's cached blocks included) in float32 elements,
-    the smallest over torchrun ranks; None (no budget) off the GPU."""
+def check_budget(max_chunk_elements: Union[int, str, None]) -> None:
+    """Refuse a ``max_chunk_elements`` that is not None, ``"auto"`` or a positive number of elements."""
     if isinstance(max_chunk_elements, str):
         if max_chunk_elements != "auto":
             raise ValueError(f"max_chunk_elements must be a positive number of elements, 'auto' or None, got "
                              f"{max_chunk_elements!r}")
-        if device is None or device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cached blocks
-        # under torchrun every rank must cut the same pieces: each piece is all-reduced before it is folded
-        return dist_utils.all_reduce_min(max(1, int(free * AUTO_BUDGET_FRACTION) // 4))  # float32 gradients
-    if max_chunk_elements is not None and int(max_chunk_elements) < 1:
+    elif max_chunk_elements is not None and int(max_chunk_elements) < 1:
         raise ValueError(f"max_chunk_elements must be a positive number of elements, got {max_chunk_elements}; "
                          "pass None for no memory budget or 'auto'")
-    return max_chunk_elements
+
+
+def chunk_budget(max_chunk_elements: Union[int, str, None], device: Optional[torch.device],
+                 element_size: int = 4) -> Optional[int]:
+    """The fused method's memory budget in elements: None, a positive int, or ``"auto"`` resolved on ``device``:
+    ``AUTO_BUDGET_FRACTION`` of the GPU memory free now (torch's cached blocks included) in elements of
+    ``element_size`` bytes (the per-task gradients' dtype), the smallest over torchrun ranks; None off the GPU."""
+    check_budget(max_chunk_elements)
+    if max_chunk_elements != "auto":
+        return None if max_chunk_elements is None else int(max_chunk_elements)
+    if device is None or device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cached blocks
+    # under torchrun every rank must cut the same pieces: each piece is all-reduced before it is folded
+    return dist_utils.all_reduce_min(max(1, int(free * AUTO_BUDGET_FRACTION) // element_size))
 
 
 def _as_schedule(schedule: Any) -> NoiseSchedule:
