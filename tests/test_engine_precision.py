@@ -265,3 +265,16 @@ def test_auto_fold_precision_is_tf32_only_for_float32_models_on_a_gpu() -> None:
     assert torch.equal(task_gram(model, x0, t, task, **args).gram,
                        task_gram(model, x0, t, task, gram_precision="fp32", **args).gram)
     task_gram(model, x0, t, task, method="loop", **args)
+
+
+def test_half_product_switch_is_read_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("GRADCONFLICT_HALF_PRODUCT", raising=False)
+    assert precision.half_product_mode() == "out_dtype"
+    monkeypatch.setenv("GRADCONFLICT_HALF_PRODUCT", "tf32")
+    assert precision.half_product_mode() == "tf32"
+    a = torch.randn(2, 3, 4).to(torch.bfloat16)
+    ref = torch.bmm(a.double(), a.transpose(1, 2).double())
+    assert _rel(precision.half_bmm(a, a.transpose(1, 2)).double(), ref) <= 1e-6  # exact products, float32 sums
+    monkeypatch.setenv("GRADCONFLICT_HALF_PRODUCT", "fast")
+    with pytest.raises(ValueError, match="GRADCONFLICT_HALF_PRODUCT must be"):
+        precision.half_product_mode()

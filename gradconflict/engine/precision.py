@@ -31,6 +31,7 @@ Two separate questions, answered separately:
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -170,12 +171,23 @@ def full_precision_reduction() -> Iterator[None]:
         matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction = old
 
 
+def half_product_mode() -> str:
+    """How half-precision operands are multiplied into float32 on CUDA: ``"out_dtype"`` (default) or ``"tf32"``
+    (upcast, TF32 products), from the environment variable ``GRADCONFLICT_HALF_PRODUCT``; both give the same
+    numbers up to summation order. On an H100 with torch 2.11 the out_dtype path ran as sm75 CUTLASS kernels at
+    about 17% of the bf16 rate (``benchmarks/results/``): the switch lets ``gpu_check.py`` time both."""
+    mode = os.environ.get("GRADCONFLICT_HALF_PRODUCT", "out_dtype").strip().lower()
+    if mode not in ("out_dtype", "tf32"):
+        raise ValueError(f"GRADCONFLICT_HALF_PRODUCT must be 'out_dtype' or 'tf32', got {mode!r}")
+    return mode
+
+
 def _half_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``op(a, b)`` for half-precision ``a, b`` in float32: on CUDA with ``out_dtype=float32`` (tensor cores, no
     reduced-precision reduction) where this torch has it, else as TF32 products of the upcast values (exact:
     half values fit TF32's 10-bit mantissa); on the CPU as float32 products (the same numbers)."""
     name = op.__name__
-    if a.device.type == "cuda" and _OUT_DTYPE.get(name, True):
+    if a.device.type == "cuda" and _OUT_DTYPE.get(name, True) and half_product_mode() == "out_dtype":
         try:
             with full_precision_reduction():
                 return op(a, b, out_dtype=torch.float32)
