@@ -62,7 +62,6 @@ def main() -> None:
             err = lambda g: float((g.cpu() - ref).norm() / ref.norm())  # noqa: E731
             rows.append(dict(K=K, columns=args.columns, precision=prec, plain_s=plain_s, blocked_s=block_s,
                              ratio=block_s / plain_s, plain_err=err(plain), blocked_err=err(blocked)))
-        del J
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} thread(s)"))
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
