@@ -1,10 +1,11 @@
 """The Gram of K tasks from passes over pairs of task groups, when the whole batch does not fit in memory.
 
 A task's gradient depends on its own samples only (samples do not interact), so the block ``G[A, B]`` of the
-Gram needs the samples of task groups A and B and nothing else. With the K tasks split into m groups, one fused
+Gram needs the samples of task groups A and B and nothing else. With the K tasks split into m groups (balanced by
+sample count), one fused
 pass over the samples of groups a and b gives the blocks ``G[a, a]``, ``G[a, b]`` and ``G[b, b]`` exactly; the
-m (m - 1) / 2 pairs give every block. Each pass holds the activations of about 2 N / m samples instead of N, and
-the passes together process (m - 1) N samples (the diagonal blocks are computed m - 1 times; the first is kept).
+m (m - 1) / 2 pairs give every block. Each pass holds the activations of two groups' samples (about 2 N / m when
+no task dominates) instead of N, and the passes together process (m - 1) N samples (the diagonal blocks are computed m - 1 times; the first is kept).
 The result equals the unchunked Gram up to float rounding: the same samples, noise and per-task scaling.
 """
 
@@ -16,9 +17,9 @@ import torch
 
 __all__ = ["task_groups", "pair_passes", "check_task_chunks"]
 
-# one fused pass: (sample indices, their task ids renumbered 0..k-1, k, whether to run the self-check)
-# -> (k x k Gram, k per-task losses)
-Pass = Callable[[torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+# one fused pass: (sample indices, their task ids renumbered 0..k-1, the k tasks' own ids, whether to run the
+# self-check) -> (k x k Gram, k per-task losses)
+Pass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_task_chunks(task_chunks: int, K: int) -> int:
@@ -29,10 +30,18 @@ def check_task_chunks(task_chunks: int, K: int) -> int:
     return task_chunks
 
 
-def task_groups(K: int, chunks: int) -> list[torch.Tensor]:
-    """Task ids 0..K-1 in ``chunks`` contiguous groups whose sizes differ by at most one."""
-    edges = [K * i // chunks for i in range(chunks + 1)]
-    return [torch.arange(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+def task_groups(counts: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """Task ids 0..K-1 in ``chunks`` groups balanced by sample count (``counts``: samples per task): the largest
+    task first, each into the group holding the fewest samples so far (ties: the lower group). Each group's ids
+    are sorted. A task larger than the others' sum sets its groups' size whatever the grouping."""
+    order = sorted(range(len(counts)), key=lambda k: (-int(counts[k]), k))
+    members: list[list[int]] = [[] for _ in range(chunks)]
+    load = [0] * chunks
+    for k in order:
+        g = min(range(chunks), key=lambda i: (load[i], len(members[i]), i))
+        members[g].append(k)
+        load[g] += int(counts[k])
+    return [torch.tensor(sorted(m), dtype=torch.long) for m in members]
 
 
 def pair_passes(task: torch.Tensor, K: int, chunks: int, run: Pass, check_every_pass: bool,
@@ -41,7 +50,7 @@ def pair_passes(task: torch.Tensor, K: int, chunks: int, run: Pass, check_every_
 
     ``task``: (N,) task id of each sample (CPU); ``first_check``: run the self-check on the first pass (and on every
     pass when ``check_every_pass``)."""
-    groups = task_groups(K, chunks)
+    groups = task_groups(torch.bincount(task, minlength=K), chunks)
     gram = torch.zeros(K, K, dtype=torch.float64)
     losses = torch.zeros(K, dtype=torch.float64)
     done = torch.zeros(K, dtype=torch.bool)  # tasks whose diagonal block and loss are already kept
@@ -52,7 +61,7 @@ def pair_passes(task: torch.Tensor, K: int, chunks: int, run: Pass, check_every_
             local = torch.full((K,), -1, dtype=torch.long)
             local[tasks] = torch.arange(len(tasks))
             sel = torch.nonzero(local[task] >= 0).flatten()
-            g, l = run(sel, local[task[sel]], len(tasks), check)
+            g, l = run(sel, local[task[sel]], tasks, check)
             check = check_every_pass
             new = ~done[tasks]  # keep the first computation of each diagonal block and loss
             rows, cols = tasks[:, None], tasks[None, :]

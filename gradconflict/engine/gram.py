@@ -138,15 +138,20 @@ def task_gram(
         raise ValueError("the model has no parameter with requires_grad=True: there is no gradient to compare")
     kw = dict(schedule=schedule, prediction=prediction, loss_space=loss_space)
     gram_precision = resolve_gram_precision(gram_precision if method == "fused" else "fp32", device, params[0][1].dtype)
+    if gram_precision == "tf32" and device.type != "cuda":
+        gram_precision = "fp32"  # the same arithmetic off the GPU (no TF32), and the self-check's float32 tolerance
     if method == "fused":
         # per-task gradients are float64 for float64 models, else float32 (half-precision models included)
         max_chunk_elements = chunk_budget(max_chunk_elements, device, max(4, params[0][1].element_size()))
     sketch = CountSketch(K, sketch_dim, sketch_seed, {n: i for i, (n, _) in enumerate(params)}) if sketch_dim else None
-    task_chunks = check_task_chunks(task_chunks, K) if method == "fused" else 1
-    if task_chunks > 1 and (return_gradients or sketch_dim or dist_utils.is_distributed()):
-        raise ValueError("task_chunks > 1 cannot return per-task gradients or a sketch, nor run under torchrun (each "
-                         "rank there already holds 1 / world of the batch); use task_chunks=1, or method='loop' for "
-                         "the gradients")
+    task_chunks = check_task_chunks(task_chunks, K)
+    if task_chunks > 1 and method != "fused":
+        raise ValueError(f"task_chunks applies to method='fused' (the loop already runs one task at a time); got "
+                         f"method={method!r} with task_chunks={task_chunks}")
+    if task_chunks > 1 and (return_gradients or sketch_dim or dist_utils.is_distributed() or train_mode):
+        raise ValueError("task_chunks > 1 cannot return per-task gradients or a sketch, run under torchrun (each rank "
+                         "there already holds 1 / world of the batch) or keep training mode (each pass would draw "
+                         "its own dropout masks); use task_chunks=1, or method='loop' for the gradients")
     start = time.perf_counter()
     with _mode(model, train_mode), _saved_grads(params), tf32(False):  # TF32 rounds to 10 mantissa bits
         check_samples_independent(model)
@@ -186,7 +191,7 @@ def check_budget(max_chunk_elements: Union[int, str, None]) -> None:
         if max_chunk_elements != "auto":
             raise ValueError(f"max_chunk_elements must be a positive number of elements, 'auto' or None, got "
                              f"{max_chunk_elements!r}")
-    elif max_chunk_elements is not None and int(max_chunk_elements) < 1:
+    elif isinstance(max_chunk_elements, bool) or (max_chunk_elements is not None and int(max_chunk_elements) < 1):
         raise ValueError(f"max_chunk_elements must be a positive number of elements, got {max_chunk_elements}; "
                          "pass None for no memory budget or 'auto'")
 
@@ -319,12 +324,16 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
 def _fused_pairs(model, x0, t, noise, idx, model_kwargs, chunks, check_every_pass, first_check, fused):
     """``_fused`` once per pair of task groups (``chunked.py``): the same Gram, less activation memory per pass."""
 
-    def run(sel, local_task, k, check):
-        sub = TaskIndex(local_task, k)
+    def run(sel, local_task, tasks, check):
+        sub = TaskIndex(local_task, len(tasks))
         kw_sel = {key: (v[sel.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim > 0 else v)
                   for key, v in model_kwargs.items()}
         s = sel.to(x0.device)
-        gram, losses, _ = _fused(model, x0[s], t[s], noise[s], sub, model_kwargs=kw_sel, check=check, **fused)
+        if check:  # the self-check compares with this pass's full gradient, so none may be left from the last pass
+            for _, p in fused["params"]:
+                p.grad = None
+        gram, losses, _ = _fused(model, x0[s], t[s], noise[s], sub, model_kwargs=kw_sel, check=check, task_ids=tasks,
+                                 **fused)
         return gram, losses
 
     gram, losses = pair_passes(idx.task, idx.K, chunks, run, check_every_pass, first_check)
@@ -332,14 +341,16 @@ def _fused_pairs(model, x0, t, noise, idx, model_kwargs, chunks, check_every_pas
 
 
 def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, sketch=None, return_gradients=False,
-           max_chunk_elements=None, check=True, gram_precision="fp32"):
+           max_chunk_elements=None, check=True, gram_precision="fp32", task_ids=None):
+    """One fused pass; ``task_ids``: the caller's ids of this pass's tasks 0..K-1 (named in errors), default 0..K-1."""
+    named = (lambda local: local) if task_ids is None else (lambda local: [int(task_ids[i]) for i in local])
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
     fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,
                    max_chunk_elements=max_chunk_elements, gram_precision=gram_precision)
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
-        _check_losses(l, idx.task)
+        _check_losses(l, idx.task if task_ids is None else task_ids[idx.task])
         scale = (1.0 / idx.counts.to(l.device, l.dtype))[idx.task.to(l.device)]
         total = (l * scale).sum()
         if check:
@@ -352,7 +363,7 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, s
     losses = dist_utils.all_reduce_sum(losses) / idx.counts.to(torch.float64)
     if fg.nonfinite:
         name, tasks = next(iter(fg.nonfinite.items()))
-        raise ValueError(f"the gradient of task(s) {tasks[:10]} is NaN or Inf in parameter {name!r}")
+        raise ValueError(f"the gradient of task(s) {named(tasks[:10])} is NaN or Inf in parameter {name!r}")
     if check:
         _check_coverage(fg, params, autocast_dtype, gram_precision)
     grads = None
