@@ -95,10 +95,11 @@ def task_gram(
             (default): ``"tf32"`` for float32 / half models on a GPU, ``"fp32"`` otherwise. See
             ``precision.py``; the loop reference always folds in float64.
         task_chunks: memory budget for the activations (fused method): split the K tasks into this many groups
-            and run one fused pass per pair of groups, each over about ``2 N / task_chunks`` samples; the
+            (balanced by sample count) and run one fused pass per pair of groups, each over about
+            ``2 N / task_chunks`` samples (unless one task dominates); the
             passes process ``(task_chunks - 1) N`` samples in all, and give the same Gram (``chunked.py``).
-            1 (default): one pass over the whole batch. Not with ``return_gradients``, ``sketch_dim`` or
-            torchrun (there each rank already holds 1 / world of the batch).
+            1 (default): one pass over the whole batch. Not with ``return_gradients``, ``sketch_dim``,
+            ``train_mode`` or torchrun (there each rank already holds 1 / world of the batch).
 
     Returns:
         TaskGradients with ``gram`` (K x K float64 on the CPU), ``losses``, ``counts``, ``norms``,
