@@ -157,3 +157,21 @@ def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: P
     assert stale_tracking(tmp_path, tc, replace(cfg, per_task=cfg.per_task + 1)) == "tracking"
     with pytest.raises(ValueError, match=r"a training run of another config \(differs in \['lr'\]\)"):
         track_training(changed, cfg, tmp_path, every=3, progress=False)
+
+
+def test_autocast_tracks_the_bf16_model_and_keeps_earlier_folders_valid(tmp_path: Path) -> None:
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    models = _models()[:1]
+    plain = track_models(models, images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path / "a", progress=False)
+    bf16 = track_models(models, images, SCHEDULE, "eps", _cfg(resamples=1, autocast="bf16"), out_dir=tmp_path / "b",
+                        progress=False)
+    G, Gb = plain.grams[(0, 0)], bf16.grams[(0, 0)]
+    assert 1e-6 < np.linalg.norm(Gb - G) / np.linalg.norm(G) < 5e-2  # bf16 activations: close, not equal
+    # the default is left out of the recorded config, so a folder written before the field existed still matches,
+    # and a folder tracked without autocast refuses a bf16 rerun
+    assert "autocast" not in _cfg().to_dict() and _cfg(autocast="bf16").to_dict()["autocast"] == "bf16"
+    with pytest.raises(ValueError, match="another config"):
+        track_models(models, images, SCHEDULE, "eps", _cfg(resamples=1, autocast="bf16"), out_dir=tmp_path / "a",
+                     progress=False)
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        _cfg(autocast="fp8")

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weighting specs to score, e.g. min_snr:5 p2:1,1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
+                   help="compute the Grams with the model under torch.autocast in this dtype (e.g. bf16 on a GPU)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler=run)
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         return lambda: load_model(args.model, path, device=device, verbose=False).model
 
     cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
-                      strategies=tuple(args.strategies), seed=args.seed)
+                      strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast)
     out = Path(args.out)
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
     inputs = {"model": str(args.model), "data": str(args.data), "image_size": size}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["TrackConfig"]
+import torch
+
+__all__ = ["TrackConfig", "AUTOCAST_DTYPES"]
+
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -21,6 +25,8 @@ class TrackConfig:
       their budgets (UGD starts from uniform weights each time, Adam on the softmax logits).
     * ``strategies``: ``weighting.by_name`` specs scored against the optimum.
     * ``loss_space``: units of each task's loss ("x0", as in the paper's analysis).
+    * ``autocast``: "none" (default), "bf16" or "fp16": the model runs under ``torch.autocast`` in that dtype
+      when its Grams are computed (``task_gram(autocast_dtype=...)``; e.g. bf16 on a GPU).
     """
 
     bins: int = 10
@@ -35,6 +41,7 @@ class TrackConfig:
     fw_max_iter: int = 2000
     loss_space: str = "x0"
     seed: int = 0
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
         self.solvers = tuple(self.solvers)
@@ -43,6 +50,8 @@ class TrackConfig:
             raise ValueError("bins, per_task and resamples must be >= 1")
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0 (relative to trace(G)/K), got {self.lam}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
         if self.binning not in ("uniform", "log_snr"):
             raise ValueError(f"binning must be 'uniform' or 'log_snr', got {self.binning!r}")
         from ..pareto import METHODS
@@ -54,4 +63,11 @@ class TrackConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["solvers"], out["strategies"] = list(self.solvers), list(self.strategies)
+        if self.autocast == "none":  # added later: left out at its default, so folders recorded before still match
+            del out["autocast"]
         return out
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The ``torch.autocast`` dtype of ``autocast`` (None for "none")."""
+        return AUTOCAST_DTYPES[self.autocast]

@@ -188,7 +188,8 @@ def track_models(
             batch = sample_task_batch(images, bins, config.per_task, seed, labels=labels, conditional=conditional)
             batch = batch.shard(dist.shard(batch.t.numel())).to(torch.device(device), _float_dtype(model))  # this rank's share
             res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=prediction,
-                            loss_space=config.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs)
+                            loss_space=config.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs,
+                            autocast_dtype=config.autocast_dtype)
             G = res.gram.numpy()
             grams[(int(step), r)] = G
             w, o = analyze_gram(G, bins, schedule, config, strategies)
