@@ -9,12 +9,16 @@
 
 Both paths fine-tune the same K copies on the same batches (each copy's own seeded stream); the table gives
 the wall time of each (seconds, best of ``--repeats``), the ratio sequential / batched (runs interleaved), and the largest
-parameter difference between the two results (float32 rounding only). Evaluation is not timed.
+parameter difference between the two results (float32 rounding only). Evaluation is not timed. On CUDA the
+batched path replays a captured CUDA graph (``transfer/cudagraph.py``); the columns ``eager_s``,
+``speedup_eager`` and ``graph_vs_eager_diff`` time the same batched step without graphs, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 
 import pandas as pd
@@ -46,13 +50,20 @@ def bench(model_name: str, device: torch.device, K: int, steps: int, batch: int,
     def streams() -> list[BatchStream]:
         return [BatchStream(s, 1000 + k, data, None, batch) for k, s in enumerate(sources_of(bins, include_all=False))]
 
-    times = {"sequential": float("inf"), "batched": float("inf")}
+    def eager(*args):  # the batched path without CUDA graphs (cudagraph.py), to show what replaying adds
+        with _env("GRADCONFLICT_CUDA_GRAPHS", "0"):
+            return finetune_stacked(*args)
+
+    paths = [("sequential", finetune_sequential), ("batched", finetune_stacked)]
+    if cuda_graphs_enabled(device, steps):
+        paths.append(("batched_eager", eager))
+    times = {name: float("inf") for name, _ in paths}
     results = {}
     warm = TransferConfig(steps=1, lr=1e-4, batch_size=batch, progress=False)
     for fn in (finetune_sequential, finetune_stacked):  # untimed: first-call costs (kernels, allocator) on neither side
         fn(model, streams()[:2], warm, schedule, model.config.prediction)
-    for _ in range(repeats):  # interleaved, so that a load change on a shared machine hits both paths
-        for name, fn in (("sequential", finetune_sequential), ("batched", finetune_stacked)):
+    for _ in range(repeats):  # interleaved, so that a load change on a shared machine hits every path
+        for name, fn in paths:
             _sync(device)
             t0 = time.perf_counter()
             results[name] = fn(model, streams(), cfg, schedule, model.config.prediction)
@@ -62,13 +73,31 @@ def bench(model_name: str, device: torch.device, K: int, steps: int, batch: int,
     diff = max(float((bat[n] - seq[n]).abs().max()) for n in bat)
     theta0 = dict(model.named_parameters())
     moved = max(float((seq[n] - theta0[n].detach().unsqueeze(0)).abs().max()) for n in seq)  # how far fine-tuning went
-    return {
+    row = {
         "model": model_name, "device": str(device), "copies": K, "steps": steps, "batch_per_copy": batch,
         "params": sum(p.numel() for p in model.parameters()),
         "sequential_s": times["sequential"], "batched_s": times["batched"],
         "speedup": times["sequential"] / times["batched"], "max_param_diff": diff,
         "diff_over_movement": diff / moved if moved > 0 else float("nan"),  # << 1: same runs, not just close ones
     }
+    if "batched_eager" in times:  # replays against the same step run eagerly (bit-level agreement expected)
+        eager_diff = max(float((bat[n] - results["batched_eager"].params[n]).abs().max()) for n in bat)
+        row.update(eager_s=times["batched_eager"], speedup_eager=times["sequential"] / times["batched_eager"],
+                   graph_vs_eager_diff=eager_diff)
+    return row
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def main() -> None:
