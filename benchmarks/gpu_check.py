@@ -13,10 +13,11 @@ folder that travels with the run (say .devdeps/) and put that folder on PYTHONPA
    errors (the loop runs without autocast: under autocast the error is what bf16 activations change);
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
    plain run (checked on the CSVs);
-3. benchmarks, the ones not yet measured on a GPU first, each with a time limit: bench_gram dit-s K = 1000, n = 1;
-   the same with GRADCONFLICT_HALF_PRODUCT=tf32; bench_fold (plain vs symmetric block fold); bench_transfer (batched vs sequential fine-tuning, goal >= 10x,
-   vmap's own rules); bench_gram dit-s K = 100, n = 8 (with loop and vmap), unet-s K = 100, n = 8, both at
-   K = 10; bench_transfer with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; the profiles
+3. benchmarks, the ones not yet measured on a GPU first, each with a time limit: bench_gram dit-s K = 1000,
+   n = 1, and the same with GRADCONFLICT_HALF_PRODUCT=tf32; bench_fold (plain vs symmetric block fold);
+   bench_transfer (batched vs sequential fine-tuning, goal >= 10x, vmap's own rules); bench_gram dit-s K = 100,
+   n = 8 (with loop and vmap) and unet-s K = 100, n = 8 (also with GRADCONFLICT_CONV_WEIGHT=unfold); both models
+   at K = 10; bench_transfer with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; the profiles
    (``profile``, ``profile1000``) only when named in ``--only``. bench_gram's ratios are to one training step.
 """
 
@@ -74,11 +75,12 @@ def main() -> None:
                         help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
     parser.add_argument("--only", default=None,
                         help="comma-separated steps to run, of: tests, checks (fused vs loop, torchrun), profile, gram100, "
-                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, k10 (default: all but the profiles)")
+                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, unfold, k10 (default: all but the "
+                             "profiles)")
     args = parser.parse_args()
     smoke = args.smoke
     steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "fold", "gram1000", "halfprod", "profile1000",
-             "unet100", "k10")
+             "unet100", "unfold", "k10")
     only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000"}
     if only - set(steps):
         parser.error(f"unknown steps {sorted(only - set(steps))} in --only; use some of {', '.join(steps)}")
@@ -168,6 +170,9 @@ def benchmarks(smoke: bool, only: set) -> None:
         ("gram100", f"gram dit-s K={mid} n={n8}", gram + ["--models", "dit", "--K", mid, "--n", n8, "--repeats", "2"], {}),
         ("unet100", f"gram unet-s K={mid} n={n8}", gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2"],
          {}),
+        ("unfold", f"gram unet-s K={mid} n={n8}, Conv2d weights by im2col (GRADCONFLICT_CONV_WEIGHT=unfold)",
+         gram + ["--models", "unet", "--K", mid, "--n", n8, "--no-vmap", "--repeats", "2", "--max-loop", "0"],
+         {"GRADCONFLICT_CONV_WEIGHT": "unfold"}),
         ("k10", f"gram both K={small} n=1,{n8}", gram + ["--K", small, "--n", "1", n8, "--no-vmap", "--repeats", "2"], {}),
         ("kernels", "transfer K=10 (stacked kernels)", transfer, {"GRADCONFLICT_STACKED_KERNELS": "all"}),
         ("profile", f"gram dit-s and unet-s K={mid} n={n8}, profiled", gram + ["--models", "dit", "unet", "--K", mid, "--n",

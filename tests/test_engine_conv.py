@@ -200,3 +200,34 @@ def test_conv_zoo_fused_equals_loop(shuffle: bool, budget, monkeypatch) -> None:
     ref = task_gram(model, x0, t, task, method="loop", **args)
     got = task_gram(model, x0, t, task, max_chunk_elements=budget, **args)
     assert float((got.gram - ref.gram).norm() / ref.gram.norm()) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["float64", "bf16-autocast"])
+def test_unfold_conv_weights_equal_the_grouped_ones_and_the_loop(kind: str, monkeypatch) -> None:
+    """GRADCONFLICT_CONV_WEIGHT=unfold builds Conv2d per-task weight gradients by im2col and batched products:
+    the float64 loop's Gram (padding, stride 2, a skip), and under bf16 autocast the grouped path's Gram."""
+    from zoo import UNetLike
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    t, task = gc.TimestepBins.uniform(1000, 4).sample(3, g)
+    x0 = torch.randn(len(t), 1, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    args = dict(schedule=gc.NoiseSchedule.linear(), K=4, check=True)
+    if kind == "float64":
+        model = UNetLike().double()
+        ref = task_gram(model, x0, t, task, method="loop", noise=noise, **args).gram
+        monkeypatch.setenv("GRADCONFLICT_CONV_WEIGHT", "unfold")
+        got = task_gram(model, x0, t, task, noise=noise, **args).gram
+        assert float((got - ref).norm() / ref.norm()) <= 1e-12
+    else:
+        model = UNetLike()
+        kw = dict(noise=noise.float(), autocast_dtype=torch.bfloat16, **args)
+        ref = task_gram(model, x0.float(), t, task, **kw).gram
+        monkeypatch.setenv("GRADCONFLICT_CONV_WEIGHT", "unfold")
+        got = task_gram(model, x0.float(), t, task, **kw).gram
+        assert float((got - ref).norm() / ref.norm()) <= 1e-5
+    monkeypatch.setenv("GRADCONFLICT_CONV_WEIGHT", "im2col")
+    with pytest.raises(ValueError, match="GRADCONFLICT_CONV_WEIGHT must be"):
+        dt = next(model.parameters()).dtype
+        task_gram(model, x0.to(dt), t, task, noise=noise.to(dt), **args)

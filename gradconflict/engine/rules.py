@@ -14,6 +14,7 @@ Layers not listed here go to the generic torch.func fallback (``fallback.py``), 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -162,6 +163,9 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
     acc = torch.float32 if dtype in HALF_DTYPES else dtype
     if _trainable(module, "weight") and _pointwise_bmm_ok(module, x, c_out, idx):
         out["weight"] = _pointwise_weight(x.to(acc), grad.to(acc), idx).reshape(K, *weight_shape).to(dtype)
+    elif _trainable(module, "weight") and x.ndim == 4 and module.groups == 1 and conv_weight_mode() == "unfold":
+        xp, padding = _explicit_padding(module, x.to(dtype))
+        out["weight"] = _unfold_weight(module, xp, grad, idx, padding).reshape(K, *weight_shape)
     elif _trainable(module, "weight"):
         xp, padding = _explicit_padding(module, x.to(dtype))
         xg = _sample_major(xp, idx, "conv_input")  # (m, K*C, *S)
@@ -175,6 +179,33 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
 
 
 ROW_CHUNKED.add(conv_rule)
+
+
+def conv_weight_mode() -> str:
+    """How a Conv2d's per-task weight gradients are built: ``"grouped"`` (default: one grouped convolution
+    backward, K x groups channel groups) or ``"unfold"`` (im2col of the input, then one batched product per task,
+    ``dW_k = sum_{i in k} B_i U(x_i)^T``: more memory, the input's kernel-size copy, but plain matmuls), from the
+    environment variable ``GRADCONFLICT_CONV_WEIGHT``; both give the same numbers up to summation order. cuDNN's
+    grouped backward with many groups may be slow on a GPU: ``benchmarks/gpu_check.py`` times both."""
+    mode = os.environ.get("GRADCONFLICT_CONV_WEIGHT", "grouped").strip().lower()
+    if mode not in ("grouped", "unfold"):
+        raise ValueError(f"GRADCONFLICT_CONV_WEIGHT must be 'grouped' or 'unfold', got {mode!r}")
+    return mode
+
+
+def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx: TaskIndex,
+                   padding: tuple[int, ...]) -> torch.Tensor:
+    """``(K, c_out, C * kh * kw)`` per-task Conv2d weight gradients from the unfolded (im2col) input ``U(x_i)``
+    (``(C kh kw, P)`` per sample, P output positions) and the output gradient ``B_i`` (``(c_out, P)``)."""
+    n, c_out = grad.shape[0], grad.shape[1]
+    cols = F.unfold(xp, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    P = cols.shape[-1]
+    b = idx.group(grad.reshape(n, c_out, P))  # (K, m, c_out, P)
+    u = idx.group(cols)  # (K, m, C kh kw, P)
+    K, m = b.shape[0], b.shape[1]
+    b = b.permute(0, 2, 1, 3).reshape(K, c_out, m * P)
+    u = u.permute(0, 1, 3, 2).reshape(K, m * P, cols.shape[1])
+    return torch.bmm(b, u)  # both in the rule's dtype (float32, or bfloat16 on the direct bf16 path: rounded once)
 
 # rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
 # engine casts their input as the forward did before building the per-task gradients (precision.py)
