@@ -95,16 +95,16 @@ def test_a_dict_output_with_a_sample_entry_is_unwrapped() -> None:
 
 
 def test_the_automatic_memory_budget_is_a_share_of_free_gpu_memory(monkeypatch) -> None:
-    from gradconflict.engine import gram as gram_module
+    from gradconflict.engine import budget
 
-    assert gram_module.chunk_budget("auto", torch.device("cpu")) is None  # no budget off the GPU
-    assert gram_module.chunk_budget(None, torch.device("cuda")) is None
-    assert gram_module.chunk_budget(123, torch.device("cuda")) == 123
+    assert budget.chunk_budget("auto", torch.device("cpu")) is None  # no budget off the GPU
+    assert budget.chunk_budget(None, torch.device("cuda")) is None
+    assert budget.chunk_budget(123, torch.device("cuda")) == 123
     # 10 GiB free outside torch, 30 GiB cached by torch's allocator but unused: 40 GiB count as free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * 2**30)
-    expected = int(40 * 2**30 * gram_module.AUTO_BUDGET_FRACTION) // 4
-    assert gram_module.chunk_budget("auto", torch.device("cuda")) == expected
+    expected = int(40 * 2**30 * budget.AUTO_BUDGET_FRACTION) // 4
+    assert budget.chunk_budget("auto", torch.device("cuda")) == expected
     with pytest.raises(ValueError, match="'auto' or None"):
-        gram_module.chunk_budget("big", torch.device("cuda"))
+        budget.chunk_budget("big", torch.device("cuda"))
