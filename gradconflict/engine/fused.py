@@ -154,9 +154,8 @@ class FusedGram:
         dtype = self._dtype_for(call.params[0])
         rows = self._row_chunk(call, rule)
         if grad.dtype in HALF_DTYPES and rule in HALF_INPUT_RULES and call.args:
-            # the layer ran in half precision (autocast): build from the operands it used, the input cast as the
-            # forward cast it; products of half-valued operands are exact in TF32 (precision.py)
-            call.args = (call.args[0].to(grad.dtype), *call.args[1:])
+            # the layer ran in half precision (autocast): its input was kept as the forward cast it (_forward_hook);
+            # products of half-valued operands are exact in TF32 (precision.py)
             if self._direct_bf16(grad):
                 # the bf16 fold rounds J to bfloat16 anyway: let the product round its float32 accumulator to
                 # bfloat16 itself (half the memory traffic of a float32 J, native tensor-core kernels)

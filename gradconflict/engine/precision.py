@@ -12,33 +12,32 @@ Two separate questions, answered separately:
   the half dtype; these per-task gradients do not.
 
 * **Folding** ``G += J J^T`` (``gram_precision``). ``"fp32"`` (the default off the GPU and for float64 models):
-  float32 products and sums, TF32 off,
-  each layer's Gram summed in float64 (relative error about 1e-7 for a float32 model). ``"tf32"``: J's entries
-  rounded to TF32 on CUDA (no effect on the CPU, which has no TF32). ``"bf16"``: J rounded to bfloat16, products
-  accumulated in float32 (CUDA: ``torch.mm(..., out_dtype=float32)`` where this torch has it; elsewhere the same
-  numbers from float32 products of the rounded values). Both reduced precisions fold a layer in pieces of at
-  most :data:`FOLD_COLUMNS` coordinates whose Grams are summed in float64, so rounding, not the length of the
-  float32 sums, sets the error: about ``2^-9`` relative per entry of J for bf16, ``2^-11`` for TF32, which
-  averages down in G: about 5e-4 (bf16) of its Frobenius norm on random J, 4e-6 to 6e-5 measured on model
-  gradients on an H100. They buy speed where the fold dominates (K ~ 1000 tasks on a GPU); ``"fp32"`` is exact
-  to float32, and the default ``"auto"`` (``resolve_gram_precision``) picks ``"tf32"`` on a GPU. Under bf16 autocast with the bf16 fold, the bf16
-  layers' per-task gradients come out of their product in bfloat16 directly (the float32 accumulator rounded
-  once: the same numbers without a float32 J in memory). At K >= ``SYMMETRIC_MIN_K`` every fold computes only the
-  row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the flops with 4 blocks on
-  the CPU, 3/4 with 2 on CUDA).
+  float32 products and sums, TF32 off, each layer's Gram summed in float64 (relative error about 1e-7 for a float32
+  model). ``"tf32"``: J's entries rounded to TF32 on CUDA (no effect on the CPU, which has no TF32). ``"bf16"``: J
+  rounded to bfloat16, products accumulated in float32 (CUDA: ``torch.mm(..., out_dtype=float32)`` where this torch
+  has it; elsewhere the same numbers from float32 products of the rounded values). Both reduced precisions fold a
+  layer in pieces of at most :data:`FOLD_COLUMNS` coordinates whose Grams are summed in float64, so rounding, not
+  the length of the float32 sums, sets the error: about ``2^-9`` relative per entry of J for bf16, ``2^-11`` for
+  TF32, which averages down in G: about 5e-4 (bf16) of its Frobenius norm on random J, 4e-6 to 6e-5 measured on
+  model gradients on an H100. They buy speed where the fold dominates (K ~ 1000 tasks on a GPU); ``"fp32"`` is exact
+  to float32, and the default ``"auto"`` (``resolve_gram_precision``) picks ``"tf32"`` on a GPU. Under bf16 autocast
+  with the bf16 fold, the bf16 layers' per-task gradients come out of their product in bfloat16 directly (the
+  float32 accumulator rounded once: the same numbers without a float32 J in memory). At K >= ``SYMMETRIC_MIN_K``
+  every fold computes only the row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the
+  flops with 4 blocks on the CPU, 3/4 with 2 on CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
 
+from .._env import env_choice
+
 __all__ = ["GRAM_PRECISIONS", "HALF_DTYPES", "FOLD_COLUMNS", "check_gram_precision", "resolve_gram_precision", "tf32",
-           "layer_gram",
-           "precision_eps", "half_bmm", "full_precision_reduction", "symmetric_product"]
+           "layer_gram", "precision_eps", "half_bmm", "full_precision_reduction", "symmetric_product"]
 
 GRAM_PRECISIONS = ("fp32", "tf32", "bf16")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -176,10 +175,7 @@ def half_product_mode() -> str:
     (upcast, TF32 products), from the environment variable ``GRADCONFLICT_HALF_PRODUCT``; both give the same
     numbers up to summation order. On an H100 with torch 2.11 the out_dtype path ran as sm75 CUTLASS kernels at
     about 17% of the bf16 rate (``benchmarks/results/``): the switch lets ``gpu_check.py`` time both."""
-    mode = os.environ.get("GRADCONFLICT_HALF_PRODUCT", "out_dtype").strip().lower()
-    if mode not in ("out_dtype", "tf32"):
-        raise ValueError(f"GRADCONFLICT_HALF_PRODUCT must be 'out_dtype' or 'tf32', got {mode!r}")
-    return mode
+    return env_choice("GRADCONFLICT_HALF_PRODUCT", "out_dtype", ("out_dtype", "tf32"))
 
 
 def _half_product(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

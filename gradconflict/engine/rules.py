@@ -14,13 +14,13 @@ Layers not listed here go to the generic torch.func fallback (``fallback.py``), 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._env import env_choice
 from .grouping import TaskIndex
 from .precision import HALF_DTYPES, half_bmm
 from .workspace import scratch
@@ -187,10 +187,7 @@ def conv_weight_mode() -> str:
     ``dW_k = sum_{i in k} B_i U(x_i)^T``: more memory, the input's kernel-size copy, but plain matmuls), from the
     environment variable ``GRADCONFLICT_CONV_WEIGHT``; both give the same numbers up to summation order. cuDNN's
     grouped backward with many groups may be slow on a GPU: ``benchmarks/gpu_check.py`` times both."""
-    mode = os.environ.get("GRADCONFLICT_CONV_WEIGHT", "grouped").strip().lower()
-    if mode not in ("grouped", "unfold"):
-        raise ValueError(f"GRADCONFLICT_CONV_WEIGHT must be 'grouped' or 'unfold', got {mode!r}")
-    return mode
+    return env_choice("GRADCONFLICT_CONV_WEIGHT", "grouped", ("grouped", "unfold"))
 
 
 def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx: TaskIndex,
@@ -206,6 +203,7 @@ def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx:
     b = b.permute(0, 2, 1, 3).reshape(K, c_out, m * P)
     u = u.permute(0, 1, 3, 2).reshape(K, m * P, cols.shape[1])
     return torch.bmm(b, u)  # both in the rule's dtype (float32, or bfloat16 on the direct bf16 path: rounded once)
+
 
 # rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
 # engine casts their input as the forward did before building the per-task gradients (precision.py)

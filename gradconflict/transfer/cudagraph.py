@@ -15,11 +15,12 @@ goes on eagerly (``capture`` returns None after a warning). ``GRADCONFLICT_CUDA_
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Optional
 
 import torch
+
+from .._env import env_choice
 
 __all__ = ["GRAPH_WARMUP", "cuda_graphs_enabled", "GraphedStep", "WarmupStream"]
 
@@ -31,9 +32,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 def cuda_graphs_enabled(device: torch.device, steps: int) -> bool:
     """Whether a fine-tuning run of ``steps`` steps on ``device`` replays a captured graph: on CUDA, with at
     least one step left after the warm-up, unless the environment variable ``GRADCONFLICT_CUDA_GRAPHS`` is 0."""
-    flag = os.environ.get("GRADCONFLICT_CUDA_GRAPHS", "1").strip().lower()
-    if flag not in ("0", "1", "false", "true", "off", "on"):
-        raise ValueError(f"GRADCONFLICT_CUDA_GRAPHS must be 0 or 1, got {flag!r}")
+    flag = env_choice("GRADCONFLICT_CUDA_GRAPHS", "1", ("0", "1", "false", "true", "off", "on"), allowed="0 or 1")
     return device.type == "cuda" and flag in ("1", "true", "on") and steps > GRAPH_WARMUP
 
 

@@ -22,13 +22,14 @@ tensors, outside vmap, so its backward is an ordinary one: to be measured on a G
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+
+from .._env import env_choice
 
 __all__ = ["StackedKernels", "use_stacked_kernels", "copy_linear", "copy_attention"]
 
@@ -47,9 +48,7 @@ def use_stacked_kernels(device: torch.device) -> bool:
     was measured, ``benchmarks/bench_transfer.py``) unless the environment variable
     ``GRADCONFLICT_STACKED_KERNELS`` is "none"; on other devices only when it is "all" (not yet measured
     there: by default CUDA keeps vmap's own rules with the math SDPA backend)."""
-    mode = os.environ.get("GRADCONFLICT_STACKED_KERNELS", "cpu").lower()
-    if mode not in ("cpu", "all", "none"):
-        raise ValueError(f"GRADCONFLICT_STACKED_KERNELS must be 'cpu', 'all' or 'none', got {mode!r}")
+    mode = env_choice("GRADCONFLICT_STACKED_KERNELS", "cpu", ("cpu", "all", "none"))
     return mode == "all" or (mode == "cpu" and device.type == "cpu")
 
 
