@@ -31,10 +31,9 @@ import pandas as pd
 
 from _common import fail, figure_parser, parse_figure_args
 from gradconflict.bins import TimestepBins
-from gradconflict.data import load_dataset
 from gradconflict.reproduce import ReproduceConfig, preset
 from gradconflict.reproduce.pipeline import reproduce
-from gradconflict.spec import load_model
+from gradconflict.spec import load_model, model_data
 from gradconflict.train import TrainConfig, load_trained
 from gradconflict.train.checkpoint import load_checkpoint
 from gradconflict.transfer import TransferConfig, TransferResult, distance_profile, plot_transfer, run_transfer
@@ -108,12 +107,10 @@ def from_checkpoint(checkpoint: str, data_name: Optional[str], config: Reproduce
         data_name = trained.data if trained is not None else "mnist"
         print(f"data: {data_name} ({'the run was trained on it' if trained is not None else 'default; the checkpoint names no training data'})")
     limit = trained.data_limit if trained is not None and data_name == trained.data else None
-    size = getattr(getattr(model, "config", None), "image_size", None) or (trained.image_size if trained else 16)
-    data = load_dataset(data_name, image_size=size, limit=limit)
-    channels = getattr(getattr(model, "config", None), "in_channels", None)
-    if channels is not None and data.images.shape[1] != channels:
-        raise ValueError(f"--data {data_name} has {data.images.shape[1]} channel(s) but the model takes {channels}; "
-                         f"pass --data with {channels}-channel images")
+    model_config = getattr(model, "config", None)
+    declared = getattr(model_config, "image_size", None) or getattr(model_config, "sample_size", None)
+    # the model's own input size when it declares one, else the run's (16 for a bare checkpoint); channels checked
+    data, _ = model_data(model, data_name, None if declared else (trained.image_size if trained else 16), limit=limit)
     bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
     tcfg = TransferConfig(**{"progress": progress, **config.transfer})
     result = run_transfer(model, data, bins, tcfg, schedule=schedule, prediction=prediction)

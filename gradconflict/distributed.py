@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Optional
+from typing import Collection, Hashable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_env", "shutdown", "barrier", "wait_for_all", "is_distributed", "rank", "world_size", "is_main",
-           "all_reduce_sum", "all_reduce_min", "shard", "local_device"]
+           "all_reduce_sum", "all_reduce_min", "agreed", "shard", "local_device"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
 # waits that are long by design (the other ranks wait while rank 0 trains): torchrun ends them if rank 0 fails
@@ -78,6 +78,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().to(dev).contiguous().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y.to(x.device)
+
+
+def agreed(items: Sequence[Hashable], held: Collection[Hashable]) -> set:
+    """The ``items`` that rank 0 holds (``held``), the same set on every rank: a rank without rank 0's disk
+    must skip exactly the work rank 0 skips, or the collectives of the two ranks stop matching."""
+    mask = all_reduce_sum(torch.tensor([1.0 if i in held else 0.0 for i in items], dtype=torch.float64))
+    return {i for i, m in zip(items, mask.tolist()) if m > 0}
 
 
 def all_reduce_min(value: int) -> int:

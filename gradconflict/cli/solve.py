@@ -99,11 +99,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``gradconflict solve``; returns the exit status."""
-    for flag, value in (("--tol", args.tol), ("--digits", args.digits)):
-        if value is not None and value < 0:
-            print(f"gradconflict solve: error: {flag} must be >= 0, got {value}", file=sys.stderr)
-            return 2
     try:
+        for flag, value in (("--tol", args.tol), ("--digits", args.digits)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
         frame = read_gram(args.gram)
         result = solve(frame.to_numpy(), lam=args.lam, method=args.method, **_options(args))
     except (OSError, ValueError, pd.errors.ParserError) as exc:

@@ -43,7 +43,12 @@ RTOL_MAX = 0.1  # a half-precision input still gets symmetry and PSD checks (100
 
 def _rtol(dtype: np.dtype) -> float:
     eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else np.finfo(np.float64).eps
-    return max(1e-8, min(100.0 * float(eps), RTOL_MAX))
+    return _rtol_eps(float(eps))
+
+
+def _rtol_eps(eps: float) -> float:
+    """``max(1e-8, min(100 eps, RTOL_MAX))``: the checks' relative tolerance for data of machine epsilon ``eps``."""
+    return max(1e-8, min(100.0 * eps, RTOL_MAX))
 
 
 def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
@@ -63,7 +68,7 @@ def to_numpy(x: Any, name: str = "G") -> tuple[np.ndarray, float]:
         if x.is_floating_point() and x.element_size() < 4:  # bfloat16 / float16: numpy lacks bfloat16
             import torch
 
-            rtol = max(1e-8, min(100.0 * float(torch.finfo(x.dtype).eps), RTOL_MAX))  # the original precision's
+            rtol = _rtol_eps(float(torch.finfo(x.dtype).eps))  # the original precision's
             return np.asarray(x.float().numpy(), dtype=np.float64), rtol
         arr = x.numpy()
     elif hasattr(x, "to_numpy"):  # pandas DataFrame / Series

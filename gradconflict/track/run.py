@@ -167,16 +167,15 @@ def track_models(
     if out is not None and dist.is_main():
         _check_config(out, track_identity(config, prediction, schedule.T, extra_strategies, inputs))
         previous = load_track(out)  # rank 0's folder decides (other ranks may not see the same disk)
-        if sources:
-            _check_sources(out, sources, set(previous.objectives["step"].unique()) if previous is not None else set())
+    held = set(previous.objectives["step"].unique()) if previous is not None else set()
+    if out is not None and dist.is_main() and sources:
+        _check_sources(out, sources, held)
     obj_rows = [previous.objectives] if previous is not None else []
     w_rows = [previous.weights] if previous is not None else []
     grams = dict(previous.grams) if previous is not None else {}
-    held = set(previous.objectives["step"].unique()) if previous is not None else set()
     if not steps_given:
         raise ValueError("nothing to track: give at least one (step, model)")
-    mask = dist.all_reduce_sum(torch.tensor([1.0 if s in held else 0.0 for s in steps_given], dtype=torch.float64))
-    done = {s for s, m in zip(steps_given, mask.tolist()) if m > 0}  # the same on every rank
+    done = dist.agreed(steps_given, held)  # the same on every rank
     for step, model_at in tqdm(items, desc="track", disable=not progress or not dist.is_main(), dynamic_ncols=True):
         if step in done:
             continue

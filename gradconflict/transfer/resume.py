@@ -57,11 +57,7 @@ class SeedLog:
             wanted = frame["seed"].isin(seeds)
             self._others = frame[~wanted].reset_index(drop=True)  # seeds this run does not ask for: kept on disk
             frame = frame[wanted].reset_index(drop=True)
-        mask = torch.zeros(len(seeds), dtype=torch.float64)
-        if frame is not None:
-            mask[[i for i, s in enumerate(seeds) if s in set(frame["seed"])]] = 1.0
-        mask = dist.all_reduce_sum(mask)  # rank 0's view, shared with every rank
-        done = {s for s, m in zip(seeds, mask.tolist()) if m > 0}
+        done = dist.agreed(seeds, set(frame["seed"]) if frame is not None else set())  # rank 0's view, on every rank
         return (frame if frame is not None and len(frame) else None), done
 
     def record(self, frame: pd.DataFrame) -> None:
