@@ -35,7 +35,7 @@ from gradconflict.reproduce import ReproduceConfig, preset
 from gradconflict.reproduce.pipeline import reproduce
 from gradconflict.spec import load_model, model_data
 from gradconflict.train import TrainConfig, load_trained
-from gradconflict.train.checkpoint import load_checkpoint
+from gradconflict.train.checkpoint import load_checkpoint, weights_metadata
 from gradconflict.transfer import TransferConfig, TransferResult, distance_profile, plot_transfer, run_transfer
 from gradconflict.transfer.matrix import result_from_frame
 from gradconflict.transfer.plot import describe_setup
@@ -56,10 +56,7 @@ def training_config(checkpoint: str | Path) -> Optional[TrainConfig]:
             return None
         path = found[0]
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = weights_metadata(path)
         return TrainConfig.from_dict(json.loads(meta["config"])) if "config" in meta else None
     if path.suffix == ".pt" and path.is_file():
         return TrainConfig.from_dict(load_checkpoint(path)["config"])

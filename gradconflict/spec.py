@@ -81,10 +81,9 @@ def _training_config(path: str | Path) -> Optional[dict[str, Any]]:
         return None  # load_state_dict reports the missing file
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from .train.checkpoint import weights_metadata
 
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
+            meta = weights_metadata(path)
             return json.loads(meta["config"]) if "config" in meta and "model_spec" in meta else None
         from .train.checkpoint import CHECKPOINT_FORMAT
 

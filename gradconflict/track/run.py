@@ -208,10 +208,9 @@ def track_models(
 
 
 def _trained_step(path: Path) -> int:
-    from safetensors import safe_open
+    from ..train.checkpoint import weights_metadata
 
-    with safe_open(str(path), framework="pt") as handle:
-        return int(json.loads((handle.metadata() or {}).get("step", "-1")))
+    return int(json.loads(weights_metadata(path).get("step", "-1")))
 
 
 def track_training(

@@ -30,6 +30,7 @@ from .config import TrainConfig
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "weights_metadata",
     "save_checkpoint",
     "load_checkpoint",
     "save_weights",
@@ -80,12 +81,19 @@ def make_schedule(name: str, T: int) -> NoiseSchedule:
     raise ValueError(f"unknown schedule {name!r}; use 'linear' or 'cosine'")
 
 
-def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (``{}`` when it has none); ``gradconflict train`` stores
+    ``config``, ``model_spec`` and ``step`` there, JSON-encoded."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+        return handle.metadata() or {}
+
+
+def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    meta = weights_metadata(path)
     if "config" not in meta or "model_spec" not in meta:
         raise ValueError(f"{path} has no gradconflict metadata (config, model_spec); was it written by gradconflict train?")
     tensors = load_file(str(path))

@@ -43,7 +43,7 @@ from ..engine.loss import per_sample_losses
 from ..targets import loss_factor
 from ..weighting import WeightingStrategy, by_name
 from .._io import write_csv, write_json
-from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights
+from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
 from .config import TrainConfig
 from .ema import EMA
 
@@ -165,11 +165,8 @@ def _weights_step(path: Path) -> Optional[int]:
     """The step recorded in ``model.safetensors``' metadata, or None if the file is missing or has none."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return int(json.loads((handle.metadata() or {})["step"]))
+        return int(json.loads(weights_metadata(path)["step"]))
     except Exception:  # noqa: BLE001 - unreadable or foreign file: treat as stale, it is rewritten
         return None
 
