@@ -14,7 +14,8 @@ folder that travels with the run (say .devdeps/) and put that folder on PYTHONPA
 2. a 2-process torchrun is not needed here: `torchrun --nproc_per_node 1 -m gradconflict gram` equals the
    plain run (checked on the CSVs);
 3. benchmarks, the ones not yet measured on a GPU first, each with a time limit: bench_gram dit-s K = 1000,
-   n = 1, and the same with GRADCONFLICT_HALF_PRODUCT=tf32; bench_fold (plain vs symmetric block fold);
+   n = 1, and the same with GRADCONFLICT_HALF_PRODUCT=tf32; bench_solvers --summary on the machine's CPU cores
+   (cvxpy and its solvers for the device's Python can travel in .devdeps/ too); bench_fold (plain vs symmetric block fold);
    bench_transfer (batched vs sequential fine-tuning, goal >= 10x, vmap's own rules); bench_gram dit-s K = 100,
    n = 8 (with loop and vmap) and unet-s K = 100, n = 8 (also with GRADCONFLICT_CONV_WEIGHT=unfold); both models
    at K = 10; bench_transfer with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; the profiles
@@ -75,12 +76,12 @@ def main() -> None:
                         help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
     parser.add_argument("--only", default=None,
                         help="comma-separated steps to run, of: tests, checks (fused vs loop, torchrun), profile, gram100, "
-                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, unfold, k10 (default: all but the "
+                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, unfold, k10, solvers (default: all but the "
                              "profiles)")
     args = parser.parse_args()
     smoke = args.smoke
     steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "fold", "gram1000", "halfprod", "profile1000",
-             "unet100", "unfold", "k10")
+             "unet100", "unfold", "k10", "solvers")
     only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000"}
     if only - set(steps):
         parser.error(f"unknown steps {sorted(only - set(steps))} in --only; use some of {', '.join(steps)}")
@@ -164,6 +165,9 @@ def benchmarks(smoke: bool, only: set) -> None:
         ("halfprod", f"gram dit-s K={big} n=1, bf16 operands multiplied in TF32 instead of out_dtype",
          gram + ["--models", "dit", "--K", big, "--n", "1", "--max-loop", "0", "--no-vmap", "--repeats", "1"],
          {"GRADCONFLICT_HALF_PRODUCT": "tf32"}),
+        ("solvers", "Pareto solvers on this machine's CPU: auto vs cvxpy at K=1000 (issue #2's 100x), 1/4/16 BLAS threads",
+         [sys.executable, os.path.join(HERE, "bench_solvers.py"), "--summary", "--repeats", "3", "--summary-threads",
+          *(["1", "--quick"] if smoke else ["1", "4", "16"])], {}),
         ("fold", "fold alone: plain vs symmetric blocks", [sys.executable, os.path.join(HERE, "bench_fold.py"), "--device",
                                                            DEVICE, "--columns", "20000" if smoke else "2000000"], {}),
         ("transfer", "transfer K=10 (vmap rules)", transfer, {}),

@@ -579,7 +579,7 @@ def test_lowrank_psd_certificate_feeds_the_solver():
     from gradconflict.pareto.solver import normalize
 
     Q, scale = normalize(((G + G.T) / 2)[None].copy(), lam)
-    w_dense, _ = _bpp(Q[0], np.ones(K, dtype=bool), 100)  # dense float64 phase 1, no factor
+    w_dense, _, _ = _bpp(Q[0], np.ones(K, dtype=bool), 100)  # dense float64 phase 1, no factor
     f_dense = float(w_dense @ G @ w_dense + lam * w_dense @ w_dense)
     assert abs(res.objective - f_dense) <= 1e-12 * f_dense
     res0 = solve(G, 0.0)  # lam = 0: no ridge for Woodbury, dense fallback
@@ -742,7 +742,7 @@ def test_degenerate_optimum_does_not_make_the_float32_path_cycle():
     from gradconflict.pareto.solver import normalize
 
     Q = normalize(G[None].copy(), 0.0)[0][0]  # solve() skips float32 at lam = 0; force it here
-    w, pivots = _bpp(Q, np.ones(K, dtype=bool), 100, SubsetSolver(Q, np.float32))
+    w, pivots, _ = _bpp(Q, np.ones(K, dtype=bool), 100, SubsetSolver(Q, np.float32))
     assert w is not None and pivots <= 3 and w[7] > 1 - 1e-9
 
 
@@ -843,3 +843,48 @@ def test_ill_conditioned_pivoting_does_not_cycle():
     res = solve(G, lam, check_psd=False)
     assert res.converged and res.iterations <= 30
     assert_kkt(G, lam, res.weights, tol=1e-10)
+
+
+# ------------------------------------- phase 1 that oscillates hands over to phase 2 (Gram of rank about K / 2)
+@pytest.mark.parametrize("K, rank, seed", [(100, 50, 2), (100, 64, 3), (200, 100, 1)])
+def test_oscillating_pivoting_hands_its_best_iterate_to_phase_two(K, rank, seed):
+    """Rank about K/2 and a small ridge: full exchanges oscillate (nearly singular Q_FF on the larger sets).  These
+    seeds took 180-254 solves with Murty's one-task rule and a phase 2 that restarted from a vertex; phase 1 now
+    stops after 3 rounds without fewer violations and phase 2 starts from its best iterate."""
+    from gradconflict.pareto.active_set import _bpp
+    from gradconflict.pareto.solver import normalize
+
+    G = gram(K, rank, seed)
+    lam = 1e-3 * np.trace(G) / K
+    Q = normalize(G[None].copy(), lam)[0][0]
+    w, pivots, start = _bpp(Q, np.ones(K, dtype=bool), 100)
+    assert w is None and start is not None and pivots <= 12  # this case does oscillate, and stops early
+    assert start.min() >= 0 and start.sum() == pytest.approx(1.0, abs=1e-12)
+    res = solve(G, lam)
+    assert res.converged and res.iterations <= 40
+    assert_kkt(G, lam, res.weights, tol=1e-10)
+    _, f_ref = reference(G, lam)
+    assert res.objective <= f_ref + 1e-12 * np.max(np.diag(G))
+
+
+@pytest.mark.parametrize("start", ("vertex", "uniform", "random"))
+@pytest.mark.parametrize("lam", (0.0, 0.05))
+def test_wolfe_phase_is_exact_from_any_start(start, lam):
+    """Phase 2 alone, with its block additions and long steps, from any point of the simplex: the optimum (KKT,
+    cvxpy's objective), also at lam = 0 with rank-deficient G and duplicated tasks (affinely dependent sets)."""
+    from gradconflict.pareto.active_set import _wolfe
+    from gradconflict.pareto.solver import normalize
+
+    rng = np.random.default_rng(11)
+    J = rng.standard_normal((30, 5))
+    J = np.vstack([J, J[:10]])  # tasks 30..39 duplicate tasks 0..9
+    G = J @ J.T + 0.3 * np.outer(np.ones(40), np.ones(40))  # optimum objective > 0 at lam = 0
+    lam = lam * np.trace(G) / 40
+    Q, s = normalize(G[None].copy(), lam)
+    w0 = {"vertex": None, "uniform": np.full(40, 1 / 40), "random": rng.dirichlet(np.ones(40))}[start]
+    w, cycles = _wolfe(Q[0], w0, 10_000, 0.0 if lam > 0 else 1.0)
+    assert cycles < 200
+    assert_kkt(G, lam, w, tol=1e-10)
+    _, f_ref = reference(G, lam)
+    f = float(w @ G @ w + lam * w @ w)
+    assert f <= f_ref + 1e-10 * s[0]

@@ -22,23 +22,31 @@ Two phases, both finite:
 1. Block principal pivoting (Judice & Pires 1994; Kim & Park 2011) on the
    complementarity system, starting from ``F = {all tasks}`` (or the support
    of a warm start ``w0``): solve on ``F``, then move every task with
-   ``v_i < 0`` out of ``F`` and every task with ``g_j < mu`` into it.  If the
-   number of violations stops decreasing for 3 rounds, only the violating
-   task with the largest index is moved (Murty's rule, finite for positive
-   definite ``Q``).  Usually a handful of solves; consecutive sets differ
-   by few tasks, so most solves are cheap Schur-complement updates of one
-   Cholesky factorization (:mod:`._cholesky`).  Pivoting decisions use
-   solves refined to a relative residual of 1e-8; a set without violations
-   is re-solved to float64 rounding level before it is accepted.  From
-   ``K >= 256`` on the factor is first computed in float32 (half the time
-   of float64) and refined against the float64 matrix; if that fails (too
-   ill-conditioned) phase 1 reruns in float64.
-2. If phase 1 meets a singular system or exceeds its iteration cap, Wolfe's
-   min-norm-point algorithm (Wolfe 1976) in Gram form: keep an affinely
-   independent corral ``S`` with ``w_S > 0``; add ``j = argmin_i g_i`` while
-   ``g_j < mu``; move toward the affine minimizer of ``S`` and drop tasks
-   whose weight reaches 0.  Handles ``lam = 0`` with rank-deficient ``G``
-   and duplicated tasks, where the optimum need not be unique.
+   ``v_i < 0`` out of ``F`` and every task with ``g_j < mu`` into it.  Usually
+   a handful of solves; consecutive sets differ by few tasks, so most solves
+   are cheap Schur-complement updates of one Cholesky factorization
+   (:mod:`._cholesky`).  Pivoting decisions use solves refined to a relative
+   residual of 1e-8; a set without violations is re-solved to float64
+   rounding level before it is accepted.  From ``K >= 256`` on the factor is
+   first computed in float32 (half the time of float64) and refined against
+   the float64 matrix; if that fails (too ill-conditioned) phase 1 reruns in
+   float64.  If the number of violations stops decreasing for 3 rounds
+   (full exchanges can oscillate on ill-conditioned sets, e.g. a Gram of rank
+   about K/2 with a small ridge), phase 1 stops and hands its best iterate,
+   clipped to the simplex, to phase 2.
+2. Wolfe's min-norm-point algorithm (Wolfe 1976) in Gram form, from that
+   point (or from the best vertex): keep a set ``S`` with ``w_S > 0``; move
+   ``w`` toward the affine minimizer of ``S`` and drop tasks whose weight
+   reaches 0 (minor cycles); then add tasks with ``g_j < mu`` (major cycle).
+   Wolfe adds one task, ``argmin_j g_j``; here every violating task is added
+   at once, and those that the affine minimizer gives a weight ``<= 0`` leave
+   again without a step.  If none of them stays, the next major cycle adds
+   only ``argmin_j g_j``, which Wolfe's theorem says always decreases the
+   objective; the objective thus decreases strictly from one major cycle to
+   the next and phase 2 is finite.  Phase 2 also runs when phase 1 meets a
+   singular system or its iteration cap, and handles ``lam = 0`` with
+   rank-deficient ``G`` and duplicated tasks, where the optimum need not be
+   unique.
 
 Sign decisions use the absolute thresholds ``1e-13`` on the normalized
 problem.  The result is accepted as ``converged`` when its duality gap
@@ -133,17 +141,17 @@ def solve_one(
     if K >= MIXED_MIN_K and (ridge is None or ridge > 0):
         attempts.append(lambda: SubsetSolver(Q, np.float32, shift))  # single-precision factor, float64 refinement
     attempts.append(lambda: SubsetSolver(Q, np.float64, shift))
-    w, gap, total = None, np.inf, 0
+    w, gap, total, start = None, np.inf, 0, None
     for make in attempts:
         if total >= max_iter:
             break
-        w, it = _bpp(Q, F0.copy(), min(cap, max_iter - total), make())
+        w, it, start = _bpp(Q, F0.copy(), min(cap, max_iter - total), make())
         total += it
         gap = _gap(Q, w) if w is not None else np.inf
-        if gap <= tol:
+        if gap <= tol or start is not None:  # solved, or stalled (another precision would oscillate alike)
             break
     if gap > tol:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
-        w2, it2 = _wolfe(Q, w, max_iter - total)
+        w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift)
         total += it2
         gap2 = _gap(Q, w2)
         if gap2 < gap or w is None:
@@ -159,16 +167,24 @@ def _gradient(Q: np.ndarray, w: np.ndarray) -> np.ndarray:
     return w[S] @ Q[S]  # Q symmetric: sum of the support's rows
 
 
+def _objective(Q: np.ndarray, w: np.ndarray) -> float:
+    return float(w @ _gradient(Q, w))
+
+
 def _gap(Q: np.ndarray, w: np.ndarray) -> float:
     g = _gradient(Q, w)
     return float(2.0 * (w @ g - g.min()))
 
 
-def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndarray | None, int]:
-    """Phase 1: block principal pivoting.  Returns ``(w or None, solves)``."""
+def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+    """Phase 1: block principal pivoting.  Returns ``(w or None, solves, start)``.
+
+    ``start`` is None unless pivoting stalled (no fewer violations for 3 rounds): then ``w`` is None and
+    ``start`` is the iterate with the fewest violations, clipped to the simplex, for phase 2.
+    """
     K = Q.shape[0]
     sub = SubsetSolver(Q) if sub is None else sub
-    best, budget = K + 1, 3
+    best, budget, best_w = K + 1, 3, None
     precise = False  # pivot on loosely refined solves; solve precisely before accepting or on close calls
     always_precise = False  # set when a loose solve led back to a set seen before (a sign decided wrongly)
     seen: set[bytes] = set()
@@ -177,7 +193,7 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
     while True:
         if not precise:  # a precise re-solve of the same set is not a new pivot
             if it == max_iter:
-                return None, it
+                return None, it, None
             it += 1
         if not precise:
             key = np.packbits(F).tobytes()
@@ -186,7 +202,7 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
             seen.add(key)
         out = sub.affine_weights(precise or always_precise) if sub.update(F, priority=w_prev) else None
         if out is None:
-            return None, it
+            return None, it, None
         idx, v = out
         w = np.zeros(K)
         w[idx] = v
@@ -198,7 +214,7 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
         nviol = primal.size + dual.size
         if nviol == 0 and (precise or always_precise):
             np.maximum(w, 0.0, out=w)
-            return w / w.sum(), it
+            return w / w.sum(), it, None
         if not precise and not always_precise:
             worst = max(-v.min(initial=0.0), mu - g[~F].min(initial=mu))
             if nviol == 0 or worst <= AMBIGUOUS:
@@ -206,53 +222,107 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
                 continue
         precise = False
         if nviol < best:
-            best, budget = nviol, 3
+            best, budget, best_w = nviol, 3, w
         elif budget > 0:
             budget -= 1
-        else:  # Murty's least-index rule (largest index here): move one task only
-            last = max(primal.max(initial=-1), dual.max(initial=-1))
-            primal, dual = primal[primal == last], dual[dual == last]
+        else:  # stalled: phase 2 from the best iterate, clipped to the simplex
+            start = np.maximum(best_w, 0.0)
+            return None, it, start / start.sum()
         F[primal] = False
         F[dual] = True
 
 
-def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int) -> tuple[np.ndarray, int]:
-    """Phase 2: Wolfe's min-norm-point algorithm on ``Q``.  Returns ``(w, cycles)``."""
+def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: float = 1.0) -> tuple[np.ndarray, int]:
+    """Phase 2: Wolfe's min-norm-point algorithm on ``Q``, adding violating tasks in blocks (module docstring).
+
+    ``w_start``: any point of the simplex (its support is the first set), or None for the vertex of the
+    smallest ``Q_ii``.  ``shift``: as for :class:`SubsetSolver` (0 needs a positive definite ``Q``).
+    Returns ``(w, cycles)``; ``cycles`` counts the solves.
+    """
     K = Q.shape[0]
-    sub = SubsetSolver(Q)
+    sub = SubsetSolver(Q, np.float64, shift)
     w = np.zeros(K)
-    if w_start is not None and sub.update(w_start > 0):
-        w[:] = w_start / w_start.sum()
+    vertex = int(np.argmin(np.diagonal(Q)))
+    from_start = w_start is not None and bool((w_start > 0).any())
+    if from_start:
+        w[:] = np.maximum(w_start, 0.0)
+        w /= w.sum()
     else:
-        w[int(np.argmin(np.diagonal(Q)))] = 1.0
-        sub.update(w > 0)
+        w[vertex] = 1.0
     F = w > 0
+    added = np.zeros(K, dtype=bool)  # tasks added by the last major cycle
+    block = True  # the next major cycle adds every violating task (False: only the most violating one)
     it = 0
     while it < max_iter:
-        g = _gradient(Q, w)
-        j = int(np.argmin(g))
-        if w @ g - g[j] <= EPS or F[j]:
-            break
-        F[j] = True
-        while it < max_iter:  # minor cycles
-            it += 1
-            out = sub.affine_weights() if sub.update(F) else None
-            if out is None:
-                return w, it  # numerically affinely dependent: no further progress possible
-            idx, v = out
-            if (v > 0).all():
-                w[idx] = v
+        it += 1
+        out = sub.affine_weights() if sub.update(F) else None
+        if out is None:
+            if from_start and it == 1:  # the start's support is (numerically) affinely dependent: start at a vertex
+                w[:] = 0.0
+                w[vertex] = 1.0
+                F = w > 0
+                continue
+            if block and (added & F).any() and not (w[added] > 0).any():  # the block made the set affinely
+                F &= ~added  # dependent before any step: add one task instead
+                block = False
+                continue
+            return w, it  # numerically affinely dependent: no further progress possible
+        idx, v = out
+        wS = w[idx]
+        if (v > 0).all():  # minor cycles done: w is the affine minimizer of F
+            w[:] = 0.0
+            w[idx] = v
+            block = not added.any() or bool((added & F).any())  # a block none of which stayed: add one task next
+            g = _gradient(Q, w)
+            mu = w @ g
+            viol = np.flatnonzero((g < mu - EPS) & ~F)
+            if viol.size == 0:
                 break
-            wS = w[idx]
-            neg = np.flatnonzero(v <= 0)
-            ratios = wS[neg] / (wS[neg] - v[neg])
-            k = int(np.argmin(ratios))
-            wS = wS + ratios[k] * (v - wS)
-            drop = wS <= EPS * 1e-3
-            drop[neg[k]] = True
-            if ratios[k] == 0 and idx[neg[k]] == j and drop.sum() == 1:
-                return w, it  # stalled on the task just added
-            wS[drop] = 0.0
-            w[idx] = wS / wS.sum()
-            F[idx[drop]] = False
+            if not block:
+                viol = viol[[int(np.argmin(g[viol]))]]
+            added[:] = False
+            added[viol] = True
+            F[viol] = True
+            continue
+        neg = v <= 0
+        fresh = neg & (wS <= 0)  # just added (weight 0) and the affine minimizer would make them negative
+        if fresh.any():
+            if not block:
+                return w, it  # stalled on the one task just added
+            F[idx[fresh]] = False
+            continue
+        k = np.flatnonzero(neg)
+        ratios = wS[k] / (wS[k] - v[k])
+        step = float(ratios.min())
+        wS_ratio = wS + step * (v - wS)  # Wolfe's step: up to the first weight that reaches 0
+        drop = neg & (wS_ratio <= EPS * 1e-3)
+        drop[k[int(np.argmin(ratios))]] = True
+        wS_ratio[drop] = 0.0
+        w_ratio = np.zeros(K)
+        w_ratio[idx] = wS_ratio / wS_ratio.sum()
+        w_next = _longer_step(Q, idx, wS, v, step, w_ratio)  # past it, clipped, when that is at least as good
+        w = w_next if w_next is not None else w_ratio
+        F = w > 0
     return w, it
+
+
+LONG_STEPS = (1.0, 0.5, 0.25, 0.125)  # steps tried beyond the ratio test in phase 2's minor cycles
+
+
+def _longer_step(
+    Q: np.ndarray, idx: np.ndarray, wS: np.ndarray, v: np.ndarray, ratio_step: float, w_ratio: np.ndarray
+) -> np.ndarray | None:
+    """The longest step ``t`` of :data:`LONG_STEPS` (``t > ratio_step``) whose point ``w + t (v - w)``, clipped to
+    ``>= 0`` and renormalized, has an objective no larger than Wolfe's ratio-test point ``w_ratio``; None if
+    none has.  It drops every weight that crosses 0 in one solve instead of one per solve (Wolfe's rule), and
+    keeps the objective's decrease at least that of the ratio test, so phase 2 stays a descent method."""
+    f_ratio = _objective(Q, w_ratio)
+    cand = np.zeros(Q.shape[0])
+    for t in LONG_STEPS:
+        if t <= ratio_step:
+            break
+        cand[idx] = np.maximum(wS + t * (v - wS), 0.0)
+        cand /= cand.sum()
+        if _objective(Q, cand) <= f_ratio:
+            return cand.copy()
+    return None
