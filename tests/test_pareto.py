@@ -888,3 +888,17 @@ def test_wolfe_phase_is_exact_from_any_start(start, lam):
     _, f_ref = reference(G, lam)
     f = float(w @ G @ w + lam * w @ w)
     assert f <= f_ref + 1e-10 * s[0]
+
+
+@pytest.mark.parametrize("lam", (1e-22, 1e-14, 1e-12))
+def test_tiny_ridge_on_a_singular_gram_is_solved_like_lam_zero(lam):
+    """lam / s far below float64's resolution of Q: Q_FF is singular to working precision, so the solver must
+    keep the 1 1^T shift of the lam = 0 path (a ridge this small once made it stop at a vertex: f = 1, gap 4)."""
+    G = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    res = solve(G, lam)
+    assert res.converged
+    np.testing.assert_allclose(res.weights, [0.5, 0.5], atol=1e-9)
+    G = gram(300, 75, 0)
+    res = solve(G, lam * np.trace(G) / 300)
+    assert res.converged
+    assert_kkt(G, lam * np.trace(G) / 300, res.weights, tol=1e-10)

@@ -33,14 +33,17 @@ Two phases, both finite:
    float64.  If the number of violations stops decreasing for 3 rounds
    (full exchanges can oscillate on ill-conditioned sets, e.g. a Gram of rank
    about K/2 with a small ridge), phase 1 stops and hands its best iterate,
-   clipped to the simplex, to phase 2.
+   clipped to the simplex, to phase 2.  Without a ridge (``lam / s <= 1e-10``,
+   where ``Q`` may be singular) it moves one task instead (Murty's rule,
+   finite) and goes on.
 2. Wolfe's min-norm-point algorithm (Wolfe 1976) in Gram form, from that
    point (or from the best vertex): keep a set ``S`` with ``w_S > 0``; move
    ``w`` toward the affine minimizer of ``S`` and drop tasks whose weight
    reaches 0 (minor cycles); then add tasks with ``g_j < mu`` (major cycle).
-   Wolfe adds one task, ``argmin_j g_j``; here every violating task is added
-   at once, and those that the affine minimizer gives a weight ``<= 0`` leave
-   again without a step.  If none of them stays, the next major cycle adds
+   Wolfe adds one task, ``argmin_j g_j``; with a ridge every violating task
+   is added at once, those that the affine minimizer gives a weight ``<= 0``
+   leave again without a step, and a step past the ratio test, clipped to the
+   simplex, is taken when it decreases the objective at least as much.  If none of them stays, the next major cycle adds
    only ``argmin_j g_j``, which Wolfe's theorem says always decreases the
    objective; the objective thus decreases strictly from one major cycle to
    the next and phase 2 is finite.  Phase 2 also runs when phase 1 meets a
@@ -62,6 +65,7 @@ from ._cholesky import LowRankSubsetSolver, SubsetSolver
 EPS = 1e-13  # sign threshold for weights and reduced gradients (normalized units)
 BPP_CAP = 100  # phase-1 pivots before handing over to phase 2
 MIXED_MIN_K = 256  # from this K on, phase 1 first tries a float32 factor (refined to float64)
+RIDGE_PD = 1e-10  # lam / s above this: Q is positive definite to working precision (shift 0, stall handover, blocks)
 AMBIGUOUS = 1e-6  # violations this small (normalized units) are re-checked on a precise solve before pivoting
 
 
@@ -137,21 +141,22 @@ def solve_one(
         attempts.append(lambda: LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
     # with a ridge Q is positive definite: solve with Q_FF itself (shift 0), not Q_FF + 1 1^T, whose extra
     # eigenvalue ~|F| would multiply the condition number (and break a float32 factor on badly scaled G)
-    shift = 0.0 if ridge is not None and ridge > 0 else 1.0
-    if K >= MIXED_MIN_K and (ridge is None or ridge > 0):
+    definite = ridge is not None and ridge > RIDGE_PD
+    shift = 0.0 if definite else 1.0
+    if K >= MIXED_MIN_K and (ridge is None or definite):
         attempts.append(lambda: SubsetSolver(Q, np.float32, shift))  # single-precision factor, float64 refinement
     attempts.append(lambda: SubsetSolver(Q, np.float64, shift))
     w, gap, total, start = None, np.inf, 0, None
     for make in attempts:
         if total >= max_iter:
             break
-        w, it, start = _bpp(Q, F0.copy(), min(cap, max_iter - total), make())
+        w, it, start = _bpp(Q, F0.copy(), min(cap, max_iter - total), make(), stall=definite)
         total += it
         gap = _gap(Q, w) if w is not None else np.inf
         if gap <= tol or start is not None:  # solved, or stalled (another precision would oscillate alike)
             break
     if gap > tol:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
-        w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift)
+        w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift, blocks=definite)
         total += it2
         gap2 = _gap(Q, w2)
         if gap2 < gap or w is None:
@@ -176,11 +181,15 @@ def _gap(Q: np.ndarray, w: np.ndarray) -> float:
     return float(2.0 * (w @ g - g.min()))
 
 
-def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndarray | None, int, np.ndarray | None]:
+def _bpp(
+    Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None, stall: bool = True
+) -> tuple[np.ndarray | None, int, np.ndarray | None]:
     """Phase 1: block principal pivoting.  Returns ``(w or None, solves, start)``.
 
-    ``start`` is None unless pivoting stalled (no fewer violations for 3 rounds): then ``w`` is None and
-    ``start`` is the iterate with the fewest violations, clipped to the simplex, for phase 2.
+    ``start`` is None unless pivoting stalled (no fewer violations for 3 rounds) with ``stall=True``: then ``w``
+    is None and ``start`` is the iterate with the fewest violations, clipped to the simplex, for phase 2.  With
+    ``stall=False`` (a singular ``Q``, lam ~ 0) a stalled round moves one task only (Murty's least-index rule,
+    largest index here) and pivoting goes on.
     """
     K = Q.shape[0]
     sub = SubsetSolver(Q) if sub is None else sub
@@ -225,19 +234,26 @@ def _bpp(Q: np.ndarray, F: np.ndarray, max_iter: int, sub=None) -> tuple[np.ndar
             best, budget, best_w = nviol, 3, w
         elif budget > 0:
             budget -= 1
-        else:  # stalled: phase 2 from the best iterate, clipped to the simplex
+        elif stall:  # stalled: phase 2 from the best iterate, clipped to the simplex
             start = np.maximum(best_w, 0.0)
             return None, it, start / start.sum()
+        else:  # Murty's rule: move the violating task with the largest index only
+            last = max(primal.max(initial=-1), dual.max(initial=-1))
+            primal, dual = primal[primal == last], dual[dual == last]
         F[primal] = False
         F[dual] = True
 
 
-def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: float = 1.0) -> tuple[np.ndarray, int]:
-    """Phase 2: Wolfe's min-norm-point algorithm on ``Q``, adding violating tasks in blocks (module docstring).
+def _wolfe(
+    Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: float = 1.0, blocks: bool = True
+) -> tuple[np.ndarray, int]:
+    """Phase 2: Wolfe's min-norm-point algorithm on ``Q`` (module docstring).
 
     ``w_start``: any point of the simplex (its support is the first set), or None for the vertex of the
     smallest ``Q_ii``.  ``shift``: as for :class:`SubsetSolver` (0 needs a positive definite ``Q``).
-    Returns ``(w, cycles)``; ``cycles`` counts the solves.
+    ``blocks``: add every violating task at once and try clipped long steps (for a positive definite ``Q``);
+    False is Wolfe's original one task per major cycle and ratio-test steps (for a singular ``Q``, lam ~ 0,
+    where larger sets are affinely dependent).  Returns ``(w, cycles)``; ``cycles`` counts the solves.
     """
     K = Q.shape[0]
     sub = SubsetSolver(Q, np.float64, shift)
@@ -251,7 +267,7 @@ def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: floa
         w[vertex] = 1.0
     F = w > 0
     added = np.zeros(K, dtype=bool)  # tasks added by the last major cycle
-    block = True  # the next major cycle adds every violating task (False: only the most violating one)
+    block = blocks  # the next major cycle adds every violating task (False: only the most violating one)
     it = 0
     while it < max_iter:
         it += 1
@@ -272,7 +288,7 @@ def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: floa
         if (v > 0).all():  # minor cycles done: w is the affine minimizer of F
             w[:] = 0.0
             w[idx] = v
-            block = not added.any() or bool((added & F).any())  # a block none of which stayed: add one task next
+            block = blocks and (not added.any() or bool((added & F).any()))  # a block none of which stayed: one next
             g = _gradient(Q, w)
             mu = w @ g
             viol = np.flatnonzero((g < mu - EPS) & ~F)
@@ -300,7 +316,7 @@ def _wolfe(Q: np.ndarray, w_start: np.ndarray | None, max_iter: int, shift: floa
         wS_ratio[drop] = 0.0
         w_ratio = np.zeros(K)
         w_ratio[idx] = wS_ratio / wS_ratio.sum()
-        w_next = _longer_step(Q, idx, wS, v, step, w_ratio)  # past it, clipped, when that is at least as good
+        w_next = _longer_step(Q, idx, wS, v, step, w_ratio) if blocks else None  # past it, clipped, if as good
         w = w_next if w_next is not None else w_ratio
         F = w > 0
     return w, it
