@@ -35,7 +35,7 @@ import torch.nn as nn
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "BUILTIN_INIT_SEED"]
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -151,16 +151,36 @@ def _import_function(spec: str) -> Any:
         path = Path(target)
         if not path.is_file():
             raise FileNotFoundError(f"model file {target!r} does not exist")
+        _on_path(path.resolve().parent)  # as `python file.py` would: the file's own imports resolve beside it
         name = f"gradconflict_user_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(target)
+        _on_path(Path.cwd())  # as `python -m` would: a module in the current folder is found
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"model spec {spec!r}: cannot import {target!r} ({exc}); run from the folder that holds "
+                             f"it, install its package, or pass 'path/to/file.py:{func}'") from None
     if not hasattr(module, func):
         raise ValueError(f"{target!r} has no function {func!r}")
     return getattr(module, func)
+
+
+def _on_path(folder: Path) -> None:
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def spec_identity(spec: str) -> str:
+    """A model spec as recorded with results: ``file.py:function`` with the file's absolute path (the same file
+    given relative or absolute is the same spec), anything else as it is."""
+    target, sep, func = str(spec).rpartition(":")
+    if sep and target.endswith(".py") and not str(spec).startswith("diffusers:"):
+        return f"{Path(target).resolve()}:{func}"
+    return str(spec)
 
 
 def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: str | torch.device = "cpu",
@@ -184,14 +204,22 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
     elif ":" in text and not Path(text).exists():
         made = _import_function(text)()
         if isinstance(made, nn.Module):
+            if verbose:
+                print(f"note: {text} returned a model alone, so the linear schedule (T = 1000) and eps prediction "
+                      "are assumed; return (model, schedule, prediction) if it was trained otherwise", file=sys.stderr)
             loaded = LoadedModel(made, NoiseSchedule.linear(), "eps", text)
         elif isinstance(made, (tuple, list)) and len(made) == 3:
             model, schedule, prediction = made
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"{text!r} returned a {type(model).__name__} as its model; return the "
+                                 "torch.nn.Module (a plain function has no parameters to take gradients of)")
             if not isinstance(schedule, NoiseSchedule):
                 schedule = NoiseSchedule.from_diffusers(schedule)
             loaded = LoadedModel(model, schedule, normalize_prediction(prediction), text)
         else:
-            raise ValueError(f"{text!r} must return a model or (model, schedule, prediction), got {type(made).__name__}")
+            got = f"a {type(made).__name__} of {len(made)} items" if isinstance(made, (tuple, list)) else \
+                f"a {type(made).__name__}"
+            raise ValueError(f"{text!r} must return an nn.Module or (model, schedule, prediction), got {got}")
     else:
         from .models import MODEL_NAMES, build_model
 

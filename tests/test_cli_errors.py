@@ -249,3 +249,34 @@ def test_solve_rejects_negative_values(tmp_path: Path, flag: str, capsys) -> Non
     assert main(["solve", str(path), flag, "-1"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and f"{flag} must be >= 0" in out.err
+
+
+def test_user_model_specs_resolve_like_python_does_and_say_what_they_assume(tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    """``module:function`` finds a module in the current folder (as ``python -m`` does) and a model file's own
+    imports resolve beside it; a bare model is told it gets the linear schedule and eps; wrong returns are named."""
+    import sys
+
+    from gradconflict.spec import spec_identity
+
+    pkg = tmp_path / "proj"
+    pkg.mkdir()
+    (pkg / "helper_net_mod.py").write_text("import torch\n\ndef net():\n    return torch.nn.Conv2d(1, 1, 3, padding=1)\n")
+    (pkg / "bare_spec_mod.py").write_text(
+        "from helper_net_mod import net\n\n"  # an import beside the file
+        "def build():\n    return net()\n\n"
+        "def pair():\n    return net(), 'eps'\n\n"
+        "def func():\n    return lambda x, t: x, None, 'eps'\n")
+    monkeypatch.chdir(pkg)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # undo the folders the loader adds
+    loaded = load_model("bare_spec_mod:build")
+    assert isinstance(loaded.model, torch.nn.Conv2d) and loaded.prediction == "eps"
+    assert "linear schedule (T = 1000) and eps prediction are assumed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="got a tuple of 2 items"):
+        load_model(f"{pkg / 'bare_spec_mod.py'}:pair")
+    with pytest.raises(ValueError, match="returned a function as its model"):
+        load_model(f"{pkg / 'bare_spec_mod.py'}:func")
+    with pytest.raises(ValueError, match="cannot import 'no_such_module_xyz'"):
+        load_model("no_such_module_xyz:build")
+    assert spec_identity("bare_spec_mod.py:build") == f"{pkg / 'bare_spec_mod.py'}:build"
+    assert spec_identity("dit-tiny") == "dit-tiny"

@@ -142,6 +142,32 @@ def test_track_cli_refuses_other_checkpoints_or_data_in_the_same_out(tmp_path: P
     assert sorted(obj["step"].unique()) == [100, 200]
 
 
+def test_track_cli_records_data_by_content_and_refuses_a_checkpoint_under_another_step(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """A data file rewritten in place is other data (it was recorded by its name), the same file given by another
+    path is the same data and model, and a rerun that forgot --steps would make one checkpoint stand for two steps."""
+    from gradconflict.cli import main
+
+    spec, paths = _user_model_and_checkpoints(tmp_path)
+    data = tmp_path / "data.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (16, 1, 8, 8)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    common = ["--image-size", "8", "--bins", "4", "--per-task", "2", "--resamples", "1", "--out", str(tmp_path / "out")]
+    assert main(["track", "--model", "net.py:build", "--checkpoints", paths[0], "--steps", "100", "--data",
+                 "data.npy", *common]) == 0
+    # the same model file and data by absolute paths: the same experiment, a new step is added
+    assert main(["track", "--model", f"{spec}:build", "--checkpoints", paths[0], paths[1], "--steps", "100", "200",
+                 "--data", str(data), *common]) == 0
+    # the checkpoints again without --steps: they would become steps 0 and 1
+    assert main(["track", "--model", f"{spec}:build", "--checkpoints", paths[0], paths[1], "--data", str(data),
+                 *common]) == 2
+    np.save(data, np.full((16, 1, 8, 8), 0.9, dtype=np.float32))  # rewritten in place: other data
+    assert main(["track", "--model", f"{spec}:build", "--checkpoints", paths[0], paths[1], "--steps", "100", "200",
+                 "--data", str(data), *common]) == 2
+    obj = pd.read_csv(tmp_path / "out" / "track_objectives.csv")
+    assert sorted(obj["step"].unique()) == [100, 200]
+
+
 def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
-    from ..spec import load_model, model_data
+    from ..spec import load_model, model_data, spec_identity
     from ..track import TrackConfig, file_source, track_models
+    from ..transfer.resume import fingerprint
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):
@@ -56,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
                       strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast)
     out = Path(args.out)
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
-    inputs = {"model": str(args.model), "data": str(args.data), "image_size": size}
+    # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
+    # spec by its absolute path (the same file given relative or absolute is the same model)
+    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images] + ([data.labels] if
+              data.labels is not None else [])), "image_size": size}
     sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}
     conditional = bool(getattr(getattr(first.model, "config", None), "num_classes", 0))
     result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
