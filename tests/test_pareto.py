@@ -902,3 +902,24 @@ def test_tiny_ridge_on_a_singular_gram_is_solved_like_lam_zero(lam):
     res = solve(G, lam * np.trace(G) / 300)
     assert res.converged
     assert_kkt(G, lam * np.trace(G) / 300, res.weights, tol=1e-10)
+
+
+@pytest.mark.parametrize("method, opts", [("frank_wolfe", {}), ("frank_wolfe", {"variant": "vanilla"}),
+                                          ("ugd", {}), ("auto", {})])
+def test_converged_means_relative_accuracy_of_the_objective_on_a_widely_spread_diagonal(method, opts):
+    """An x0-unit Gram: gradient norms over 5.5 decades (diagonal over 11).  A tolerance relative to the largest
+    diagonal entry let Frank-Wolfe report converged at iteration 0, 2% above the optimum; converged must now
+    certify (f - f*) / f <= tol, against cvxpy."""
+    rng = np.random.default_rng(4)
+    norms = np.logspace(-1.4, 4.2, 6)
+    U = rng.standard_normal((6, 40))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    G = (norms[:, None] * U) @ (norms[:, None] * U).T
+    lam = 0.01
+    _, f_ref = reference(G, lam)
+    assert f_ref < 1e-9 * np.max(np.diag(G))  # the optimum is tiny on the scale of the largest entry
+    res = solve(G, lam, method, **opts)
+    if res.converged:
+        assert res.gap <= (1e-10 if method == "auto" else 1e-8) * res.objective * (1 + 1e-12)
+        assert (res.objective - f_ref) / f_ref <= 1e-8
+    assert method != "auto" or res.converged

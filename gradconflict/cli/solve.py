@@ -146,7 +146,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("gram", metavar="GRAM.csv", help="K x K Gram matrix; header row (+ index column) of bin labels, or plain numbers")
     parser.add_argument("--lam", type=float, default=0.0, help="ridge coefficient lam >= 0 (default 0)")
     parser.add_argument("--method", choices=METHODS, default="auto", help="solver (default auto: exact active set)")
-    parser.add_argument("--tol", type=float, default=None, help="duality-gap tolerance relative to max_i(G_ii + lam)")
+    parser.add_argument("--tol", type=float, default=None, help="relative duality-gap tolerance: converged when gap <= tol * objective")
     parser.add_argument("--max-iter", type=int, default=None, help="iteration cap (steps for ugd)")
     parser.add_argument("--variant", choices=("vanilla", "away", "pairwise"), default=None, help="Frank-Wolfe variant")
     parser.add_argument("--solver", default=None, help="CVXPY solver for --method cvxpy (default CLARABEL)")

@@ -53,7 +53,8 @@ Two phases, both finite:
 
 Sign decisions use the absolute thresholds ``1e-13`` on the normalized
 problem.  The result is accepted as ``converged`` when its duality gap
-``2 (mu - min_i g_i) <= tol`` (default ``1e-10``, relative to ``s``).
+``2 (mu - min_i g_i) <= tol * mu`` (default ``1e-10``: the objective to a
+relative accuracy of 1e-10; :func:`.objective.gap_tolerance`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._cholesky import LowRankSubsetSolver, SubsetSolver
+from .objective import gap_tolerance
 
 EPS = 1e-13  # sign threshold for weights and reduced gradients (normalized units)
 BPP_CAP = 100  # phase-1 pivots before handing over to phase 2
@@ -82,7 +84,7 @@ def active_set(
 
     Args:
         Q: normalized PSD matrices.
-        tol: duality gap accepted as converged (relative to ``s``).
+        tol: relative duality gap accepted as converged (``gap <= tol * f(w)``).
         max_iter: cap on the total number of phase-1 pivots (at most 100
             per attempt) and phase-2 cycles (default ``max(100, 10 K)``).
         w0: optional (K,) or (n, K) warm start; its support starts phase 1.
@@ -141,10 +143,13 @@ def solve_one(
         attempts.append(lambda: LowRankSubsetSolver(Q, lowrank[0], lowrank[1]))
     # with a ridge Q is positive definite: solve with Q_FF itself (shift 0), not Q_FF + 1 1^T, whose extra
     # eigenvalue ~|F| would multiply the condition number (and break a float32 factor on badly scaled G)
+    # (a shift 1 would also swamp a support of small-norm tasks, Q_ii << 1, in rounding: keep 0 whenever lam > 0)
     definite = ridge is not None and ridge > RIDGE_PD
     shift = 0.0 if definite else 1.0
     if K >= MIXED_MIN_K and (ridge is None or definite):
         attempts.append(lambda: SubsetSolver(Q, np.float32, shift))  # single-precision factor, float64 refinement
+    if ridge is not None and 0 < ridge <= RIDGE_PD:  # a tiny ridge: Q may be singular to working precision
+        attempts.append(lambda: SubsetSolver(Q, np.float64, 0.0))  # then this fails and shift 1 follows
     attempts.append(lambda: SubsetSolver(Q, np.float64, shift))
     w, gap, total, start = None, np.inf, 0, None
     for make in attempts:
@@ -152,16 +157,16 @@ def solve_one(
             break
         w, it, start = _bpp(Q, F0.copy(), min(cap, max_iter - total), make(), stall=definite)
         total += it
-        gap = _gap(Q, w) if w is not None else np.inf
-        if gap <= tol or start is not None:  # solved, or stalled (another precision would oscillate alike)
+        gap = _gap(Q, w, tol) if w is not None else np.inf
+        if gap <= 1.0 or start is not None:  # solved, or stalled (another precision would oscillate alike)
             break
-    if gap > tol:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
+    if gap > 1.0:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
         w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift, blocks=definite)
         total += it2
-        gap2 = _gap(Q, w2)
+        gap2 = _gap(Q, w2, tol)
         if gap2 < gap or w is None:
             w, gap = w2, gap2
-    return w, total, bool(gap <= tol)
+    return w, total, bool(gap <= 1.0)
 
 
 def _gradient(Q: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -176,9 +181,11 @@ def _objective(Q: np.ndarray, w: np.ndarray) -> float:
     return float(w @ _gradient(Q, w))
 
 
-def _gap(Q: np.ndarray, w: np.ndarray) -> float:
+def _gap(Q: np.ndarray, w: np.ndarray, tol: float) -> float:
+    """The duality gap in units of its tolerance (:func:`.objective.gap_tolerance`): converged iff ``<= 1``."""
     g = _gradient(Q, w)
-    return float(2.0 * (w @ g - g.min()))
+    gap = 2.0 * (float(w @ g) - g.min())
+    return float(gap / gap_tolerance(Q[None], w[None], g[None], tol)[0]) if gap > 0 else 0.0
 
 
 def _bpp(

@@ -19,9 +19,9 @@ Variants (``variant=``):
   ``t_max = w_a / (1 - w_a)``.  Linear convergence when ``lam > 0``.
 * ``"pairwise"``: ``d = e_j - e_a``, ``t_max = w_a``.
 
-Stopping rule: the duality gap ``2 (w^T g - min_i g_i) <= tol`` (in units of
-``s``, i.e. ``gap(G) <= tol * max_i (G_ii + lam)``, which certifies
-``f(w) - f* <= tol * max_{simplex} f``).  Default ``tol = 1e-8``,
+Stopping rule: the duality gap ``2 (w^T g - min_i g_i) <= tol * f(w)``
+(:func:`..objective.gap_tolerance`), which certifies the objective to a
+relative accuracy ``(f - f*) / f <= tol``.  Default ``tol = 1e-8``,
 ``max_iter = 10_000``; a problem that hits ``max_iter`` reports
 ``converged = False``.
 """
@@ -29,6 +29,8 @@ Stopping rule: the duality gap ``2 (w^T g - min_i g_i) <= tol`` (in units of
 from __future__ import annotations
 
 import numpy as np
+
+from .objective import gap_tolerance
 
 VARIANTS = ("vanilla", "away", "pairwise")
 
@@ -46,7 +48,7 @@ def frank_wolfe(
 
     Args:
         Q: normalized PSD matrices ``(G + lam I) / s``.
-        tol: duality-gap tolerance (relative to ``s``).
+        tol: relative duality-gap tolerance (``gap <= tol * f(w)``).
         max_iter: hard cap on the number of iterations per problem.
         variant: ``"vanilla"``, ``"away"`` or ``"pairwise"``.
         w0: optional (K,) or (n, K) start on the simplex; default is the best
@@ -79,7 +81,7 @@ def frank_wolfe(
         f = np.einsum("ni,ni->n", W, g)
         j = np.argmin(g, axis=1)
         gj = g[rows, j]
-        active &= 2.0 * (f - gj) > tol
+        active &= 2.0 * (f - gj) > gap_tolerance(Q, W, g, tol)
         if t == max_iter or not active.any():
             break
         iters += active
@@ -119,8 +121,8 @@ def frank_wolfe(
         np.maximum(W, 0.0, out=W)
     W /= W.sum(axis=1, keepdims=True)
     g = np.einsum("nij,nj->ni", Q, W)
-    gap = 2.0 * (np.einsum("ni,ni->n", W, g) - g.min(axis=1))
-    return W, iters, gap <= tol
+    f = np.einsum("ni,ni->n", W, g)
+    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol)
 
 
 def _line_search(num: np.ndarray, den: np.ndarray, tmax: np.ndarray | float) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 Every method works on the normalized matrix ``Q = (G + lam I) / s`` with
 ``s = max_i (G_ii + lam)`` (``s = 1`` when that is 0), which makes the
-largest value of the objective on the simplex equal to 1.  Tolerances
-(``tol``) are therefore relative to ``s``; objective and gap are reported
-on the original scale.
+largest value of the objective on the simplex equal to 1.  Every method's
+``tol`` is relative to the objective: converged means ``gap <= tol * f(w)``
+(:func:`.objective.gap_tolerance`), so ``(f - f*) / f <= tol``.  Objective
+and gap are reported on the original scale.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def solve(
             "CLARABEL"`` and solver keywords).
         check_psd: run the O(K^3) PSD check (default True).  Skipping it
             saves one Cholesky factorization of G.
-        **options: method options; ``tol`` is relative to ``max_i (G_ii + lam)``.
+        **options: method options; ``tol`` is a relative accuracy of the objective (``gap <= tol * f(w)``).
 
     Returns:
         :class:`ParetoResult`; scalars for a single problem, arrays of length

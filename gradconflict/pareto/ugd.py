@@ -19,7 +19,8 @@ answer, is mixed with a little of the uniform point so that every task keeps
 a gradient; a pure ``log(w0)`` would leave zero weights stuck at zero).
 
 Stopping: a problem stops (its ``beta`` is frozen) as soon as its duality
-gap ``2 (f - min_i g_i) <= tol`` (relative to ``s``; default ``1e-8``);
+gap ``2 (f - min_i g_i) <= tol * f`` (relative accuracy of the objective,
+:func:`.objective.gap_tolerance`; default ``1e-8``);
 ``iterations`` is the number of optimizer steps it took and ``converged``
 is ``gap <= tol`` at the end.  The softmax never produces exact zeros, so
 sparse optima are only reached asymptotically.
@@ -28,6 +29,8 @@ sparse optima are only reached asymptotically.
 from __future__ import annotations
 
 import numpy as np
+
+from .objective import gap_tolerance
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"adam": 0.05, "sgd": 10.0}
@@ -93,7 +96,7 @@ def ugd(
         W = softmax(beta)
         g = np.einsum("nij,nj->ni", Q, W)
         f = np.einsum("ni,ni->n", W, g)
-        active &= 2.0 * (f - g.min(axis=1)) > tol
+        active &= 2.0 * (f - g.min(axis=1)) > gap_tolerance(Q, W, g, tol)
         if t == steps or not active.any():
             break
         iters += active
@@ -108,5 +111,5 @@ def ugd(
         beta -= np.where(active[:, None], update, 0.0)
     W = softmax(beta)
     g = np.einsum("nij,nj->ni", Q, W)
-    gap = 2.0 * (np.einsum("ni,ni->n", W, g) - g.min(axis=1))
-    return W, iters, gap <= tol
+    f = np.einsum("ni,ni->n", W, g)
+    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol)
