@@ -45,12 +45,12 @@ _ALIASES = {
 }
 
 
-def normalize_prediction(name: str) -> str:
-    """Canonical name ("eps", "x0" or "v") of a prediction type; accepts diffusers' names
-    ("epsilon", "sample", "v_prediction")."""
+def normalize_prediction(name: str, what: str = "prediction type") -> str:
+    """Canonical name ("eps", "x0" or "v") of a prediction type (or of a loss space: ``what`` names it in the
+    error); accepts diffusers' names ("epsilon", "sample", "v_prediction")."""
     key = str(name).lower()
     if key not in _ALIASES:
-        raise ValueError(f"unknown prediction type {name!r}; use one of {PREDICTIONS} (or diffusers' epsilon/sample/v_prediction)")
+        raise ValueError(f"unknown {what} {name!r}; use one of {PREDICTIONS} (or diffusers' epsilon/sample/v_prediction)")
     return _ALIASES[key]
 
 

@@ -280,3 +280,46 @@ def test_user_model_specs_resolve_like_python_does_and_say_what_they_assume(tmp_
         load_model("no_such_module_xyz:build")
     assert spec_identity("bare_spec_mod.py:build") == f"{pkg / 'bare_spec_mod.py'}:build"
     assert spec_identity("dit-tiny") == "dit-tiny"
+
+
+def test_model_outputs_and_out_paths_that_are_user_mistakes_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    """A dict output, a tuple with no tensor first, data with the wrong channels, and an --out that is a file: each
+    a ValueError naming the problem (the CLI's one-line error path), not a traceback from deep inside torch."""
+    import gradconflict as gc
+
+    class Net(torch.nn.Module):
+        def __init__(self, wrap=None):
+            super().__init__()
+            self.conv, self.wrap = torch.nn.Conv2d(1, 1, 3, padding=1), wrap
+
+        def forward(self, x, t):
+            y = self.conv(x)
+            return {"pred": y} if self.wrap == "dict" else (None, y) if self.wrap == "tuple" else y
+
+    schedule = gc.NoiseSchedule.linear()
+    t = torch.tensor([10, 900])
+    task = torch.tensor([0, 1])
+    x0 = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"returned a dict with keys \['pred'\]"):
+        gc.task_gram(Net("dict"), x0, t, task, schedule=schedule)
+    with pytest.raises(ValueError, match="returned a tuple whose first item is a NoneType"):
+        gc.task_gram(Net("tuple"), x0, t, task, schedule=schedule)
+    with pytest.raises(ValueError, match="x_t with 3 channels"):
+        gc.task_gram(Net(), torch.zeros(2, 3, 8, 8), t, task, schedule=schedule)
+    (tmp_path / "afile").write_text("x")
+    code = main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "2", "--per-task", "1",
+                 "--out", str(tmp_path / "afile")])
+    assert code == 2 and "is a file; pass a folder" in capsys.readouterr().err
+
+
+def test_task_gram_names_the_loss_space_and_refuses_bins_of_another_T() -> None:
+    import gradconflict as gc
+
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    schedule = gc.NoiseSchedule.linear()
+    x0 = torch.zeros(2, 1, 8, 8)
+    t = torch.tensor([10, 400])
+    with pytest.raises(ValueError, match="unknown loss_space 'eps2'"):
+        gc.task_gram(lambda x, s: net(x), x0, t, torch.tensor([0, 1]), schedule=schedule, loss_space="eps2")
+    with pytest.raises(ValueError, match="the bins cover T = 500 timesteps but the schedule has T = 1000"):
+        gc.task_gram(lambda x, s: net(x), x0, t, gc.TimestepBins.uniform(500, 2), schedule=schedule)

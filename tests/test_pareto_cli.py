@@ -108,3 +108,17 @@ def test_repeated_labels_keep_every_weight_in_json(tmp_path, capsys):
     assert main(["solve", str(path), "--json"]) == 0
     weights = json.loads(capsys.readouterr().out)["weights"]
     assert weights == pytest.approx({"a": 4 / 7, "a.1": 3 / 7})
+
+
+def test_lam_rel_is_a_multiple_of_the_mean_diagonal(tmp_path, capsys):
+    """--lam-rel X solves with lam = X trace(G)/K (track's unit): the two-task closed form at lam = 0.15."""
+    path = tmp_path / "g.csv"
+    np.savetxt(path, np.array([[2.0, 0.5], [0.5, 1.0]]), delimiter=",")
+    assert main([str(path), "--lam-rel", "0.1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lam"] == pytest.approx(0.15) and out["lam_rel"] == pytest.approx(0.1)
+    w1 = (1.15 - 0.5) / (2.15 + 1.15 - 1.0)  # (Q22 - Q12) / (Q11 + Q22 - 2 Q12), Q = G + lam I
+    assert list(out["weights"].values()) == pytest.approx([w1, 1 - w1], abs=1e-12)
+    assert main([str(path), "--lam-rel", "0.1", "--lam", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([str(path), "--lam-rel", "-1"]) == 2

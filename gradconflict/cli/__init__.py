@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -52,6 +53,11 @@ def _check_device(requested: Optional[str]) -> None:
                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
+def _check_out(out: Optional[str]) -> None:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder (it is created if it does not exist)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_from_env(backend=None if device.startswith("cuda") else "gloo")
     try:
         _check_device(getattr(args, "device", None))
+        if args.command != "sample":  # every other --out is a folder (sample's is the PNG it writes)
+            _check_out(getattr(args, "out", None))
         result = args.handler(args)
     except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, exit 2; anything else is a bug
         print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)

@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
 
 from gradconflict.pareto import METHODS, solve
@@ -104,7 +105,15 @@ def run(args: argparse.Namespace) -> int:
             if value is not None and value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         frame = read_gram(args.gram)
-        result = solve(frame.to_numpy(), lam=args.lam, method=args.method, **_options(args))
+        G = frame.to_numpy()
+        lam = args.lam
+        if args.lam_rel is not None:
+            if args.lam:
+                raise ValueError("pass --lam (absolute) or --lam-rel (a multiple of trace(G)/K), not both")
+            if not np.isfinite(args.lam_rel) or args.lam_rel < 0:
+                raise ValueError(f"--lam-rel must be a finite number >= 0, got {args.lam_rel}")
+            lam = args.lam_rel * float(np.trace(G)) / G.shape[0]
+        result = solve(G, lam=lam, method=args.method, **_options(args))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         print(f"gradconflict solve: error: {exc}", file=sys.stderr)
         return 2
@@ -113,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {
             "method": result.method,
             "lam": result.lam,
+            "lam_rel": _lam_rel(result.lam, G),
             "weights": dict(zip(labels, map(float, result.weights))),
             "objective": result.objective,
             "gap": result.gap,
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     width = max(len("task"), *(len(label) for label in labels))
-    print(f"method: {result.method}  lam: {result.lam:g}  K: {len(labels)}")
+    print(f"method: {result.method}  lam: {result.lam:g} (= {_lam_rel(result.lam, G):.3g} x trace(G)/K)  K: {len(labels)}")
     print(f"{'task':<{width}}  weight")
     for label, weight in zip(labels, result.weights):
         print(f"{label:<{width}}  {weight:.{args.digits}f}")
@@ -131,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"gap: {result.gap:.3e}")
     print(f"iterations: {result.iterations}  converged: {result.converged}  seconds: {result.seconds:.4f}")
     return 0
+
+
+def _lam_rel(lam: float, G: np.ndarray) -> float:
+    """``lam`` as a multiple of ``trace(G) / K`` (the unit of ``track --lam``); inf for a zero trace."""
+    mean_diag = float(np.trace(G)) / G.shape[0]
+    return lam / mean_diag if mean_diag > 0 else (0.0 if lam == 0 else float("inf"))
 
 
 def add_parser(subparsers: Any) -> None:
@@ -144,7 +160,9 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("gram", metavar="GRAM.csv", help="K x K Gram matrix; header row (+ index column) of bin labels, or plain numbers")
-    parser.add_argument("--lam", type=float, default=0.0, help="ridge coefficient lam >= 0 (default 0)")
+    parser.add_argument("--lam", type=float, default=0.0, help="ridge coefficient lam >= 0, absolute (default 0)")
+    parser.add_argument("--lam-rel", type=float, default=None, metavar="X",
+                        help="ridge as a multiple of trace(G)/K, the unit of `track --lam` (e.g. 0.1)")
     parser.add_argument("--method", choices=METHODS, default="auto", help="solver (default auto: exact active set)")
     parser.add_argument("--tol", type=float, default=None, help="relative duality-gap tolerance: converged when gap <= tol * objective")
     parser.add_argument("--max-iter", type=int, default=None, help="iteration cap (steps for ugd)")

@@ -116,8 +116,11 @@ def task_gram(
         raise ValueError(f"gram_precision={gram_precision!r} applies to method='fused'; the loop reference always "
                          "folds in float64 (leave gram_precision at 'auto' or 'fp32')")
     prediction = normalize_prediction(prediction)
-    loss_space = normalize_prediction(loss_space)
+    loss_space = normalize_prediction(loss_space, "loss_space")
     x0, t, task_ids, K, labels = _prepare(x0, t, task, K, labels)
+    if isinstance(task, TimestepBins) and task.T != schedule.T:
+        raise ValueError(f"the bins cover T = {task.T} timesteps but the schedule has T = {schedule.T}; build them "
+                         "from schedule.T")
     device = x0.device
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype if x0.dtype != torch.bfloat16 else torch.float32)

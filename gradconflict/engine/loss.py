@@ -15,7 +15,9 @@ __all__ = ["per_sample_losses", "model_output"]
 
 
 def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-    """Call ``model(x_t, t, **model_kwargs)`` and unwrap common output types (a diffusers ``.sample``, a tuple)."""
+    """Call ``model(x_t, t, **model_kwargs)`` and unwrap common output types: a diffusers output's ``.sample`` (or
+    a dict's ``"sample"``), and a tuple or list whose first item is the prediction (diffusers' ``return_dict=False``
+    form; the other items are ignored)."""
     try:
         out = model(x_t, t, **model_kwargs)
     except RuntimeError as exc:
@@ -25,10 +27,15 @@ def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, 
         out = out.sample
     elif isinstance(out, dict) and isinstance(out.get("sample"), torch.Tensor):
         out = out["sample"]
-    elif isinstance(out, (tuple, list)):
+    elif isinstance(out, (tuple, list)) and out:
+        if not isinstance(out[0], torch.Tensor):
+            raise ValueError(f"the model returned a {type(out).__name__} whose first item is a {type(out[0]).__name__}; "
+                             "it must return a tensor shaped like x_t (or a tuple with that tensor first)")
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model returned {type(out).__name__}; it must return a tensor shaped like x_t")
+        keys = f" with keys {sorted(map(str, out))[:5]}" if isinstance(out, dict) else ""
+        raise ValueError(f"the model returned a {type(out).__name__}{keys}; it must return a tensor shaped like x_t "
+                         "(wrap it, e.g. lambda x, t: model(x, t)['pred'])")
     if out.shape != x_t.shape:
         raise ValueError(f"the model output has shape {tuple(out.shape)} but x_t has {tuple(x_t.shape)}; they must match")
     return out
@@ -37,6 +44,10 @@ def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, 
 def _explain_mismatch(model: Any, x_t: torch.Tensor, exc: RuntimeError) -> None:
     """Re-raise a failed forward as a ValueError when the input's dtype or device differs from the parameters'."""
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if "channels" in str(exc) and x_t.ndim >= 3:
+        raise ValueError(
+            f"the model's forward failed on x_t with {x_t.shape[1]} channels ({first_line(exc)}); give it data with "
+            "the channels the model was built for (a grayscale set for a 1-channel model, RGB for 3)") from exc
     if p is None or not p.is_floating_point() or (p.dtype == x_t.dtype and p.device == x_t.device):
         return
     if torch.is_autocast_enabled(x_t.device.type) and p.device == x_t.device:
@@ -62,7 +73,7 @@ def per_sample_losses(
     """Per-sample loss ``(N,)``: ``x_t = alpha_t x0 + sigma_t noise``; the model's output, read as a
     ``prediction`` (eps, x0 or v), is converted to ``loss_space`` and compared with the true value there:
     ``l_i = mean over elements of (y_i - y_hat_i)^2`` (x0 units by default, i.e. data units squared)."""
-    space = normalize_prediction(loss_space)
+    space = normalize_prediction(loss_space, "loss_space")
     alpha = schedule.alpha(t).to(x0.dtype)
     sigma = schedule.sigma(t).to(x0.dtype)
     x_t = expand_like(alpha, x0) * x0 + expand_like(sigma, x0) * noise
