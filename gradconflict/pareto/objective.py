@@ -20,19 +20,21 @@ import numpy as np
 from ._validate import as_gram, check_lam, check_simplex
 
 
-ROUNDING = 64.0 * float(np.finfo(np.float64).eps)  # per task: float64 rounding of g = Q w and f = w^T g, with room
-# for the rounding of w itself on ill-conditioned sets (a rank-1 G with a tiny ridge needs about 30 eps per task)
+ROUNDING = 1024.0 * float(np.finfo(np.float64).eps)  # per task: float64 rounding of g = Q w and f = w^T g, with
+# room for the rounding of w itself on ill-conditioned supports (measured up to ~130 eps per task on rank-1 and
+# widely scaled Grams at lam = 0, where f* = 0 and only this floor can certify the answer)
 
 
 def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float) -> np.ndarray:
     """Duality gap that counts as converged, for stacks ``Q`` (n, K, K), ``W`` (n, K) and ``g = Q w``:
-    ``max(tol * f, 64 K eps * b)`` with ``f = w^T g``.
+    ``max(tol * f, 1024 K eps * b)`` with ``f = w^T g``.
 
     ``gap <= tol * f`` certifies ``(f - f*) / f <= tol``.  The floor is the rounding level of the computed gap
     ``2 (f - min_i g_i)``: with ``d = sqrt(diag Q)``, ``|Q_ij| <= d_i d_j`` bounds the sums' terms by
-    ``b = (d^T w) (d^T w + d_i*)``, ``i* = argmin_i g_i`` (64 eps per task: see :data:`ROUNDING`).  It lets an optimum ``f* = 0`` (lam = 0 with zero in
-    the tasks' convex hull) be certified, and stays far below ``tol * f`` when the weights sit on tasks with
-    small gradients.  ``tol = 0`` has no floor: run to the iteration cap unless the gap is exactly 0.
+    ``b = (d^T w) (d^T w + d_i*)``, ``i* = argmin_i g_i`` (1024 eps per task: see :data:`ROUNDING`).  It lets
+    an optimum ``f* = 0`` (lam = 0 with zero in the tasks' convex hull) be certified, and stays far below
+    ``tol * f`` when the weights sit on tasks with small gradients.  ``tol = 0`` has no floor: run to the
+    iteration cap unless the gap is exactly 0.
     """
     f = np.einsum("ni,ni->n", W, g)
     if tol <= 0:

@@ -68,7 +68,7 @@ def solve(
         lam: ridge coefficient ``lam >= 0``.
         method: one of :data:`METHODS`:
             ``"auto"`` exact active-set solver (:mod:`.active_set`;
-            options ``tol=1e-10, max_iter, w0``);
+            options ``tol=1e-9, max_iter, w0``);
             ``"frank_wolfe"`` (:mod:`.frank_wolfe`; options ``tol=1e-8,
             max_iter=10_000, variant="away"|"vanilla"|"pairwise", w0``);
             ``"ugd"`` softmax gradient descent (:mod:`.ugd`; options
