@@ -256,6 +256,9 @@ def _field(config: Any, name: str) -> Any:
     return getattr(config, name, None)
 
 
+UNKNOWN_SIZE = "cannot tell the model's input size (its config has no image_size or sample_size): pass --image-size N"
+
+
 def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[int]]:
     """``(size, channels)`` of the images to feed ``model``: the size from ``config.image_size``, else diffusers'
     ``config.sample_size`` (int or square pair), checked against ``image_size`` (``--image-size``); channels
@@ -274,8 +277,7 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
     channels = int(channels) if isinstance(channels, int) else None
     if size is None:
         if image_size is None:
-            raise ValueError("cannot tell the model's input size (its config has no image_size or sample_size): "
-                             "pass --image-size N")
+            raise ValueError(UNKNOWN_SIZE)
         return image_size, channels
     size = int(size)
     if image_size is not None and image_size != size:
@@ -286,11 +288,24 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
 
 def model_data(model: Any, data: str, image_size: Optional[int], limit: Optional[int] = None) -> tuple[Any, int]:
     """``(dataset, size)``: ``data`` loaded at the model's input size (:func:`model_input`), its channel count
-    checked against the model's."""
+    checked against the model's.  When neither the model's config nor ``image_size`` gives the size, the user's
+    own files (a path) are read at their own size if it is square (with a note); a built-in dataset still needs
+    ``image_size``."""
     from .data import load_dataset
 
-    size, channels = model_input(model, image_size)
+    try:
+        size, channels = model_input(model, image_size)
+    except ValueError as exc:
+        if str(exc) != UNKNOWN_SIZE or not Path(data).exists():
+            raise
+        size, channels = None, model_input(model, 1)[1]  # the user's own files: read them at their own size
     dataset = load_dataset(data, image_size=size, limit=limit)
+    if size is None:
+        h, w = dataset.images.shape[-2:]
+        if h != w:
+            raise ValueError(f"{UNKNOWN_SIZE} (the data's images are {h} x {w}, not square)")
+        print(f"note: the model's config does not give its input size; using the data's {h} x {w}", file=sys.stderr)
+        size = h
     if channels is not None and dataset.channels != channels:
         raise ValueError(f"the model takes {channels} channels but {dataset.name!r} has {dataset.channels}")
     return dataset, size
