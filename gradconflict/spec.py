@@ -162,6 +162,9 @@ def _import_function(spec: str) -> Any:
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
+            if exc.name is not None and not target.startswith(exc.name):  # it exists, but one of its imports does not
+                raise ValueError(f"model spec {spec!r}: importing {target!r} failed: {exc}; install what it "
+                                 "imports") from None
             raise ValueError(f"model spec {spec!r}: cannot import {target!r} ({exc}); run from the folder that holds "
                              f"it, install its package, or pass 'path/to/file.py:{func}'") from None
     if not hasattr(module, func):
@@ -170,8 +173,9 @@ def _import_function(spec: str) -> Any:
 
 
 def _on_path(folder: Path) -> None:
+    """Put ``folder`` on ``sys.path`` (last, so that it never shadows an installed package)."""
     if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
+        sys.path.append(str(folder))
 
 
 def spec_identity(spec: str) -> str:

@@ -333,7 +333,34 @@ def test_task_gram_names_the_loss_space_and_refuses_bins_of_another_T() -> None:
     schedule = gc.NoiseSchedule.linear()
     x0 = torch.zeros(2, 1, 8, 8)
     t = torch.tensor([10, 400])
+    model = torch.nn.Module()  # never called: the arguments are refused first
+    model.conv = net
     with pytest.raises(ValueError, match="unknown loss_space 'eps2'"):
-        gc.task_gram(lambda x, s: net(x), x0, t, torch.tensor([0, 1]), schedule=schedule, loss_space="eps2")
+        gc.task_gram(model, x0, t, torch.tensor([0, 1]), schedule=schedule, loss_space="eps2")
     with pytest.raises(ValueError, match="the bins cover T = 500 timesteps but the schedule has T = 1000"):
-        gc.task_gram(lambda x, s: net(x), x0, t, gc.TimestepBins.uniform(500, 2), schedule=schedule)
+        gc.task_gram(model, x0, t, gc.TimestepBins.uniform(500, 2), schedule=schedule)
+
+
+
+def test_a_layer_with_the_wrong_channels_is_not_blamed_on_the_data_and_missing_dependencies_are_named(
+        tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    import gradconflict as gc
+
+    class Buggy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.Conv2d(8, 1, 3, padding=1)  # 6 != 8
+
+        def forward(self, x, t):
+            return self.b(self.a(x))
+
+    with pytest.raises(RuntimeError, match="expected input"):  # torch's own error: the model is wrong, not the data
+        gc.task_gram(Buggy(), torch.zeros(2, 1, 8, 8), torch.tensor([5, 500]), torch.tensor([0, 1]),
+                     schedule=gc.NoiseSchedule.linear())
+    (tmp_path / "needs_dep_mod.py").write_text("import not_installed_dep_xyz\n\ndef build():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ValueError, match="importing 'needs_dep_mod' failed: No module named 'not_installed_dep_xyz'"):
+        load_model("needs_dep_mod:build")

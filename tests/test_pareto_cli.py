@@ -122,3 +122,14 @@ def test_lam_rel_is_a_multiple_of_the_mean_diagonal(tmp_path, capsys):
     assert main([str(path), "--lam-rel", "0.1", "--lam", "1"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main([str(path), "--lam-rel", "-1"]) == 2
+
+
+
+def test_lam_rel_needs_a_gram_and_json_stays_valid(tmp_path, capsys):
+    path = tmp_path / "neg.csv"
+    np.savetxt(path, -np.eye(2), delimiter=",")
+    assert main([str(path), "--lam-rel", "0.1"]) == 2
+    assert "needs trace(G) >= 0" in capsys.readouterr().err
+    np.savetxt(path, np.zeros((2, 2)), delimiter=",")
+    assert main([str(path), "--lam", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["lam_rel"] is None  # not Infinity (invalid JSON)

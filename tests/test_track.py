@@ -168,6 +168,27 @@ def test_track_cli_records_data_by_content_and_refuses_a_checkpoint_under_anothe
     assert sorted(obj["step"].unique()) == [100, 200]
 
 
+def test_track_cli_resumes_a_folder_recorded_by_name_and_a_checkpoint_given_at_two_steps(tmp_path: Path) -> None:
+    """Folders of older versions recorded the data by its path: with the same arguments they resume (the record
+    is upgraded to the content); one checkpoint deliberately given for two steps resumes too."""
+    import json
+
+    from gradconflict.cli import main
+
+    spec, paths = _user_model_and_checkpoints(tmp_path)
+    out = tmp_path / "out"
+    common = ["--model", f"{spec}:build", "--image-size", "8", "--bins", "4", "--per-task", "2", "--resamples", "1",
+              "--data", "synthetic", "--out", str(out)]
+    assert main(["track", "--checkpoints", paths[0], paths[0], "--steps", "100", "200", *common]) == 0
+    cfg = json.loads((out / "track_config.json").read_text())
+    cfg["inputs"] = {"model": f"{spec}:build", "data": "synthetic", "image_size": 8}  # as an older version wrote it
+    (out / "track_config.json").write_text(json.dumps(cfg))
+    assert main(["track", "--checkpoints", paths[0], paths[0], paths[1], "--steps", "100", "200", "300",
+                 *common]) == 0
+    assert json.loads((out / "track_config.json").read_text())["inputs"]["data"] != "synthetic"  # now by content
+    assert sorted(pd.read_csv(out / "track_objectives.csv")["step"].unique()) == [100, 200, 300]
+
+
 def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: Path) -> None:
     from dataclasses import replace
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gradconflict.pareto import METHODS, solve
+from gradconflict.track.analyze import absolute_lam
 
 
 _LAYOUTS = ("plain K x K numbers; a header row of K labels over K rows of numbers; or a header row and an index "
@@ -112,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("pass --lam (absolute) or --lam-rel (a multiple of trace(G)/K), not both")
             if not np.isfinite(args.lam_rel) or args.lam_rel < 0:
                 raise ValueError(f"--lam-rel must be a finite number >= 0, got {args.lam_rel}")
-            lam = args.lam_rel * float(np.trace(G)) / G.shape[0]
+            lam = absolute_lam(G, args.lam_rel)
+            if lam < 0:
+                raise ValueError(f"--lam-rel needs trace(G) >= 0 (lam = lam_rel x trace(G)/K), but trace(G)/K = "
+                                 f"{absolute_lam(G, 1.0):.3e}: G is not a Gram matrix")
         result = solve(G, lam=lam, method=args.method, **_options(args))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         print(f"gradconflict solve: error: {exc}", file=sys.stderr)
@@ -133,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     width = max(len("task"), *(len(label) for label in labels))
-    print(f"method: {result.method}  lam: {result.lam:g} (= {_lam_rel(result.lam, G):.3g} x trace(G)/K)  K: {len(labels)}")
+    rel = _lam_rel(result.lam, G)
+    rel_text = f" (= {rel:.3g} x trace(G)/K)" if rel is not None else ""
+    print(f"method: {result.method}  lam: {result.lam:g}{rel_text}  K: {len(labels)}")
     print(f"{'task':<{width}}  weight")
     for label, weight in zip(labels, result.weights):
         print(f"{label:<{width}}  {weight:.{args.digits}f}")
@@ -143,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lam_rel(lam: float, G: np.ndarray) -> float:
-    """``lam`` as a multiple of ``trace(G) / K`` (the unit of ``track --lam``); inf for a zero trace."""
-    mean_diag = float(np.trace(G)) / G.shape[0]
-    return lam / mean_diag if mean_diag > 0 else (0.0 if lam == 0 else float("inf"))
+def _lam_rel(lam: float, G: np.ndarray) -> Optional[float]:
+    """``lam`` as a multiple of ``trace(G) / K`` (the unit of ``track --lam``); None when the trace is not > 0."""
+    mean_diag = absolute_lam(G, 1.0)
+    return lam / mean_diag if mean_diag > 0 else None
 
 
 def add_parser(subparsers: Any) -> None:

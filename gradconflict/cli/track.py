@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+
+from .._io import write_json
 
 __all__ = ["add_parser", "run"]
 
@@ -36,6 +40,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
+    """A folder tracked by an older gradconflict recorded its inputs as given (model spec and data path, not the
+    data's content); when those match this run's exactly, record them the current way, so that the folder resumes
+    as it did before (and is checked by content from now on)."""
+    path = out / "track_config.json"
+    if not path.is_file() or legacy == inputs:
+        return
+    recorded = json.loads(path.read_text())
+    if recorded.get("inputs") == legacy:
+        write_json(path, {**recorded, "inputs": inputs})
+        print(f"note: {out} recorded its data by name (an older gradconflict); it is now recorded by content",
+              file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
@@ -61,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     # spec by its absolute path (the same file given relative or absolute is the same model)
     inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images] + ([data.labels] if
               data.labels is not None else [])), "image_size": size}
+    if is_main():
+        _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)
     sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}
     conditional = bool(getattr(getattr(first.model, "config", None), "num_classes", 0))
     result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,

@@ -44,7 +44,7 @@ def model_output(model: Callable[..., Any], x_t: torch.Tensor, t: torch.Tensor, 
 def _explain_mismatch(model: Any, x_t: torch.Tensor, exc: RuntimeError) -> None:
     """Re-raise a failed forward as a ValueError when the input's dtype or device differs from the parameters'."""
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    if "channels" in str(exc) and x_t.ndim >= 3:
+    if "channels" in str(exc) and f"input[{', '.join(map(str, x_t.shape))}]" in str(exc):  # the data's, not a layer's
         raise ValueError(
             f"the model's forward failed on x_t with {x_t.shape[1]} channels ({first_line(exc)}); give it data with "
             "the channels the model was built for (a grayscale set for a 1-channel model, RGB for 3)") from exc

@@ -151,43 +151,43 @@ def solve_one(
     if ridge is not None and 0 < ridge <= RIDGE_PD:  # a tiny ridge: Q may be singular to working precision
         attempts.append(lambda: SubsetSolver(Q, np.float64, 0.0))  # then this fails and shift 1 follows
     attempts.append(lambda: SubsetSolver(Q, np.float64, shift))
-    w, gap, total, start = None, np.inf, 0, None
+    w, gap, ok, total, start = None, np.inf, False, 0, None
     for make in attempts:
         if total >= max_iter:
             break
         w, it, start = _bpp(Q, F0.copy(), min(cap, max_iter - total), make(), stall=definite)
         total += it
-        gap = _gap(Q, w, tol) if w is not None else np.inf
-        if gap <= 1.0 or start is not None:  # solved, or stalled (another precision would oscillate alike)
+        gap, ok = _gap(Q, w, tol) if w is not None else (np.inf, False)
+        if ok or start is not None:  # solved, or stalled (another precision would oscillate alike)
             break
-    if gap > 1.0:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
+    if not ok:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
         w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift, blocks=definite)
         total += it2
-        gap2 = _gap(Q, w2, tol)
+        gap2, ok2 = _gap(Q, w2, tol)
         if gap2 < gap or w is None:
-            w, gap = w2, gap2
-    if gap > 1.0 and total < max_iter:  # polish on the support, with the shift scaled to it
-        w, gap, it3 = _polish(Q, w, gap, tol, min(cap, max_iter - total), definite)
+            w, gap, ok = w2, gap2, ok2
+    if not ok and not definite and total < max_iter:  # lam ~ 0: polish with the shift scaled to the objective
+        w, gap, ok, it3 = _polish(Q, w, gap, tol, min(cap, max_iter - total))
         total += it3
-    return w, total, bool(gap <= 1.0)
+    return w, total, ok
 
 
-def _polish(Q: np.ndarray, w: np.ndarray, gap: float, tol: float, max_iter: int, definite: bool
-            ) -> tuple[np.ndarray, float, int]:
-    """Phase 1 again from the support of ``w``, with ``c = max_{i in F} Q_ii`` in ``M_F = Q_FF + c 1 1^T`` (0 with a
-    ridge).  Without a ridge the sets are solved with ``c = 1``, the largest ``Q_ii``; on a support of small-norm
-    tasks (``Q_FF << 1``) that swamps ``Q_FF`` in rounding and leaves a relative gap of ~1e-8 where 1e-14 is
-    reachable.  Returns ``(w, gap, solves)``, the better of the two."""
-    F = w > 0
-    c = 0.0 if definite else float(np.diagonal(Q)[F].max())
-    if not definite and c <= 0:
-        return w, gap, 0
-    w3, it3, _ = _bpp(Q, F, max_iter, SubsetSolver(Q, np.float64, c), stall=definite)
+def _polish(Q: np.ndarray, w: np.ndarray, gap: float, tol: float, max_iter: int
+            ) -> tuple[np.ndarray, float, bool, int]:
+    """Phase 1 again from the support of ``w``, with ``c = f(w)`` in ``M_F = Q_FF + c 1 1^T``.  Without a ridge the
+    sets are solved with ``c = 1``, the largest ``Q_ii``; where the objective is far smaller (a support of
+    small-norm tasks, or gradients that cancel) that swamps ``Q_FF v = mu 1`` in rounding and leaves a relative
+    gap of ~1e-8 where ~1e-14 is reachable.  ``c = f`` keeps both terms of ``M_F v`` at the scale of ``mu = f``.
+    Returns ``(w, gap, converged, solves)``, the better answer."""
+    c = float(w @ _gradient(Q, w))
+    if not c > 0:
+        return w, gap, False, 0
+    w3, it3, _ = _bpp(Q, w > 0, max_iter, SubsetSolver(Q, np.float64, c), stall=False)
     if w3 is not None:
-        gap3 = _gap(Q, w3, tol)
+        gap3, ok3 = _gap(Q, w3, tol)
         if gap3 < gap:
-            return w3, gap3, it3
-    return w, gap, it3
+            return w3, gap3, ok3, it3
+    return w, gap, False, it3
 
 
 def _gradient(Q: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -202,11 +202,12 @@ def _objective(Q: np.ndarray, w: np.ndarray) -> float:
     return float(w @ _gradient(Q, w))
 
 
-def _gap(Q: np.ndarray, w: np.ndarray, tol: float) -> float:
-    """The duality gap in units of its tolerance (:func:`.objective.gap_tolerance`): converged iff ``<= 1``."""
+def _gap(Q: np.ndarray, w: np.ndarray, tol: float) -> tuple[float, bool]:
+    """``(gap, converged)``: the duality gap ``2 (f - min_i g_i)`` and whether it is within
+    :func:`.objective.gap_tolerance`."""
     g = _gradient(Q, w)
-    gap = 2.0 * (float(w @ g) - g.min())
-    return float(gap / gap_tolerance(Q[None], w[None], g[None], tol)[0]) if gap > 0 else 0.0
+    gap = 2.0 * (float(w @ g) - float(g.min()))
+    return gap, bool(gap <= gap_tolerance(Q[None], w[None], g[None], tol)[0])
 
 
 def _bpp(

@@ -109,12 +109,15 @@ def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
         s = clash[0]
         raise ValueError(f"{out} holds step {s} tracked from {old[s]!r}, not {sources[s]!r}; use another --out, "
                          f"or remove {out}")
-    step_of = {src: step for step, src in old.items() if step in held}
-    moved = sorted(s for s in sources if sources[s] in step_of and step_of[sources[s]] != s)
+    steps_of: dict[str, set[int]] = {}
+    for step, src in old.items():
+        if step in held:
+            steps_of.setdefault(src, set()).add(step)
+    moved = sorted(s for s in sources if s not in held and s not in steps_of.get(sources[s], {s}))
     if moved:  # e.g. a rerun that forgot --steps: the same model would stand for two training steps
         s = moved[0]
-        raise ValueError(f"{out} holds step {step_of[sources[s]]} tracked from {sources[s]!r}, now given as step {s}; "
-                         "pass the same --steps as before (one per checkpoint), or use another --out")
+        raise ValueError(f"{out} holds step {min(steps_of[sources[s]])} tracked from {sources[s]!r}, now given as "
+                         f"step {s}; pass the same --steps as before (one per checkpoint), or use another --out")
 
 
 def _record_source(out: Path, step: int, source: str) -> None:
