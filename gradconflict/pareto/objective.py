@@ -20,20 +20,21 @@ import numpy as np
 from ._validate import as_gram, check_lam, check_simplex
 
 
-ROUNDING = 4.0 * float(np.finfo(np.float64).eps)  # float64 rounding of g = Q w and f = w^T g, per sqrt(K) terms
+ROUNDING = 4.0 * float(np.finfo(np.float64).eps)  # per task: worst-case float64 rounding of g = Q w and f = w^T g
 
 
 def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float) -> np.ndarray:
     """Duality gap that counts as converged, for stacks ``Q`` (n, K, K), ``W`` (n, K) and ``g = Q w``:
-    ``max(tol * f, 4 sqrt(K) eps * b)`` with ``f = w^T g``.
+    ``max(tol * f, 4 K eps * b)`` with ``f = w^T g``.
 
     ``gap <= tol * f`` certifies ``(f - f*) / f <= tol``.  The floor is the rounding level of the computed gap
     ``2 (f - min_i g_i)``: with ``d = sqrt(diag Q)``, ``|Q_ij| <= d_i d_j`` bounds the sums' terms by
-    ``b = (d^T w) (d^T w + d_i*)``, ``i* = argmin_i g_i``, and a sum of K rounded terms drifts like a random
-    walk, ``sqrt(K) eps`` (the worst case, ``K eps``, is far above what is seen).  The floor lets an optimum
+    ``b = (d^T w) (d^T w + d_i*)``, ``i* = argmin_i g_i``, and a sum of K rounded terms errs by at most about
+    ``K eps`` of its terms' magnitudes (a worst case: typical errors are nearer ``sqrt(K) eps``, so the answer
+    is usually more accurate than certified).  The floor lets an optimum
     ``f* = 0`` (lam = 0 with zero in the tasks' convex hull) be certified.  As ``b >= f``, it matters only
-    when the gradients cancel (``f << b``): the computed objective is then itself known only to
-    ``sqrt(K) eps b / f`` relative, and no smaller tolerance can be certified.  Where the solution is known
+    when the gradients cancel (``f << b``): the computed objective is then itself certain only to
+    ``K eps b / f`` relative, and no smaller tolerance can be certified.  Where the solution is known
     only to the rounding of an ill-conditioned system (lam = 0, nearly dependent tasks), neither bound may be
     reached and the solver reports ``converged=False``.  ``tol = 0`` has no floor: run to the iteration cap
     unless the gap is exactly 0.
@@ -44,7 +45,7 @@ def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float) -> np
     d = np.sqrt(np.maximum(np.einsum("nii->ni", Q), 0.0))
     dw = np.einsum("ni,ni->n", d, W)
     b = dw * (dw + d[np.arange(len(f)), np.argmin(g, axis=1)])
-    return np.maximum(tol * f, ROUNDING * np.sqrt(Q.shape[-1]) * b)
+    return np.maximum(tol * f, ROUNDING * Q.shape[-1] * b)
 
 
 def _broadcast(G: Any, w: Any, lam: Any, atol: float) -> tuple[np.ndarray, np.ndarray, float, bool]:
