@@ -31,12 +31,12 @@ import pandas as pd
 
 from _common import fail, figure_parser, parse_figure_args
 from gradconflict.bins import TimestepBins
-from gradconflict.reproduce import ReproduceConfig, preset
+from gradconflict.reproduce import ReproduceConfig, claim_c1, preset
 from gradconflict.reproduce.pipeline import reproduce
 from gradconflict.spec import load_model, model_data
 from gradconflict.train import TrainConfig, load_trained
 from gradconflict.train.checkpoint import load_checkpoint, weights_metadata
-from gradconflict.transfer import TransferConfig, TransferResult, distance_profile, plot_transfer, run_transfer
+from gradconflict.transfer import TransferConfig, TransferResult, plot_transfer, run_transfer
 from gradconflict.transfer.matrix import result_from_frame
 from gradconflict.transfer.plot import describe_setup
 
@@ -75,17 +75,12 @@ def base_model(checkpoint: str, device: str) -> tuple[Any, Any, str, str, Option
 
 
 def c1_verdict(result: TransferResult) -> str:
-    """Near (|j - i| <= 1) against far (|j - i| >= K/2) mean transfer; C1 holds when near > 0 > far."""
-    prof = distance_profile(result)
-    d = prof["distance"].abs()
-    near = float(prof.loc[d <= 1, "transfer_mean"].mean())
-    far_mask = np.abs(np.subtract.outer(np.arange(result.K), np.arange(result.K))) >= result.K / 2
-    far_values = result.matrix[far_mask]
-    far = float(far_values.mean())
-    share = float((far_values < 0).mean())
-    holds = near > 0 > far
-    return (f"C1 {'holds' if holds else 'does not hold'}: mean transfer to neighbours (|j-i| <= 1) {near:+.4f}, "
-            f"to distant bins (|j-i| >= {result.K // 2}) {far:+.4f} ({share:.0%} of distant pairs negative)")
+    """The report's C1 verdict (:func:`gradconflict.reproduce.claim_c1`): neighbours (|j - i| = 1) against
+    distant bins (|j - i| >= K/2); holds when near > 0 > far."""
+    c = claim_c1(result.matrix, result.stderr)
+    share = float((result.matrix[np.abs(np.subtract.outer(np.arange(result.K), np.arange(result.K)))
+                                 >= max(2, result.K // 2)] < 0).mean())
+    return f"C1 {'holds' if c['holds'] else 'does not hold'}: {c['measured']} ({share:.0%} of distant pairs negative)"
 
 
 def print_result(result: TransferResult) -> None:

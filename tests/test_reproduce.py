@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from gradconflict.cli import main
-from gradconflict.reproduce import claim_c1, claim_c3
+from gradconflict.reproduce import claim_c1, claim_c2, claim_c3
+from gradconflict.reproduce.claims import c3_lambda_sensitivity
 
 FIGURES = ["fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "lambda_sweep", "conflict_vs_distance",
            "cosine_final"]
@@ -72,6 +73,50 @@ def test_claim_c1_and_c3_on_constructed_inputs() -> None:
                 rows.append(dict(step=step, resample=r, name=name, kind="strategy", ratio=ratio))
     c3 = claim_c3(pd.DataFrame(rows))
     assert c3["holds"] and c3["best"] == "min_snr_5" and c3["win_share"] == 1.0
+
+
+def test_claim_c1_significance_counts_the_spread_over_cells_and_reports_each_side() -> None:
+    """Seeds that agree closely (tiny per-cell errors) must not make an effect that varies wildly across cells
+    significant; and the far transfer is split by the side of the tuned bin."""
+    K = 6
+    i, j = np.indices((K, K))
+    M = np.where(np.abs(i - j) == 1, 0.05, 0.0)
+    M[(i - j) >= 3] = -1.0   # distant bins at smaller t: hurt a lot
+    M[(j - i) >= 3] = 0.9    # distant bins at larger t: helped
+    c1 = claim_c1(M, np.full((K, K), 1e-6))
+    assert c1["far"] == pytest.approx(-0.05) and c1["holds"]  # far mean (-1 * 6 + 0.9 * 6) / 12 < 0 < near
+    assert c1["far_smaller_t"] == pytest.approx(-1.0) and c1["far_larger_t"] == pytest.approx(0.9)
+    assert c1["far_se"] > 0.2 and not c1["significant"]  # the cells' spread, not the seeds' 1e-6
+
+
+def test_claim_c2_says_how_many_ugd_solves_converged() -> None:
+    rows, objs = [], []
+    for step in range(2):
+        for r in range(2):
+            for name, w in (("auto", [0.5, 0.5]), ("ugd", [0.5 + 0.1 * r, 0.5 - 0.1 * r])):
+                rows += [dict(step=step, resample=r, name=name, bin=b, weight=x) for b, x in enumerate(w)]
+            objs.append(dict(step=step, resample=r, name="ugd", converged=r == 0, gap=1e-3 * r, objective=1.0))
+    c2 = claim_c2(pd.DataFrame(rows), objectives=pd.DataFrame(objs))
+    assert "ugd converged on 2 of 4 Grams (largest gap / objective 1.0e-03)" in c2["measured"]
+
+
+def test_c3_lambda_sensitivity_against_hand_computed_ratios() -> None:
+    """Two bins, G = diag(1, 4): the optimum at lam_abs has weights proportional to 1 / (G_ii + lam_abs)."""
+    G = np.diag([1.0, 4.0])
+    strategies = ("constant", "snr", "max_snr_1", "min_snr_5")
+    bins_w = {"constant": [0.5, 0.5], "snr": [0.9, 0.1], "max_snr_1": [0.8, 0.2], "min_snr_5": [0.6, 0.4]}
+    weights = pd.DataFrame([dict(step=0, resample=0, name=s, bin=b, weight=x)
+                            for s, w in bins_w.items() for b, x in enumerate(w)])
+    table = c3_lambda_sensitivity(weights, {(0, 0): G}, lams=(0.0, 1.0), strategies=strategies).set_index(
+        ["lam", "strategy"])
+    for lam in (0.0, 1.0):
+        lam_abs = lam * np.trace(G) / 2
+        d = np.diag(G) + lam_abs
+        f_star = 1.0 / np.sum(1.0 / d)  # min of sum d_i w_i^2 on the simplex
+        for s, w in bins_w.items():
+            f = float(np.sum(d * np.square(w)))
+            assert table.loc[(lam, s), "mean_ratio"] == pytest.approx(f / f_star, rel=1e-12)
+    assert table.loc[(0.0, "max_snr_1"), "wins"] == 1.0  # the optimum at lam = 0 is (0.8, 0.2), max_snr_1's weights
 
 
 def test_a_changed_config_reruns_what_depends_on_it(tmp_path: Path, capsys) -> None:

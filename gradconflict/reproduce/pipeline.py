@@ -31,7 +31,7 @@ from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
 from ..transfer.matrix import result_from_frame
 from ..transfer.plot import plot_transfer
-from .claims import claim_c1, claim_c2, claim_c3
+from .claims import c3_lambda_sensitivity, claim_c1, claim_c2, claim_c3
 from .config import ReproduceConfig
 from .report import write_report
 
@@ -149,9 +149,12 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         return None
 
     # ---------------------------------------------------------------- claims and report
-    claims = pd.DataFrame([claim_c1(transfer.matrix, transfer.stderr), claim_c2(track.weights), claim_c3(track.objectives)])
+    claims = pd.DataFrame([claim_c1(transfer.matrix, transfer.stderr), claim_c2(track.weights, objectives=track.objectives),
+                           claim_c3(track.objectives)])
     write_csv(claims, figures / "claims.csv")
-    write_report(figures / "REPORT.md", config, claims, track, transfer)
+    sensitivity = c3_lambda_sensitivity(track.weights, track.grams)
+    write_csv(sensitivity, figures / "c3_lambda_sensitivity.csv")
+    write_report(figures / "REPORT.md", config, claims, track, transfer, sensitivity)
     for _, c in claims.iterrows():
         log(f"{c['claim']}: {'holds' if c['holds'] else 'does not hold'} - {c['measured']}")
     return claims

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 
@@ -15,7 +15,9 @@ VERDICT_HOLDS = "**holds**"
 VERDICT_FAILS = "**does not hold**"
 
 
-def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, transfer: Any) -> Path:
+def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, transfer: Any,
+                 sensitivity: Optional[pd.DataFrame] = None) -> Path:
+    """Write the report; ``sensitivity`` (:func:`.claims.c3_lambda_sensitivity`) adds C3 at other lam."""
     tc = config.train
     lines = [
         "# Reproduction report: gradient conflicts between diffusion timesteps",
@@ -27,9 +29,12 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         f"regularizer lam = {config.track.lam} x trace(G)/K, task losses in {config.track.loss_space} units. "
         f"Transfer: {config.transfer}.",
         "",
-        "Claims of Hang et al. (ICCV 2023), as listed in shared/PAPER.md. Every number comes from the CSV files in "
-        "this folder (`claims.csv` holds them all); +- values are standard errors. A claim that does not hold on "
-        "this setup is reported as measured.",
+        "Claims of Hang et al. (ICCV 2023), as listed in shared/PAPER.md. The numbers are in `claims.csv`; they are "
+        "computed from the run's tidy tables (`runs/.../track/track_objectives.csv`, `track_weights.csv`, "
+        "`track_grams.npz`, `transfer/transfer.csv`), which the CSVs here summarize; +- values are standard "
+        "errors. A claim that does not hold on this setup is reported as measured. The claims are measured on "
+        f"this model after {tc.steps} training steps: `samples.png` shows how far it got (a short run does not "
+        "yet draw clean digits).",
         "",
         "| claim | statement | verdict | significant (> 2 s.e.) | measured |",
         "|---|---|---|---|---|",
@@ -38,6 +43,16 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         verdict = VERDICT_HOLDS if c["holds"] else VERDICT_FAILS
         cells = [str(c["claim"]), str(c["statement"]), verdict, "yes" if c["significant"] else "no", str(c["measured"])]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    if sensitivity is not None and len(sensitivity):
+        lines += ["", "## C3 at other regularizers", "",
+                  "The regularizer decides how much the optimum spreads weight; PAPER.md gives no lam. Mean ratio to "
+                  "the optimum of each strategy, same Grams (`c3_lambda_sensitivity.csv`):", "",
+                  "| lam (x trace(G)/K) | " + " | ".join(sensitivity["strategy"].unique()) + " | lowest |",
+                  "|---" * (sensitivity["strategy"].nunique() + 2) + "|"]
+        for lam, block in sensitivity.groupby("lam", sort=True):
+            best = block.loc[block["mean_ratio"].idxmin(), "strategy"]
+            cells = [f"{r:.3g}" for r in block["mean_ratio"]]
+            lines.append(f"| {lam:g} | " + " | ".join(cells) + f" | {best} |")
     lines += [
         "",
         "## Figures",
