@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from ..plots import save_figure, suptitle, write_csv
 
@@ -28,12 +29,13 @@ def lambda_sweep_figure(sweep: pd.DataFrame, out: str | Path, *, used_lam: float
     ax1.set_xlabel("relative regularizer lam (lam_abs = lam * trace(G) / K)")
     ax1.set_ylabel("optimal weight (stacked, sums to 1)")
     ax1.set_title("optimal weight per timestep bin")
-    ax1.legend(title="bin (t)", fontsize=7, ncol=2, loc="lower right")
+    ax1.legend(title="bin (t)", fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     per = s.drop_duplicates("lam")
     ax2.plot(per["lam"], per["support"], marker="o", label="bins with weight > 1e-9")
     ax2.set_xscale("log")
     ax2.set_xlabel("relative regularizer lam")
     ax2.set_ylabel("support size (bins)")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_title("sparsity of the optimum")
     if used_lam is not None:
         for ax in (ax1, ax2):

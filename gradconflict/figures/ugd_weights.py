@@ -39,7 +39,7 @@ def fig3_ugd_weights(weights: pd.DataFrame, out: str | Path, *, solver: str = "u
     ax2.set_xlabel("training step")
     ax2.set_ylabel("Pareto weight (share of 1)")
     ax2.set_title("band: min-max over resampled batches")
-    ax2.legend(title="bin (t)", fontsize=7, ncol=2, loc="upper right")
+    ax2.legend(title="bin (t)", fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     suptitle(fig, f"Fig. 3 - {solver.upper()} Pareto weights per timestep bin over training{subtitle}")
     save_figure(fig, out.with_suffix(".png"))
     return stats

@@ -14,7 +14,8 @@ __all__ = ["ReproduceConfig", "preset"]
 @dataclass
 class ReproduceConfig:
     """Everything ``gradconflict reproduce`` runs: a training run tracked every ``every`` steps, then the
-    transfer matrix of the final model (EMA weights)."""
+    transfer matrix of the final model (its raw weights, the last point of the tracked trajectory; samples.png
+    uses the EMA weights)."""
 
     name: str
     train: TrainConfig

@@ -111,9 +111,9 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         return None
     track = load_track(track_dir / "track")
     bins = make_bins(schedule, config.track)
-    setup = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
-            f"trained with {tc.weighting} weighting\nK = {bins.K} bins, {config.track.per_task} samples/bin, " \
-            f"{config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K"
+    model_line = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
+                 f"trained with {tc.weighting} weighting\nK = {bins.K} bins, {config.track.per_task} samples/bin"
+    setup = f"{model_line}, {config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K"
     if "fig3_ugd_weights" in wanted:
         fig3_ugd_weights(track.weights, figures / "fig3_ugd_weights", subtitle=setup)
     if "fig4_pareto_objective" in wanted:
@@ -122,21 +122,26 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     G_last = track.grams[(last, 0)]
     if "lambda_sweep" in wanted:
         lambda_sweep_figure(lambda_sweep(G_last, bins, lams=[0.0, *np.logspace(-4, 2, 13)]), figures / "lambda_sweep",
-                            used_lam=config.track.lam, subtitle=f" (step {last})" + setup)
+                            used_lam=config.track.lam, subtitle=f" (step {last}, batch 0)" + model_line)
     if "conflict_vs_distance" in wanted:
         pairs = pd.concat([conflict.pairwise_frame(G, bins, schedule).assign(step=s, resample=r)
                            for (s, r), G in sorted(track.grams.items())], ignore_index=True)
-        conflict_vs_distance(pairs, figures / "conflict_vs_distance", subtitle=setup)
+        conflict_vs_distance(pairs, figures / "conflict_vs_distance",
+                             subtitle=f"\npooled over {pairs['step'].nunique()} checkpoints x {config.track.resamples} "
+                                      f"batches" + model_line)
     if "cosine_final" in wanted:
         cos = pd.DataFrame(conflict.cosine(np.mean([track.grams[(last, r)] for r in range(config.track.resamples)], 0)),
                            index=pd.Index(bins.labels, name="bin"), columns=bins.labels)
         write_csv(cos, figures / "cosine_final.csv", index=True)
-        matrix_heatmap(cos, figures / "cosine_final.png", title=f"Cosine of per-bin task gradients at step {last}" + setup,
+        matrix_heatmap(cos, figures / "cosine_final.png", title=f"Cosine of per-bin task gradients at step {last} (Gram "
+                       f"averaged over {config.track.resamples} batches)" + model_line,
                        xlabel="timestep bin (t range)", ylabel="timestep bin (t range)", colorbar="cosine similarity (1)",
                        vmin=-1, vmax=1)
     if "samples" in wanted:
         model, _, prediction = load_trained(run_dir, ema=True, device=tc.device)
-        sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0)
+        sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0,
+                        title=f"DDIM samples ({config.sample_steps} steps, seed 0) of {tc.model} after {tc.steps} training "
+                              f"steps on {tc.data} {tc.image_size}x{tc.image_size} (EMA weights, {prediction}-prediction)")
     if only is not None and not need_transfer:
         return None
     transfer = result_from_frame(pd.read_csv(transfer_csv), TimestepBins.uniform(schedule.T, config.transfer_bins),

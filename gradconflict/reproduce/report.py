@@ -34,7 +34,7 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         "`track_grams.npz`, `transfer/transfer.csv`), which the CSVs here summarize; +- values are standard "
         "errors. A claim that does not hold on this setup is reported as measured. The claims are measured on "
         f"this model after {tc.steps} training steps: `samples.png` shows how far it got (a short run does not "
-        "yet draw clean digits).",
+        "yet draw clean images).",
         "",
         "| claim | statement | verdict | significant (> 2 s.e.) | measured |",
         "|---|---|---|---|---|",

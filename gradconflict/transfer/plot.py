@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..plots import save_figure, write_csv  # noqa: E402
 from .matrix import TransferResult  # noqa: E402
@@ -92,10 +93,11 @@ def plot_transfer(result: TransferResult, path: str | Path, *, setup: str = "", 
         width = int(np.median([int(b) - int(a) + 1 for a, b in (lab.split("-") for lab in result.labels)]))
         axp.axhline(0.0, color="grey", lw=0.8)
         axp.errorbar(prof["distance"], prof["transfer_mean"], yerr=prof["transfer_stderr"].fillna(0.0), marker="o",
-                     capsize=3, label="measured (mean over source bins)")
+                     capsize=3, label="measured (mean over source bins; bars: seeds' s.e.)")
         if prof["first_order_mean"].notna().any():
             axp.plot(prof["distance"], prof["first_order_mean"], "k--", marker="x", label="first order lr<g_i, g_j>/L_j")
         axp.set_xlabel(f"bin distance j − i (bins of ~{width} timesteps; > 0: noisier target)")
+        axp.xaxis.set_major_locator(MaxNLocator(integer=True))
         axp.set_ylabel("relative loss reduction (1)")
         axp.set_title("Transfer against distance between bins", fontsize=9)
         axp.legend(fontsize=8)
