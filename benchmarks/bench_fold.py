@@ -43,6 +43,9 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=list(precision.GRAM_PRECISIONS), choices=precision.GRAM_PRECISIONS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--blocks", type=int, nargs="+", default=None,
+                   help="row blocks of the symmetric product to time (default: the engine's for the device, "
+                        f"{precision.SYMMETRIC_BLOCKS} on the CPU, {precision.SYMMETRIC_BLOCKS_CUDA} on CUDA)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -50,18 +53,21 @@ def main() -> None:
     for K in args.K:
         J = torch.randn(K, args.columns, generator=torch.Generator().manual_seed(0)).to(device)
         ref = (J.double() @ J.double().T).cpu()
+        err = lambda g: float((g.cpu() - ref).norm() / ref.norm())  # noqa: E731
         for prec in args.precisions:
-            saved = precision.SYMMETRIC_MIN_K
+            saved = (precision.SYMMETRIC_MIN_K, precision.SYMMETRIC_BLOCKS, precision.SYMMETRIC_BLOCKS_CUDA)
             try:
                 precision.SYMMETRIC_MIN_K = 1 << 62  # the plain product
                 plain_s, plain = _timed(lambda: precision.layer_gram(J, prec), device, args.repeats)
                 precision.SYMMETRIC_MIN_K = 1  # blocked at every K
-                block_s, blocked = _timed(lambda: precision.layer_gram(J, prec), device, args.repeats)
+                for blocks in args.blocks or [saved[2] if device.type == "cuda" else saved[1]]:
+                    precision.SYMMETRIC_BLOCKS = precision.SYMMETRIC_BLOCKS_CUDA = blocks
+                    block_s, blocked = _timed(lambda: precision.layer_gram(J, prec), device, args.repeats)
+                    rows.append(dict(K=K, columns=args.columns, precision=prec, blocks=blocks, plain_s=plain_s,
+                                     blocked_s=block_s, ratio=block_s / plain_s, plain_err=err(plain),
+                                     blocked_err=err(blocked)))
             finally:
-                precision.SYMMETRIC_MIN_K = saved
-            err = lambda g: float((g.cpu() - ref).norm() / ref.norm())  # noqa: E731
-            rows.append(dict(K=K, columns=args.columns, precision=prec, plain_s=plain_s, blocked_s=block_s,
-                             ratio=block_s / plain_s, plain_err=err(plain), blocked_err=err(blocked)))
+                precision.SYMMETRIC_MIN_K, precision.SYMMETRIC_BLOCKS, precision.SYMMETRIC_BLOCKS_CUDA = saved
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} thread(s)"))
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
