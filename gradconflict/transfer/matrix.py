@@ -87,7 +87,8 @@ class TransferResult:
 
     def summary_frame(self) -> pd.DataFrame:
         """Tidy mean over seeds per (source, target): ``transfer_mean``, ``transfer_stderr``, ``n_seeds``,
-        ``loss_before_mean``, ``loss_after_mean``, ``first_order_mean``, plus the label columns."""
+        ``loss_before_mean``, ``loss_after_mean``, ``first_order_mean`` (only when the first-order prediction was
+        computed), plus the label columns."""
         keys = ["source", "source_label", "source_t_low", "source_t_high", "target", "target_label",
                 "target_t_low", "target_t_high", "distance"]
         g = self.frame.groupby(keys, sort=False, dropna=False)
@@ -95,7 +96,8 @@ class TransferResult:
                     loss_before_mean=("loss_before", "mean"), loss_after_mean=("loss_after", "mean"),
                     first_order_mean=("first_order", "mean")).reset_index()
         out.insert(out.columns.get_loc("transfer_std"), "transfer_stderr", out["transfer_std"] / np.sqrt(out["n_seeds"]))
-        return out.drop(columns="transfer_std")
+        out = out.drop(columns="transfer_std")
+        return out if out["first_order_mean"].notna().any() else out.drop(columns="first_order_mean")
 
     def reach_frame(self) -> pd.DataFrame:
         """Per source bin i: the contiguous run of bins around i with mean transfer > 0 (``reach_first``,

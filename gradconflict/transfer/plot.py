@@ -31,7 +31,7 @@ __all__ = ["distance_profile", "plot_transfer", "describe_setup"]
 def distance_profile(result: TransferResult) -> pd.DataFrame:
     """Tidy profile per signed distance ``d = target - source`` (bins): ``transfer_mean`` (mean over source
     bins, then over seeds), ``transfer_stderr`` (over seeds; NaN for one seed), ``pairs`` (source bins with
-    a target at distance d) and ``first_order_mean`` when available."""
+    a target at distance d) and ``first_order_mean`` when the first-order prediction was computed."""
     f = result.frame[result.frame["source"] >= 0]
     per_seed = f.groupby(["seed", "distance"]).agg(transfer=("transfer", "mean"), first_order=("first_order", "mean"),
                                                    pairs=("source", "nunique")).reset_index()
@@ -45,7 +45,7 @@ def distance_profile(result: TransferResult) -> pd.DataFrame:
         "pairs": g["pairs"].first().to_numpy(),
         "n_seeds": n.to_numpy(),
     })
-    return out
+    return out if out["first_order_mean"].notna().any() else out.drop(columns="first_order_mean")
 
 
 def describe_setup(result: TransferResult, model: str = "", data: str = "") -> str:
@@ -94,7 +94,7 @@ def plot_transfer(result: TransferResult, path: str | Path, *, setup: str = "", 
         axp.axhline(0.0, color="grey", lw=0.8)
         axp.errorbar(prof["distance"], prof["transfer_mean"], yerr=prof["transfer_stderr"].fillna(0.0), marker="o",
                      capsize=3, label="measured (mean over source bins; bars: seeds' s.e.)")
-        if prof["first_order_mean"].notna().any():
+        if "first_order_mean" in prof:
             axp.plot(prof["distance"], prof["first_order_mean"], "k--", marker="x", label="first order lr<g_i, g_j>/L_j")
         axp.set_xlabel(f"bin distance j − i (bins of ~{width} timesteps; > 0: noisier target)")
         axp.xaxis.set_major_locator(MaxNLocator(integer=True))
