@@ -174,7 +174,7 @@ def test_task_gram_respects_and_restores_the_new_tf32_settings() -> None:
         hook = model.out.register_forward_hook(lambda *a: seen.append(matmul.fp32_precision))
         task_gram(model, x0, t, task, **args)
         hook.remove()
-        assert seen == ["ieee"]  # inside: full float32
+        assert seen and set(seen) == {"ieee"}  # inside (the fused pass and the self-check's own): full float32
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")  # restored
     finally:
         matmul.fp32_precision, conv.fp32_precision = old

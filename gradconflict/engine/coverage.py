@@ -1,8 +1,9 @@
 """When the fused engine's self-check is due: every call, never, or once per model and call signature.
 
-The self-check (``1^T G 1 = ||sum_k g_k||^2`` against autograd's own parameter gradient) catches a
-parameter used outside the module that owns it (``F.linear(x, other.weight)``), which the per-layer
-hooks cannot see. Whether that happens is a property of the model's code, not of the numbers in a
+The self-check (``1^T G 1 = ||grad||^2`` for the signed loss ``sum_k r_k L_k``, against autograd's own parameter
+gradient; ``checks.py``) catches a parameter used outside the module that owns it (``F.linear(x, other.weight)``),
+samples that interact and layers whose dim 0 is not the batch, which the per-layer hooks cannot see. Whether
+that happens is a property of the model's code, not of the numbers in a
 batch, so ``check="once"`` runs it on the first call for each (model, signature) and trusts the
 verdict afterwards. The signature holds what can change which code path runs: every module's identity,
 class, instance-level ``forward`` and simple attributes (flags such as ``training`` or ``use_checkpoint``),

@@ -69,6 +69,7 @@ class FusedGram:
         self._param_name = {id(p): n for n, p in model.named_parameters()}
         self._deferred: list[_Call] = []
         self.outputs: list[torch.Tensor] = []  # every hooked layer output (the targets of a parameter-free backward)
+        self._versions: list[int] = []  # each output's version counter when the hook saw it
         self._handles: list[Any] = []
         self._active = False
         self._workspace = Workspace()  # CPU scratch memory reused across layers (workspace.py)
@@ -129,6 +130,7 @@ class FusedGram:
                 call.extra = extra(module, call.args, output)
             output.register_hook(lambda g, c=call: self._on_rule_grad(c, g))
             self.outputs.append(output)
+            self._versions.append(output._version)
             return
         outs = tensor_leaves(output)  # tensors inside tuples, dicts, diffusers outputs, dataclasses
         call.grads = [None] * len(outs)
@@ -136,10 +138,22 @@ class FusedGram:
             if o.requires_grad:
                 o.register_hook(lambda g, c=call, i=i: self._store_grad(c, i, g))
                 self.outputs.append(o)
+                self._versions.append(o._version)
         device = outs[0].device.type if outs else "cpu"
         if torch.is_autocast_enabled(device):
             call.amp = (device, torch.get_autocast_dtype(device))
         self._deferred.append(call)
+
+    def outputs_modified(self) -> bool:
+        """Whether a hooked output was modified in place after its layer ran (``out += x``, ``relu_``).  A backward
+        *to* the outputs (``torch.autograd.grad(total, outputs)``) would then stop at the modified version and hand
+        the hooks the wrong gradient; a full ``backward()`` gives them the gradient of the value the layer made."""
+        return any(o._version != v for o, v in zip(self.outputs, self._versions))
+
+    def release_outputs(self) -> None:
+        """Drop the references to the layer outputs once the backward pass is done (they hold activations)."""
+        self.outputs.clear()
+        self._versions.clear()
 
     def _store_grad(self, call: _Call, i: int, grad: torch.Tensor) -> None:
         call.grads[i] = grad.detach()
@@ -230,11 +244,13 @@ class FusedGram:
                                               self._dtype_for(call.params[0]))
                 except torch.cuda.OutOfMemoryError:
                     raise
-                except (RuntimeError, NotImplementedError) as exc:
+                except (RuntimeError, NotImplementedError, ValueError) as exc:  # vmap's own errors are ValueErrors
                     raise ValueError(
                         f"the generic per-sample fallback (torch.func vmap) failed on {type(call.module).__name__} "
-                        f"{self._param_name.get(id(call.params[0]), '?')!r} ({first_line(exc)}); use method='loop' for this "
-                        "model, or register a rule for this layer with gradconflict.engine.register_rule"
+                        f"{self._param_name.get(id(call.params[0]), '?')!r} ({first_line(exc)}); the layer may not take "
+                        "the batch in dim 0 (batch_first=False) or compute its weight from parameters without an input "
+                        "(a parametrization such as weight_norm); use method='loop' for this model, or register a rule "
+                        "for this layer with gradconflict.engine.register_rule"
                     ) from exc
             per_task = {k: v.detach() for k, v in per_task.items()}
             self._accumulate(call, per_task)

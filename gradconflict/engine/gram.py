@@ -14,12 +14,12 @@ from ..bins import TimestepBins
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
 from .budget import check_budget, chunk_budget
-from .checks import check_samples_independent
+from .checks import check_coverage, check_samples_independent, task_signs
 from .chunked import check_task_chunks, pair_passes
 from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
-from .precision import check_gram_precision, precision_eps, resolve_gram_precision, tf32
+from .precision import check_gram_precision, resolve_gram_precision, tf32
 from .loss import per_sample_losses
 from .result import TaskGradients
 from .sketch import CountSketch
@@ -83,12 +83,14 @@ def task_gram(
             the GPU memory free when the call starts, torch's cached blocks counted as free (about 1.5 GiB of an
             idle 80 GB card, which splits a DiT's 384 -> 2304 modulation layer at K = 1000 into a few pieces);
             no budget on the CPU. ``None``: no budget anywhere.
-        check: the fused method's self-check, ``1^T G 1 = ||sum_k g_k||^2`` against the ordinary gradient,
-            which catches parameters used outside the modules that own them. ``"once"`` (default) runs it
+        check: the fused method's self-check, ``r^T G r = ||grad sum_k r_k L_k||^2`` for fixed signs ``r_k = +-1``
+            against autograd's own gradient from one more plain forward and backward pass. It catches parameters
+            used outside the modules that own them, samples that interact and layers whose dim 0 is not the
+            batch. ``"once"`` (default) runs it
             on the first call for a model and call signature (see ``coverage.py``) and trusts it afterwards;
-            ``True`` runs it on every call (models with data-dependent branches); ``False`` never. Without
-            the check the backward pass runs w.r.t. the layer outputs only, so autograd does not form the
-            parameter gradients (faster by about one weight-gradient pass).
+            ``True`` runs it on every call (models with data-dependent branches); ``False`` never. The fused
+            backward pass itself runs w.r.t. the layer outputs only, so autograd does not form the parameter
+            gradients (a full backward when a layer's output was changed in place, e.g. ``out += x``).
         gram_precision: how the fused method folds ``G += J J^T``: ``"fp32"`` (float32 products, each layer
             summed in float64, relative error about 1e-7), ``"tf32"`` or ``"bf16"`` (J rounded to that format,
             float32 accumulation: measured 4e-6 to 4e-5 (tf32) and 5e-5 (bf16) relative error in G against the
@@ -322,17 +324,18 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, s
     reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
     fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,
                    max_chunk_elements=max_chunk_elements, gram_precision=gram_precision)
+    rng = _rng_state(x0.device) if check else None  # the check's own forward must draw the same dropout masks
     with fg:
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
         _check_losses(l, idx.task if task_ids is None else task_ids[idx.task])
         scale = (1.0 / idx.counts.to(l.device, l.dtype))[idx.task.to(l.device)]
         total = (l * scale).sum()
-        if check:
+        if fg.outputs_modified():
             total.backward()
         elif fg.outputs:  # gradients w.r.t. the layer outputs only: the hooks fire, no parameter gradients
             torch.autograd.grad(total, fg.outputs, allow_unused=True)
-        fg.outputs.clear()
+        fg.release_outputs()
         fg.finish()
     losses = torch.zeros(idx.K, dtype=torch.float64).index_add_(0, idx.task, l.detach().to("cpu", torch.float64))
     losses = dist_utils.all_reduce_sum(losses) / idx.counts.to(torch.float64)
@@ -340,40 +343,35 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, s
         name, tasks = next(iter(fg.nonfinite.items()))
         raise ValueError(f"the gradient of task(s) {named(tasks[:10])} is NaN or Inf in parameter {name!r}")
     if check:
-        _check_coverage(fg, params, autocast_dtype, gram_precision)
+        signs = task_signs(idx.K)
+        _signed_gradient(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, scale, signs, rng)
+        check_coverage(fg, params, signs, autocast_dtype, gram_precision)
     grads = None
     if return_gradients:
         grads = torch.cat([fg.gradients.get(id(p), torch.zeros(idx.K, p.numel(), dtype=torch.float64)) for _, p in params], 1)
     return fg.gram, losses, grads
 
 
-def _check_coverage(fg: FusedGram, params: list, autocast_dtype: Optional[torch.dtype] = None,
-                    gram_precision: str = "fp32") -> None:
-    """Every parameter that received a gradient must have been folded, and ``1^T G 1 = ||sum_k g_k||^2``.
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
-    The tolerance is relative: 1e-9 for float64 parameters, 1e-4 for float32, and at least the machine epsilon
-    of the autocast dtype under autocast (autograd then forms the full gradient from low-precision products,
-    while the per-task gradients are built in float32), and at least the epsilon of a reduced ``gram_precision``.
-    A parameter used outside its module is off by a whole term, far above any of these."""
-    missing = [n for n, p in params if p.grad is not None and id(p) not in fg.folded and bool(p.grad.abs().sum() > 0)]
-    if missing:
-        raise ValueError(
-            f"parameters {missing[:5]} are used outside the modules that own them (e.g. through F.linear on "
-            "another module's weight), so the fused engine cannot split their gradient by task; use "
-            "method='loop', or wrap the use in a module"
-        )
-    total = sum(float(dist_utils.all_reduce_sum(p.grad.double()).pow(2).sum()) for _, p in params if p.grad is not None)
-    G = fg.gram
-    scale = float(torch.sqrt(torch.clamp(torch.diagonal(G), min=0)).sum()) ** 2
-    dtype = params[0][1].dtype
-    tol = 1e-9 if dtype == torch.float64 else 1e-4
-    if autocast_dtype is not None:
-        tol = max(tol, torch.finfo(autocast_dtype).eps)
-    if gram_precision != "fp32":
-        tol = max(tol, precision_eps(gram_precision))
-    if scale > 0 and abs(float(G.sum()) - total) > tol * scale + 1e-300:
-        raise ValueError(
-            f"internal check failed: the per-task gradients do not add up to the full gradient "
-            f"(1^T G 1 = {float(G.sum()):.6g} vs ||grad||^2 = {total:.6g}). A parameter is probably used in a "
-            "way the fused engine does not see; use method='loop'"
-        )
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _signed_gradient(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, scale, signs, rng) -> None:
+    """The self-check's reference: autograd's own gradient of ``sum_k r_k L_k`` (``r_k = +-1``) in ``p.grad``, from
+    a plain forward and backward (no hooks) that replays the fused pass's random numbers (dropout in train mode)."""
+    for _, p in params:
+        p.grad = None
+    after = _rng_state(x0.device)
+    _set_rng_state(rng, x0.device)
+    try:
+        with _autocast(x0.device, autocast_dtype):
+            l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
+        (l * scale * signs.to(l.device, l.dtype)[idx.task.to(l.device)]).sum().backward()
+    finally:
+        _set_rng_state(after, x0.device)

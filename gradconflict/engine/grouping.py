@@ -67,7 +67,9 @@ class TaskIndex:
     def group(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, ...)`` -> ``(K, m, ...)`` (a view when tasks are contiguous and equal-sized, else a padded copy)."""
         if x.shape[0] != self.N:
-            raise ValueError(f"expected a leading batch dimension of {self.N}, got shape {tuple(x.shape)}")
+            raise ValueError(f"expected a leading batch dimension of {self.N}, got shape {tuple(x.shape)}: a layer's dim 0 "
+                             "is not the batch (e.g. nn.MultiheadAttention with batch_first=False, or tokens flattened "
+                             "to (N * L, E)); use batch_first=True, keep the batch in dim 0, or method='loop'")
         if self.contiguous_equal:
             return x.reshape(self.K, self.m, *x.shape[1:])
         padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))], 0)
