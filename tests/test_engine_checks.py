@@ -129,3 +129,19 @@ def test_batchnorm_without_running_statistics_says_why_eval_mode_is_not_enough()
     x0, noise, t, task = _inputs()
     with pytest.raises(ValueError, match="track_running_stats=True"):
         gc.task_gram(Wrap().double(), x0, t, task, schedule=SCHEDULE, noise=noise)
+
+
+def test_functional_call_with_a_derived_weight_is_a_clear_error():
+    from torch.func import functional_call
+
+    class Derived(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, t):
+            return functional_call(self.a, {"weight": 2 * self.a.weight}, (x,))
+
+    x0, noise, t, task = _inputs()
+    with pytest.raises(ValueError, match="ran with a tensor in place of its parameters.*method='loop'"):
+        gc.task_gram(Derived().double(), x0, t, task, schedule=SCHEDULE, noise=noise)

@@ -115,7 +115,14 @@ class FusedGram:
         if not self._active or not torch.is_grad_enabled():
             return
         kind, names, _ = self._plan[module]
-        params = [module.get_parameter(n) for n in names]
+        try:
+            params = [module.get_parameter(n) for n in names]
+        except AttributeError as exc:  # a plain tensor stands in for a parameter during this forward
+            raise ValueError(
+                f"a {type(module).__name__} ran with a tensor in place of its parameters {names} ({first_line(exc)}; "
+                "torch.func.functional_call?): the fused engine splits the gradients of the model's own parameters "
+                "by task, use method='loop'"
+            ) from exc
         for p in params:
             self._uses[id(p)] = self._uses.get(id(p), 0) + 1
             self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
