@@ -145,3 +145,26 @@ def test_functional_call_with_a_derived_weight_is_a_clear_error():
     x0, noise, t, task = _inputs()
     with pytest.raises(ValueError, match="ran with a tensor in place of its parameters.*method='loop'"):
         gc.task_gram(Derived().double(), x0, t, task, schedule=SCHEDULE, noise=noise)
+
+
+def test_the_check_replays_dropout_masks_and_leaves_the_random_stream_as_an_unchecked_call_does():
+    """train_mode=True with dropout: the check's own forward must draw the fused pass's masks (else it would be a
+    false alarm), and the caller's RNG must end where an unchecked call leaves it."""
+
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.drop, self.l2 = nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 4)
+
+        def forward(self, x, t):
+            return self.l2(self.drop(torch.tanh(self.l1(x))))
+
+    model = Drop().double()
+    x0, noise, t, task = _inputs()
+    after = {}
+    for check in (True, False):
+        torch.manual_seed(123)
+        res = gc.task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, train_mode=True, check=check)
+        after[check] = (res.gram, torch.rand(5))
+    assert torch.equal(after[True][0], after[False][0])  # the same masks in the fused pass
+    assert torch.equal(after[True][1], after[False][1])  # and the same stream afterwards
