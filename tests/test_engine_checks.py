@@ -168,3 +168,22 @@ def test_the_check_replays_dropout_masks_and_leaves_the_random_stream_as_an_unch
         after[check] = (res.gram, torch.rand(5))
     assert torch.equal(after[True][0], after[False][0])  # the same masks in the fused pass
     assert torch.equal(after[True][1], after[False][1])  # and the same stream afterwards
+
+
+@pytest.mark.parametrize("method", ["fused", "loop"])
+def test_reentrant_activation_checkpointing_names_the_fix(method):
+    from torch.utils.checkpoint import checkpoint
+
+    class Reentrant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x, t):  # the checkpointed block's input requires grad (it comes out of l0)
+            return self.l2(checkpoint(lambda h: torch.tanh(self.l1(h)), self.l0(x), use_reentrant=True))
+
+    model = Reentrant().double()
+    x0, noise, t, task = _inputs()
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        for _ in range(2):  # the fused engine's first call runs the self-check (full backward), the 2nd does not
+            gc.task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, method=method)

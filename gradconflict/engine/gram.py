@@ -14,7 +14,7 @@ from ..bins import TimestepBins
 from ..schedule import NoiseSchedule
 from ..targets import normalize_prediction
 from .budget import check_budget, chunk_budget
-from .checks import check_coverage, check_samples_independent, task_signs
+from .checks import check_coverage, check_samples_independent, first_line, task_signs
 from .chunked import check_task_chunks, pair_passes
 from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
@@ -278,7 +278,8 @@ def _loop(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, sketch
             l = per_sample_losses(model, x0[sel], t[sel], noise[sel], model_kwargs=kw_k, **kw)
         _check_losses(l, torch.full((len(sel),), k))
         L = l.sum() / float(idx.counts[k])
-        grads = torch.autograd.grad(L, [p for _, p in params], allow_unused=True)
+        with _reentrant_checkpoint_hint():
+            grads = torch.autograd.grad(L, [p for _, p in params], allow_unused=True)
         flat = []
         for (name, p), g in zip(params, grads):
             g = torch.zeros_like(p) if g is None else g
@@ -334,7 +335,8 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, s
         if fg.outputs_modified():
             total.backward()
         elif fg.outputs:  # gradients w.r.t. the layer outputs only: the hooks fire, no parameter gradients
-            torch.autograd.grad(total, fg.outputs, allow_unused=True)
+            with _reentrant_checkpoint_hint():
+                torch.autograd.grad(total, fg.outputs, allow_unused=True)
         fg.release_outputs()
         fg.finish()
     losses = torch.zeros(idx.K, dtype=torch.float64).index_add_(0, idx.task, l.detach().to("cpu", torch.float64))
@@ -375,3 +377,15 @@ def _signed_gradient(model, x0, t, noise, idx, params, model_kwargs, autocast_dt
         (l * scale * signs.to(l.device, l.dtype)[idx.task.to(l.device)]).sum().backward()
     finally:
         _set_rng_state(after, x0.device)
+
+
+@contextlib.contextmanager
+def _reentrant_checkpoint_hint() -> Iterator[None]:
+    """torch.utils.checkpoint with use_reentrant=True supports only ``backward()``, not ``autograd.grad``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "use_reentrant" not in str(exc):
+            raise
+        raise ValueError(f"the model uses torch.utils.checkpoint with use_reentrant=True ({first_line(exc)}); "
+                         "pass use_reentrant=False, which PyTorch recommends and the engine supports") from exc
