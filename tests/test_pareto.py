@@ -953,3 +953,23 @@ def test_tol_zero_runs_without_warnings():
         warnings.simplefilter("error")
         res = solve(G, 0.0, tol=0.0)
     assert_kkt(G, 0.0, res.weights, tol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lam_zero_on_a_rank_deficient_gram_starts_phase_two_from_a_small_ridge(seed):
+    """lam = 0, rank K/2: the full set is singular, and phase 2 from a vertex built the support one task at a time
+    (126-203 solves at K = 200); it now starts from the optimum with a 1e-8 ridge, restricted to an affinely
+    independent subset of its support."""
+    G = gram(200, 100, seed)
+    res = solve(G, 0.0)
+    assert res.converged and res.iterations <= 60
+    assert_kkt(G, 0.0, res.weights, tol=1e-10)
+    _, f_ref = reference(G, 0.0)
+    assert res.objective <= f_ref + 1e-10 * np.max(np.diag(G))
+
+
+def test_a_zero_task_at_lam_zero_gets_all_the_weight_exactly():
+    G = gram(100, 50, 0)
+    G[7, :] = G[:, 7] = 0.0  # task 7 has a zero gradient: f* = 0 at w = e_7
+    res = solve(G, 0.0)
+    assert res.converged and res.weights[7] == 1.0 and res.objective == 0.0

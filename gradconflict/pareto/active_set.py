@@ -49,7 +49,9 @@ Two phases, both finite:
    the next and phase 2 is finite.  Phase 2 also runs when phase 1 meets a
    singular system or its iteration cap, and handles ``lam = 0`` with
    rank-deficient ``G`` and duplicated tasks, where the optimum need not be
-   unique.
+   unique.  There, when the full set is singular, it starts from the optimum
+   with a ridge of 1e-8 (fast: positive definite), restricted to an affinely
+   independent subset of its support, instead of from a vertex.
 
 Sign decisions use the absolute thresholds ``1e-13`` on the normalized
 problem.  The result is accepted as ``converged`` when its duality gap
@@ -61,6 +63,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from scipy.linalg import solve_triangular
+
 from ._cholesky import LowRankSubsetSolver, SubsetSolver
 from .objective import gap_tolerance
 
@@ -68,6 +72,10 @@ EPS = 1e-13  # sign threshold for weights and reduced gradients (normalized unit
 BPP_CAP = 100  # phase-1 pivots before handing over to phase 2
 MIXED_MIN_K = 256  # from this K on, phase 1 first tries a float32 factor (refined to float64)
 RIDGE_PD = 1e-10  # lam / s above this: Q is positive definite to working precision (shift 0, stall handover, blocks)
+WARM_RIDGE = 1e-8  # lam / s of the warm-up solve that finds the support at lam ~ 0 on a rank-deficient G
+WARM_MIN_K = 32  # below this, phase 2 from a vertex is cheap anyway
+INDEPENDENT = 1e-9  # a task whose pivot in Q_FF + 1 1^T falls below this share of its diagonal is dependent
+DUST = 1e-12  # weights below this share of the largest may be rounding left-overs (dropped if that helps)
 AMBIGUOUS = 1e-6  # violations this small (normalized units) are re-checked on a precise solve before pivoting
 
 
@@ -160,6 +168,11 @@ def solve_one(
         gap, ok = _gap(Q, w, tol) if w is not None else (np.inf, False)
         if ok or start is not None:  # solved, or stalled (another precision would oscillate alike)
             break
+    if not ok and not definite and w is None and start is None and F0.all() and K >= WARM_MIN_K:
+        # lam ~ 0 and the full set is singular (rank-deficient G): phase 2 from a vertex would build the support one
+        # task at a time; the optimum with a small ridge is found fast and has nearly the same support
+        start, it_w = _warm_start(Q, tol, max_iter - total)
+        total += it_w
     if not ok:  # phase 2 on what is left of the budget (with none left it returns a feasible start)
         w2, it2 = _wolfe(Q, w if w is not None else start, max_iter - total, shift, blocks=definite)
         total += it2
@@ -169,7 +182,41 @@ def solve_one(
     if not ok and not definite and total < max_iter:  # lam ~ 0: polish with the shift scaled to the objective
         w, gap, ok, it3 = _polish(Q, w, gap, tol, min(cap, max_iter - total))
         total += it3
+    if not ok:  # weights at the rounding level of the others (e.g. next to a zero task, f* = 0): drop them
+        clean = np.where(w > DUST * w.max(), w, 0.0)
+        clean /= clean.sum()
+        gap_c, ok_c = _gap(Q, clean, tol)
+        if gap_c < gap:
+            w, ok = clean, ok_c
     return w, total, ok
+
+
+def _warm_start(Q: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray | None, int]:
+    """A start for phase 2 at lam ~ 0: the optimum of ``Q + WARM_RIDGE I`` (positive definite: the fast path),
+    restricted to an affinely independent subset of its support (phase 2 needs one; a ridge spreads tiny weights
+    over more tasks than rank(G) + 1), largest weights first.  Returns ``(w or None, solves)``."""
+    K = Q.shape[0]
+    Qr = Q.copy()
+    Qr[np.diag_indices(K)] += WARM_RIDGE
+    w_r, it, _ = solve_one(Qr, tol=tol, max_iter=max_iter, ridge=WARM_RIDGE)
+    order = np.flatnonzero(w_r > 0)
+    order = order[np.argsort(-w_r[order], kind="stable")]
+    kept: list[int] = []
+    L = np.zeros((order.size, order.size))
+    for i in order:  # greedy incremental Cholesky of Q_FF + 1 1^T (the matrix phase 2 factors)
+        k = len(kept)
+        d = Q[i, i] + 1.0
+        x = solve_triangular(L[:k, :k], Q[kept, i] + 1.0, lower=True, check_finite=False) if k else np.zeros(0)
+        pivot = d - x @ x
+        if pivot <= INDEPENDENT * d:
+            continue
+        L[k, :k], L[k, k] = x, np.sqrt(pivot)
+        kept.append(int(i))
+    if not kept:
+        return None, it
+    w0 = np.zeros(K)
+    w0[kept] = w_r[kept]
+    return w0 / w0.sum(), it
 
 
 def _polish(Q: np.ndarray, w: np.ndarray, gap: float, tol: float, max_iter: int
