@@ -5,11 +5,12 @@ An interrupted run therefore never leaves a half-written CSV, checkpoint or figu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pandas as pd
 
@@ -78,3 +79,36 @@ def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix:
 def write_text(path: str | Path, text: str) -> Path:
     """Write text atomically."""
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+LOCK_NAME = ".gradconflict.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the duration: a second gradconflict process
+    writing results there gets a ``ValueError`` at once instead of overwriting them (``flock`` on
+    ``folder/.gradconflict.lock``, released when the process ends, even when killed; no lock where the OS has no
+    ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{folder} is in use by another gradconflict process (it holds {lock}); wait for it "
+                             "to finish, or use another --out") from None
+        try:
+            yield
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # nothing written: leave no folder
+                lock.unlink()
+                folder.rmdir()
+            fcntl.flock(handle, fcntl.LOCK_UN)

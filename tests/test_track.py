@@ -189,6 +189,51 @@ def test_track_cli_resumes_a_folder_recorded_by_name_and_a_checkpoint_given_at_t
     assert sorted(pd.read_csv(out / "track_objectives.csv")["step"].unique()) == [100, 200, 300]
 
 
+def test_a_step_whose_objectives_were_not_saved_is_recomputed_not_lost(tmp_path: Path, monkeypatch) -> None:
+    """The objectives are the commit point, written last: a run killed while a step's files are written recomputes
+    that step on the rerun (objectives used to be written first: a kill before the weights and Grams left the
+    step counted as done with its weights and Grams missing for good)."""
+    import gradconflict.track.run as run_mod
+
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path / "full", progress=False)
+    real = run_mod.write_csv
+    calls = {"n": 0}
+
+    def dies_at_the_second_steps_weights(frame, path, *a, **k):
+        if Path(path).name == "track_weights.csv":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # killed between two of the step's writes (after its objectives, before)
+        return real(frame, path, *a, **k)
+
+    monkeypatch.setattr(run_mod, "write_csv", dies_at_the_second_steps_weights)
+    with pytest.raises(KeyboardInterrupt):
+        track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(run_mod, "write_csv", real)
+    resumed = track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path / "cut",
+                           progress=False)
+    for name in ("track_objectives.csv", "track_weights.csv"):
+        a = pd.read_csv(tmp_path / "full" / name).drop(columns=["seconds"], errors="ignore")
+        b = pd.read_csv(tmp_path / "cut" / name).drop(columns=["seconds"], errors="ignore")
+        pd.testing.assert_frame_equal(a, b)
+    assert sorted(resumed.grams) == sorted(full.grams)
+
+
+def test_a_second_process_on_the_same_out_is_refused(tmp_path: Path, capsys) -> None:
+    from gradconflict._io import folder_lock
+    from gradconflict.cli import main
+
+    out = tmp_path / "busy"
+    with folder_lock(out):  # another process holds the folder (flock: a second open file conflicts, same process or not)
+        code = main(["track", "--model", "dit-tiny", "--checkpoints", str(tmp_path / "missing.pt"), "--data",
+                     "synthetic", "--out", str(out)])
+    assert code == 2 and "in use by another gradconflict process" in capsys.readouterr().err
+    new = tmp_path / "fresh"
+    assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(new)]) == 2
+    assert not new.exists()  # an early error leaves no folder (nor lock file) behind
+
+
 def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: Path) -> None:
     from dataclasses import replace
 

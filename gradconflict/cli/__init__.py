@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -64,18 +65,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    from ..distributed import init_from_env, shutdown
+    from .._io import folder_lock
+    from ..distributed import init_from_env, is_main, shutdown
 
     # under torchrun: a process group from the environment (NCCL for a CUDA --device, else gloo); otherwise nothing
     device = str(getattr(args, "device", None) or "")
     init_from_env(backend=None if device.startswith("cuda") else "gloo")
     try:
         _check_device(getattr(args, "device", None))
-        if args.command != "sample":  # every other --out is a folder (sample's is the PNG it writes)
-            _check_out(getattr(args, "out", None))
-        result = args.handler(args)
+        out = getattr(args, "out", None) if args.command != "sample" else None  # sample's --out is its PNG
+        _check_out(out)
+        with folder_lock(out) if out is not None and is_main() else contextlib.nullcontext():
+            result = args.handler(args)
     except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, exit 2; anything else is a bug
         print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gradconflict {args.command}: interrupted; what was finished is saved, and the same command resumes",
+              file=sys.stderr)
+        return 130
     shutdown()
     return int(result or 0)

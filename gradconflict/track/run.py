@@ -63,21 +63,27 @@ def load_track(out_dir: Union[str, Path]) -> Optional[TrackResult]:
     out = Path(out_dir)
     if not (out / "track_objectives.csv").is_file():
         return None
+    objectives = pd.read_csv(out / "track_objectives.csv")
+    done = set(objectives["step"].unique())  # the commit point (_save): a step is done once its objectives are saved
     grams: dict[tuple[int, int], np.ndarray] = {}
     if (out / "track_grams.npz").is_file():
         with np.load(out / "track_grams.npz") as z:
             for key in z.files:
                 s, r = key[4:].split("_r")
-                grams[(int(s), int(r))] = z[key]
+                if int(s) in done:
+                    grams[(int(s), int(r))] = z[key]
     weights = pd.read_csv(out / "track_weights.csv")
+    weights = weights[weights["step"].isin(done)].reset_index(drop=True)
     labels = list(weights.drop_duplicates("bin").sort_values("bin")["label"])
-    return TrackResult(pd.read_csv(out / "track_objectives.csv"), weights, grams, labels)
+    return TrackResult(objectives, weights, grams, labels)
 
 
 def _save(out: Path, result: TrackResult) -> None:
-    write_csv(result.objectives, out / "track_objectives.csv")
+    """Weights and Grams first, the objectives last: a step counts as done (:func:`load_track`) only once all three
+    hold it, so a run killed between the writes recomputes that step instead of losing part of it."""
     write_csv(result.weights, out / "track_weights.csv")
     atomic_write(out / "track_grams.npz", lambda p: np.savez(p, **{f"step{s}_r{r}": g for (s, r), g in result.grams.items()}))
+    write_csv(result.objectives, out / "track_objectives.csv")
 
 
 def _check_config(out: Path, identity: dict[str, Any], name: str = "track_config.json",
@@ -208,9 +214,9 @@ def track_models(
         w_rows.append(pd.DataFrame(new_w))
         result = TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
         if out is not None and dist.is_main():
-            _save(out, result)
-            if sources and int(step) in sources:
+            if sources and int(step) in sources:  # before the results: a saved step always has its source on record
                 _record_source(out, int(step), sources[int(step)])
+            _save(out, result)
     if not obj_rows:
         raise ValueError("nothing to track: give at least one (step, model)")
     return TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
