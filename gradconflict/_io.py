@@ -10,11 +10,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pandas as pd
 
-__all__ = ["atomic_write", "write_csv", "write_json", "write_text", "as_json", "identity_changes", "record_identity"]
+__all__ = ["atomic_write", "write_csv", "write_json", "write_text", "as_json", "identity_changes", "record_identity",
+           "fingerprint", "folder_lock"]
 
 
 def _umask() -> int:
@@ -112,3 +113,17 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
                 lock.unlink()
                 folder.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fingerprint(tensors: Iterable[Any]) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (hex, 16 characters)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -416,3 +416,15 @@ def test_cli_ctrl_c_prints_one_line_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop_module.EMA, "update", original)
     assert cli(args) == 0
     assert pd.read_csv(out / "log.csv")["step"].tolist() == list(range(1, 9))
+
+
+def test_resuming_on_data_rewritten_in_place_is_refused(tmp_path):
+    """The data is recorded by content in the checkpoint: the same file name with other arrays is other data."""
+    data = tmp_path / "imgs.npy"
+    np.save(data, np.random.default_rng(0).uniform(-1, 1, (16, 1, 8, 8)).astype(np.float32))
+    base = {**SMALL, "data": str(data)}
+    train(TrainConfig(**base, steps=4), tmp_path / "run", progress=False)
+    train(TrainConfig(**base, steps=6), tmp_path / "run", progress=False)  # the same data: resumes
+    np.save(data, np.random.default_rng(1).uniform(-1, 1, (16, 1, 8, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="trained on other data"):
+        train(TrainConfig(**base, steps=8), tmp_path / "run", progress=False)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
     from ..spec import load_model, model_data, spec_identity
     from ..track import TrackConfig, file_source, track_models
-    from ..transfer.resume import fingerprint
+    from .._io import fingerprint
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):

@@ -42,7 +42,7 @@ from ..schedule import NoiseSchedule
 from ..engine.loss import per_sample_losses
 from ..targets import loss_factor
 from ..weighting import WeightingStrategy, by_name
-from .._io import write_csv, write_json
+from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
 from .config import TrainConfig
 from .ema import EMA
@@ -219,6 +219,11 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     state = load_checkpoint(out / "checkpoint.pt", map_location=device) if (out / "checkpoint.pt").is_file() else None
     _check_run_dir(out, config, state)  # everything is checked before the directory is created or written to
     dataset, model = _build(config, device)
+    data_id = fingerprint([dataset.images] + ([dataset.labels] if dataset.labels is not None else []))
+    if state is not None and state.get("data", data_id) != data_id:  # older checkpoints did not record it
+        raise ValueError(f"{out} holds a run trained on other data than {config.data!r} holds now (content "
+                         f"fingerprint {state['data']} on disk vs {data_id}); use another output directory, or the "
+                         "data the run started with")
     schedule = make_schedule(config.schedule, config.T)
     strategy = by_name(config.weighting)
     bins = TimestepBins.uniform(config.T, config.bins)
@@ -289,7 +294,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
                 "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
-                "data_order": sampler.state_dict(),
+                "data_order": sampler.state_dict(), "data": data_id,
                 "history": {"log": _frame_to_state(frame), "losses": _frame_to_state(bin_frame if bin_frame is not None else pd.DataFrame())},
             })
         write_csv(frame, out / "log.csv")

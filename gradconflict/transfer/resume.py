@@ -14,27 +14,15 @@ A folder holding rows of another identity is refused (naming what differs), neve
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import pandas as pd
-import torch
 
 from .. import distributed as dist
-from .._io import record_identity, write_csv
+from .._io import fingerprint, record_identity, write_csv  # fingerprint: re-exported (it lived here)
 
 __all__ = ["SeedLog", "fingerprint"]
-
-
-def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (hex, 16 characters)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 class SeedLog:
