@@ -26,13 +26,16 @@ def _umask() -> int:
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path next to ``path`` (same suffix, so writers that look at it, like
-    ``np.savez`` or ``savefig``, behave) and move it into place with ``os.replace``."""
+    ``np.savez`` or ``savefig``, behave), flush it to disk (``fsync``: a power loss cannot leave an empty file
+    behind the rename) and move it into place with ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
