@@ -34,7 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as handle:
+        with open(tmp, "r+b") as handle:  # write access: Windows' fsync (_commit) needs it
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
@@ -103,19 +103,28 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
+
+    def tidy() -> None:  # a folder this call created and nothing else wrote to is removed again
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            lock.unlink()
+            folder.rmdir()
+
     with open(lock, "a") as handle:
+        locked = True
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
+            tidy()
             raise ValueError(f"{folder} is in use by another gradconflict process (it holds {lock}); wait for it "
                              "to finish, or use another --out") from None
+        except OSError:  # a filesystem without flock (NFS without lockd, Lustre without -o flock): run unlocked
+            locked = False
         try:
             yield
         finally:
-            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # nothing written: leave no folder
-                lock.unlink()
-                folder.rmdir()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            tidy()
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fingerprint(tensors: Iterable[Any]) -> str:

@@ -229,9 +229,26 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path: Path, capsys) -> 
         code = main(["track", "--model", "dit-tiny", "--checkpoints", str(tmp_path / "missing.pt"), "--data",
                      "synthetic", "--out", str(out)])
     assert code == 2 and "in use by another gradconflict process" in capsys.readouterr().err
+    assert not out.exists()  # the holder created it and wrote nothing: its lock tidies it away
     new = tmp_path / "fresh"
     assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(new)]) == 2
     assert not new.exists()  # an early error leaves no folder (nor lock file) behind
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path: Path, monkeypatch) -> None:
+    """NFS without lockd or Lustre without -o flock answer flock with ENOLCK / ENOSYS: that is no other process."""
+    import errno
+    import fcntl
+
+    from gradconflict._io import folder_lock
+
+    def no_locks(*a, **k):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with folder_lock(tmp_path / "nfs"):
+        (tmp_path / "nfs" / "result.csv").write_text("1")
+    assert (tmp_path / "nfs" / "result.csv").read_text() == "1"
 
 
 def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: Path) -> None:

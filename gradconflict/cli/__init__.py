@@ -81,8 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gradconflict {args.command}: interrupted; what was finished is saved, and the same command resumes",
-              file=sys.stderr)
+        resumes = args.command in ("train", "track", "transfer", "reproduce")
+        print(f"gradconflict {args.command}: interrupted" + ("; what was finished is saved, and the same command "
+              "resumes" if resumes else ""), file=sys.stderr)
         return 130
     shutdown()
     return int(result or 0)

@@ -144,6 +144,14 @@ def solve_one(
     K = Q.shape[0]
     if K == 1:
         return np.ones(1), 0, True
+    if not (ridge is not None and ridge > RIDGE_PD):
+        vertex = int(np.argmin(np.diagonal(Q)))
+        if Q[vertex, vertex] <= DUST:  # a task with a zero gradient at lam ~ 0: its vertex has f = 0 = f*
+            w = np.zeros(K)
+            w[vertex] = 1.0
+            _, ok = _gap(Q, w, tol)
+            if ok:
+                return w, 0, True
     F0 = np.ones(K, dtype=bool) if start is None or not start.any() else start.copy()
     cap = BPP_CAP
     attempts = []  # subset solvers to try in turn, built only when reached
