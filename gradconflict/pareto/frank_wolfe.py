@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .objective import gap_tolerance
+from .objective import gap_tolerance, sqrt_diagonal
 
 VARIANTS = ("vanilla", "away", "pairwise")
 
@@ -67,6 +67,7 @@ def frank_wolfe(
     n, K, _ = Q.shape
     rows = np.arange(n)
     diag = np.einsum("nii->ni", Q)
+    root_diag = sqrt_diagonal(Q)  # fixed per problem: the convergence floor's scale
     if w0 is None:
         W = np.zeros((n, K))
         W[rows, np.argmin(diag, axis=1)] = 1.0
@@ -81,7 +82,7 @@ def frank_wolfe(
         f = np.einsum("ni,ni->n", W, g)
         j = np.argmin(g, axis=1)
         gj = g[rows, j]
-        active &= 2.0 * (f - gj) > gap_tolerance(Q, W, g, tol)
+        active &= 2.0 * (f - gj) > gap_tolerance(Q, W, g, tol, d=root_diag, f=f, j=j)
         if t == max_iter or not active.any():
             break
         iters += active
@@ -122,7 +123,7 @@ def frank_wolfe(
     W /= W.sum(axis=1, keepdims=True)
     g = np.einsum("nij,nj->ni", Q, W)
     f = np.einsum("ni,ni->n", W, g)
-    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol)
+    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol, d=root_diag, f=f)
 
 
 def _line_search(num: np.ndarray, den: np.ndarray, tmax: np.ndarray | float) -> np.ndarray:

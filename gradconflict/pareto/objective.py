@@ -23,7 +23,8 @@ from ._validate import as_gram, check_lam, check_simplex
 ROUNDING = 4.0 * float(np.finfo(np.float64).eps)  # per task: worst-case float64 rounding of g = Q w and f = w^T g
 
 
-def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float) -> np.ndarray:
+def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float, *, d: np.ndarray | None = None,
+                  f: np.ndarray | None = None, j: np.ndarray | None = None) -> np.ndarray:
     """Duality gap that counts as converged, for stacks ``Q`` (n, K, K), ``W`` (n, K) and ``g = Q w``:
     ``max(tol * f, 4 K eps * b)`` with ``f = w^T g``.
 
@@ -38,14 +39,23 @@ def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float) -> np
     only to the rounding of an ill-conditioned system (lam = 0, nearly dependent tasks), neither bound may be
     reached and the solver reports ``converged=False``.  ``tol = 0`` has no floor: run to the iteration cap
     unless the gap is exactly 0.
+
+    Iterative callers pass what they hold already: ``d`` (:func:`sqrt_diagonal`, fixed per problem), ``f`` and
+    ``j = argmin_i g_i`` (the same numbers, not recomputed every iteration).
     """
-    f = np.einsum("ni,ni->n", W, g)
+    f = np.einsum("ni,ni->n", W, g) if f is None else f
     if tol <= 0:
         return np.zeros_like(f)
-    d = np.sqrt(np.maximum(np.einsum("nii->ni", Q), 0.0))
+    d = sqrt_diagonal(Q) if d is None else d
+    j = np.argmin(g, axis=1) if j is None else j
     dw = np.einsum("ni,ni->n", d, W)
-    b = dw * (dw + d[np.arange(len(f)), np.argmin(g, axis=1)])
+    b = dw * (dw + d[np.arange(len(f)), j])
     return np.maximum(tol * f, ROUNDING * Q.shape[-1] * b)
+
+
+def sqrt_diagonal(Q: np.ndarray) -> np.ndarray:
+    """``d = sqrt(max(diag Q, 0))`` per matrix of an (n, K, K) stack (the scale of :func:`gap_tolerance`'s floor)."""
+    return np.sqrt(np.maximum(np.einsum("nii->ni", Q), 0.0))
 
 
 def _broadcast(G: Any, w: Any, lam: Any, atol: float) -> tuple[np.ndarray, np.ndarray, float, bool]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .objective import gap_tolerance
+from .objective import gap_tolerance, sqrt_diagonal
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"adam": 0.05, "sgd": 10.0}
@@ -75,6 +75,7 @@ def ugd(
     if not (np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     n, K, _ = Q.shape
+    root_diag = sqrt_diagonal(Q)  # fixed per problem: the convergence floor's scale
     try:
         if beta0 is not None:
             beta = np.array(np.broadcast_to(np.asarray(beta0, dtype=np.float64), (n, K)))
@@ -96,7 +97,7 @@ def ugd(
         W = softmax(beta)
         g = np.einsum("nij,nj->ni", Q, W)
         f = np.einsum("ni,ni->n", W, g)
-        active &= 2.0 * (f - g.min(axis=1)) > gap_tolerance(Q, W, g, tol)
+        active &= 2.0 * (f - g.min(axis=1)) > gap_tolerance(Q, W, g, tol, d=root_diag, f=f)
         if t == steps or not active.any():
             break
         iters += active
@@ -112,4 +113,4 @@ def ugd(
     W = softmax(beta)
     g = np.einsum("nij,nj->ni", Q, W)
     f = np.einsum("ni,ni->n", W, g)
-    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol)
+    return W, iters, 2.0 * (f - g.min(axis=1)) <= gap_tolerance(Q, W, g, tol, d=root_diag, f=f)
