@@ -358,25 +358,19 @@ def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def _signed_gradient(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, scale, signs, rng) -> None:
     """The self-check's reference: autograd's own gradient of ``sum_k r_k L_k`` (``r_k = +-1``) in ``p.grad``, from
-    a plain forward and backward (no hooks) that replays the fused pass's random numbers (dropout in train mode)."""
+    a plain forward and backward (no hooks) that replays the fused pass's random numbers (dropout in train mode);
+    ``fork_rng`` leaves the caller's random stream where the fused pass left it."""
     for _, p in params:
         p.grad = None
-    after = _rng_state(x0.device)
-    _set_rng_state(rng, x0.device)
-    try:
+    with torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], x0.device)
         with _autocast(x0.device, autocast_dtype):
             l = per_sample_losses(model, x0, t, noise, model_kwargs=model_kwargs, **kw)
         (l * scale * signs.to(l.device, l.dtype)[idx.task.to(l.device)]).sum().backward()
-    finally:
-        _set_rng_state(after, x0.device)
 
 
 @contextlib.contextmanager
