@@ -128,13 +128,16 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
 
 
 def fingerprint(tensors: Iterable[Any]) -> str:
-    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (hex, 16 characters)."""
+    """SHA-256 of the tensors' shapes, dtypes and bytes, in order (hex, 16 characters); None entries (e.g. absent
+    labels) are skipped."""
     import hashlib
 
     import torch
 
     h = hashlib.sha256()
     for t in tensors:
+        if t is None:
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -77,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
     # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
     # spec by its absolute path (the same file given relative or absolute is the same model)
-    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images] + ([data.labels] if
-              data.labels is not None else [])), "image_size": size}
+    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images, data.labels]), "image_size": size}
     if is_main():
         _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)
     sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}

@@ -219,7 +219,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     state = load_checkpoint(out / "checkpoint.pt", map_location=device) if (out / "checkpoint.pt").is_file() else None
     _check_run_dir(out, config, state)  # everything is checked before the directory is created or written to
     dataset, model = _build(config, device)
-    data_id = fingerprint([dataset.images] + ([dataset.labels] if dataset.labels is not None else []))
+    data_id = fingerprint([dataset.images, dataset.labels])
     if state is not None and state.get("data", data_id) != data_id:  # older checkpoints did not record it
         raise ValueError(f"{out} holds a run trained on other data than {config.data!r} holds now (content "
                          f"fingerprint {state['data']} on disk vs {data_id}); use another output directory, or the "

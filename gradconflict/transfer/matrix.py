@@ -203,7 +203,7 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
         skip = {"progress", "seeds", "seed", "batched", "eval_chunk"}
         identity = {**{k: v for k, v in config.to_dict().items() if k not in skip}, "bins": list(map(int, bins.edges)),
                     "T": schedule.T, "prediction": prediction, "model": fingerprint(theta0.values()),
-                    "data": fingerprint([images] + ([use_labels] if use_labels is not None else []))}
+                    "data": fingerprint([images, use_labels])}
         log = SeedLog(resume_dir, identity)
         previous, done = log.finished(seeds)
         if previous is not None:
