@@ -43,10 +43,11 @@ Two phases, both finite:
    Wolfe adds one task, ``argmin_j g_j``; with a ridge every violating task
    is added at once, those that the affine minimizer gives a weight ``<= 0``
    leave again without a step, and a step past the ratio test, clipped to the
-   simplex, is taken when it decreases the objective at least as much.  If none of them stays, the next major cycle adds
-   only ``argmin_j g_j``, which Wolfe's theorem says always decreases the
-   objective; the objective thus decreases strictly from one major cycle to
-   the next and phase 2 is finite.  Phase 2 also runs when phase 1 meets a
+   simplex, is taken when it decreases the objective at least as much.  If
+   none of them stays, the next major cycle adds only ``argmin_j g_j``, which
+   Wolfe's theorem says always decreases the objective; the objective thus
+   decreases strictly from one major cycle to the next and phase 2 is finite.
+   Phase 2 also runs when phase 1 meets a
    singular system or its iteration cap, and handles ``lam = 0`` with
    rank-deficient ``G`` and duplicated tasks, where the optimum need not be
    unique.  There, when the full set is singular, it starts from the optimum
@@ -62,7 +63,6 @@ relative accuracy of 1e-9; :func:`.objective.gap_tolerance`).
 from __future__ import annotations
 
 import numpy as np
-
 from scipy.linalg import solve_triangular
 
 from ._cholesky import LowRankSubsetSolver, SubsetSolver
@@ -144,7 +144,8 @@ def solve_one(
     K = Q.shape[0]
     if K == 1:
         return np.ones(1), 0, True
-    if not (ridge is not None and ridge > RIDGE_PD):
+    definite = ridge is not None and ridge > RIDGE_PD  # Q positive definite to working precision
+    if not definite:
         vertex = int(np.argmin(np.diagonal(Q)))
         if Q[vertex, vertex] <= DUST:  # a task with a zero gradient at lam ~ 0: its vertex has f = 0 = f*
             w = np.zeros(K)
@@ -160,7 +161,6 @@ def solve_one(
     # with a ridge Q is positive definite: solve with Q_FF itself (shift 0), not Q_FF + 1 1^T, whose extra
     # eigenvalue ~|F| would multiply the condition number (and break a float32 factor on badly scaled G)
     # (a shift 1 would also swamp a support of small-norm tasks, Q_ii << 1, in rounding: keep 0 whenever lam > 0)
-    definite = ridge is not None and ridge > RIDGE_PD
     shift = 0.0 if definite else 1.0
     if K >= MIXED_MIN_K and (ridge is None or definite):
         attempts.append(lambda: SubsetSolver(Q, np.float32, shift))  # single-precision factor, float64 refinement
@@ -234,7 +234,7 @@ def _polish(Q: np.ndarray, w: np.ndarray, gap: float, tol: float, max_iter: int
     small-norm tasks, or gradients that cancel) that swamps ``Q_FF v = mu 1`` in rounding and leaves a relative
     gap of ~1e-8 where ~1e-14 is reachable.  ``c = f`` keeps both terms of ``M_F v`` at the scale of ``mu = f``.
     Returns ``(w, gap, converged, solves)``, the better answer."""
-    c = float(w @ _gradient(Q, w))
+    c = _objective(Q, w)
     if not c > 0:
         return w, gap, False, 0
     w3, it3, _ = _bpp(Q, w > 0, max_iter, SubsetSolver(Q, np.float64, c), stall=False)

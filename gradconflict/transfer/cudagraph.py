@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .._env import env_choice
+from ..engine.checks import first_line
 
 __all__ = ["GRAPH_WARMUP", "cuda_graphs_enabled", "GraphedStep", "WarmupStream"]
 
@@ -101,8 +102,8 @@ class GraphedStep:
             torch.cuda.synchronize(device)
             reset()
             cause = getattr(graphed, "_failure", None) or err
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            warnings.warn(f"the fine-tuning step could not be captured as a CUDA graph ({first[:200]}); going on "
+            warnings.warn(f"the fine-tuning step could not be captured as a CUDA graph ({first_line(cause)[:200]}); "
+                          "going on "
                           "without graphs (set GRADCONFLICT_CUDA_GRAPHS=0 to skip the attempt)", RuntimeWarning,
                           stacklevel=2)
             return None
