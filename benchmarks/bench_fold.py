@@ -60,8 +60,9 @@ def main() -> None:
                 precision.SYMMETRIC_MIN_K = 1 << 62  # the plain product
                 plain_s, plain = _timed(lambda: precision.layer_gram(J, prec), device, args.repeats)
                 precision.SYMMETRIC_MIN_K = 1  # blocked at every K
-                for blocks in args.blocks or [saved[2] if device.type == "cuda" else saved[1]]:
-                    precision.SYMMETRIC_BLOCKS = precision.SYMMETRIC_BLOCKS_CUDA = blocks
+                for blocks in args.blocks or [saved[2][prec] if device.type == "cuda" else saved[1]]:
+                    precision.SYMMETRIC_BLOCKS = blocks
+                    precision.SYMMETRIC_BLOCKS_CUDA = dict.fromkeys(saved[2], blocks)
                     block_s, blocked = _timed(lambda: precision.layer_gram(J, prec), device, args.repeats)
                     rows.append(dict(K=K, columns=args.columns, precision=prec, blocks=blocks, plain_s=plain_s,
                                      blocked_s=block_s, ratio=block_s / plain_s, plain_err=err(plain),

@@ -23,8 +23,9 @@ Two separate questions, answered separately:
   to float32, and the default ``"auto"`` (``resolve_gram_precision``) picks ``"tf32"`` on a GPU. Under bf16 autocast
   with the bf16 fold, the bf16 layers' per-task gradients come out of their product in bfloat16 directly (the
   float32 accumulator rounded once: the same numbers without a float32 J in memory). At K >= ``SYMMETRIC_MIN_K``
-  every fold computes only the row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the
-  flops with 4 blocks on the CPU, 3/4 with 2 on CUDA).
+  the fold computes only the row blocks of ``J J^T`` on and below the diagonal (``symmetric_product``: 5/8 of the
+  flops with 4 blocks) on the CPU and for the fp32 fold on CUDA; CUDA's reduced-precision folds run faster as one
+  plain product.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def layer_gram(J: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     if precision == "fp32":
         Jd = J if J.dtype == torch.float64 else J.float()
         with tf32(False):
-            return symmetric_product(Jd, lambda x, y: x @ y.T).to(torch.float64)
+            return symmetric_product(Jd, lambda x, y: x @ y.T, "fp32").to(torch.float64)
     gram = torch.zeros(J.shape[0], J.shape[0], dtype=torch.float64, device=J.device)
     for start in range(0, J.shape[1], FOLD_COLUMNS):
         piece = J[:, start : start + FOLD_COLUMNS]
@@ -111,21 +112,24 @@ def layer_gram(J: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     return gram
 
 
-SYMMETRIC_BLOCKS = 4  # row blocks of J for K >= SYMMETRIC_MIN_K: (b + 1) / (2 b) of the full product's flops
-SYMMETRIC_BLOCKS_CUDA = 2  # GPU matmuls lose efficiency on small blocks: 3/4 of the flops in 500-row products
+SYMMETRIC_BLOCKS = 4  # row blocks of J for K >= SYMMETRIC_MIN_K on the CPU: (b + 1) / (2 b) of the full product's flops
+# on CUDA, per fold precision (1: the plain product). Measured on an H100 (bench_fold.py, K = 1000, 2M columns):
+# fp32 4 blocks 0.66x the plain product's time; tf32 and bf16 2 blocks 1.55x and 1.62x (their 65536-column pieces
+# are too short for the saved flops to pay for the extra launches and the mirrored copies)
+SYMMETRIC_BLOCKS_CUDA = {"fp32": 4, "tf32": 1, "bf16": 1}
 SYMMETRIC_MIN_K = 256
 
 
-def symmetric_product(a: torch.Tensor, product) -> torch.Tensor:
+def symmetric_product(a: torch.Tensor, product, precision: str = "fp32") -> torch.Tensor:
     """``a a^T`` from the products of row blocks on and below the diagonal only, each block above the diagonal
     the transpose of its mirror, for K >= ``SYMMETRIC_MIN_K`` rows (the fold at K ~ 1000): 5/8 of the flops of
-    one product on the CPU (4 blocks; measured 0.70x the time of the full float32 product at K = 1000 on one
-    core), 3/4 on a GPU (2 blocks; ``benchmarks/bench_fold.py`` times both there).
-    ``product(x, y)`` returns ``x y^T``."""
+    one product with 4 blocks (measured 0.70x the time of the full float32 product at K = 1000 on one CPU core,
+    0.66x on an H100). On CUDA the blocks depend on the fold ``precision`` (``SYMMETRIC_BLOCKS_CUDA``: the
+    reduced-precision folds run the plain product there). ``product(x, y)`` returns ``x y^T``."""
     K = a.shape[0]
-    if K < SYMMETRIC_MIN_K:
+    blocks = SYMMETRIC_BLOCKS_CUDA[precision] if a.device.type == "cuda" else SYMMETRIC_BLOCKS
+    if K < SYMMETRIC_MIN_K or blocks <= 1:
         return product(a, a)
-    blocks = SYMMETRIC_BLOCKS_CUDA if a.device.type == "cuda" else SYMMETRIC_BLOCKS
     edges = [K * i // blocks for i in range(blocks + 1)]
     rows = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     out = None
@@ -143,13 +147,13 @@ def symmetric_product(a: torch.Tensor, product) -> torch.Tensor:
 def _tf32_product(piece: torch.Tensor) -> torch.Tensor:
     p = piece.float()
     with tf32(True):
-        return symmetric_product(p, lambda x, y: x @ y.T)
+        return symmetric_product(p, lambda x, y: x @ y.T, "tf32")
 
 
 def _bf16_product(piece: torch.Tensor) -> torch.Tensor:
     """float32 ``b b^T`` of ``b = bf16(piece)`` with float32 accumulation."""
     b = piece.to(torch.bfloat16)
-    return symmetric_product(b, lambda x, y: _half_product(torch.mm, x, y.T))
+    return symmetric_product(b, lambda x, y: _half_product(torch.mm, x, y.T), "bf16")
 
 
 def half_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
