@@ -10,12 +10,14 @@ and gap are reported on the original scale.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from ._threads import blas_threads
 from ._validate import METHODS, as_gram_factored, check_lam, check_method, check_simplex
 from .active_set import active_set
 from .cvxpy_ref import cvxpy_solve
@@ -105,7 +107,8 @@ def solve(
         ]
     if method == "auto":
         options["_ridge"] = lam_f / scale
-    W, iters, conv = SOLVERS[method](Q, **options)
+    with blas_threads(K) if method == "auto" else contextlib.nullcontext():  # many small BLAS calls: few threads
+        W, iters, conv = SOLVERS[method](Q, **options)
     g = np.matmul(Q, W[:, :, None])[:, :, 0]  # BLAS; einsum does not use it here
     f_n = np.einsum("ni,ni->n", W, g)
     objective = scale * f_n
