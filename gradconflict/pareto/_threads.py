@@ -1,11 +1,13 @@
 """A cap on BLAS threads while the exact solver iterates.
 
 The active-set solver's work at K ~ 1000 is many level-2 operations (triangular solves, matrix-vector products)
-and factor updates on the support. Spread over many cores, their synchronisation costs more than it saves: on
-a 16-core CPU, K = 1000 solves took 3-9x longer with 16 BLAS threads than with 4, and 4 beat 1 in every family
-measured (``benchmarks/results/README.md``, ``bench_solvers.py --summary --summary-threads 1 4 16``).
-:func:`blas_threads` lowers the thread count of numpy's and scipy's BLAS to at most :data:`MAX_THREADS` for
-the block, never raises it, and restores it afterwards (threadpoolctl).
+and factor updates on the support, and so is much of the PSD check. Spread over many cores, their
+synchronisation costs more than it saves: on a 16-core CPU, K = 1000 solves took 3-9x longer with 16 BLAS
+threads than with 4, and 4 beat 1 in every family measured (``benchmarks/results/README.md``,
+``bench_solvers.py --summary --summary-threads 1 4 16``). :func:`blas_threads` lowers the thread count of
+numpy's and scipy's BLAS to at most :data:`MAX_THREADS` for the block, never raises it, and restores it
+afterwards (threadpoolctl). ``solve`` runs the validation of every method and the iterations of ``"auto"``
+under it.
 """
 
 from __future__ import annotations

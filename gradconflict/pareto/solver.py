@@ -91,7 +91,9 @@ def solve(
     lam_f = check_lam(lam)
     _options(method, options)
     # a low-rank factor only serves "auto" with a ridge (lam = 0 leaves Woodbury nothing to invert)
-    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto" and lam_f > 0)
+    shape = getattr(G, "shape", ())  # arrays, tensors, DataFrames (a list is validated first, uncapped)
+    with blas_threads(int(shape[-1]) if len(shape) >= 2 else 0):  # the PSD check's level-2 work: few threads
+        Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto" and lam_f > 0)
     n, K, _ = Gs.shape
     if options.get("w0") is not None:
         w0 = check_simplex(options["w0"], K=K, name="w0")
