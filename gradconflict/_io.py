@@ -1,6 +1,8 @@
 """Atomic file writes: every result file is written to a temporary file in its folder, then renamed.
 
-An interrupted run therefore never leaves a half-written CSV, checkpoint or figure behind.
+An interrupted run therefore never leaves a half-written CSV, checkpoint or figure behind. A process killed
+outright (``kill -9``, out of memory) may leave its hidden temporary file (``.NAME.gctmp-XXXXXXXX.SUFFIX``); the
+next command that locks the folder (``folder_lock``) removes those.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ def _umask() -> int:
     return mask
 
 
+TMP_MARK = ".gctmp-"  # in the name of every temporary file atomic_write makes (mkstemp adds 8 random characters)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path next to ``path`` (same suffix, so writers that look at it, like
     ``np.savez`` or ``savefig``, behave), flush it to disk (``fsync``: a power loss cannot leave an empty file
     behind the rename) and move it into place with ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=path.suffix or ".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -93,21 +98,25 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the duration: a second gradconflict process
     writing results there gets a ``ValueError`` at once instead of overwriting them (``flock`` on
     ``folder/.gradconflict.lock``, released when the process ends, even when killed; no lock where the OS has no
-    ``fcntl``)."""
+    ``fcntl``). Once the lock is held, temporary files that a killed writer left in the folder tree are removed."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
     folder = Path(folder)
-    created = not folder.exists()
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # the folders this call makes, deepest first
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
 
-    def tidy() -> None:  # a folder this call created and nothing else wrote to is removed again
+    def tidy() -> None:  # the folders this call created and nothing else wrote to are removed again
         if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
             lock.unlink()
-            folder.rmdir()
+            for made in created:
+                try:
+                    made.rmdir()
+                except OSError:  # something else was written there meanwhile
+                    break
 
     with open(lock, "a") as handle:
         locked = True
@@ -119,12 +128,21 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
                              "to finish, or use another --out") from None
         except OSError:  # a filesystem without flock (NFS without lockd, Lustre without -o flock): run unlocked
             locked = False
+        if locked:  # no other gradconflict process writes here now: what temporary files remain are orphans
+            _remove_orphans(folder)
         try:
             yield
         finally:
             tidy()
             if locked:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_orphans(folder: Path) -> None:
+    for orphan in folder.rglob(f".*{TMP_MARK}*"):
+        with contextlib.suppress(OSError):
+            if orphan.is_file() and not orphan.is_symlink():
+                orphan.unlink()
 
 
 def fingerprint(tensors: Iterable[Any]) -> str:

@@ -231,8 +231,12 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path: Path, capsys) -> 
     assert code == 2 and "in use by another gradconflict process" in capsys.readouterr().err
     assert not out.exists()  # the holder created it and wrote nothing: its lock tidies it away
     new = tmp_path / "fresh"
-    assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(new)]) == 2
-    assert not new.exists()  # an early error leaves no folder (nor lock file) behind
+    assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(new / "a" / "b")]) == 2
+    assert not new.exists()  # an early error leaves no folder (nor lock file, nor the parents it made) behind
+    kept = tmp_path / "kept"
+    (kept / "a").mkdir(parents=True)
+    assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(kept / "a" / "b")]) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["a"] and not (kept / "a" / "b").exists()  # what existed stays
 
 
 def test_a_filesystem_without_flock_runs_unlocked(tmp_path: Path, monkeypatch) -> None:
