@@ -242,6 +242,11 @@ def test_symmetric_product_computes_the_lower_blocks_only_and_is_exact_to_float3
     assert sum(m * n for m, n in calls) <= (0.7 if b > 1 else 1.0) * K * K  # (b + 1) / (2 b) of the products
 
 
+def test_symmetric_product_refuses_an_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, got 'auto'"):
+        precision.symmetric_product(torch.ones(3, 2), lambda x, y: x @ y.T, "auto")
+
+
 @pytest.mark.parametrize("gram_precision", ["fp32", "tf32", "bf16"])
 def test_blocked_fold_in_the_engine_equals_the_float64_loop(gram_precision: str, monkeypatch) -> None:
     monkeypatch.setattr(precision, "SYMMETRIC_MIN_K", 2)  # every fold of this K = 4 problem goes through blocks

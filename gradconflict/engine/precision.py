@@ -127,6 +127,8 @@ def symmetric_product(a: torch.Tensor, product, precision: str = "fp32") -> torc
     0.66x on an H100). On CUDA the blocks depend on the fold ``precision`` (``SYMMETRIC_BLOCKS_CUDA``: the
     reduced-precision folds run the plain product there). ``product(x, y)`` returns ``x y^T``."""
     K = a.shape[0]
+    if precision not in SYMMETRIC_BLOCKS_CUDA:
+        raise ValueError(f"precision must be one of {', '.join(SYMMETRIC_BLOCKS_CUDA)}, got {precision!r}")
     blocks = SYMMETRIC_BLOCKS_CUDA[precision] if a.device.type == "cuda" else SYMMETRIC_BLOCKS
     if K < SYMMETRIC_MIN_K or blocks <= 1:
         return product(a, a)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from scipy.linalg import lapack
 
+from ._threads import blas_threads
+
 METHODS: tuple[str, ...] = ("auto", "frank_wolfe", "ugd", "cvxpy")
 LOWRANK_MIN_K = 256  # below this the dense path is cheap anyway
 SYM_TILE = 128  # block size of the symmetry check
@@ -145,7 +147,13 @@ def as_gram_factored(
     if batched and arr.shape[0] == 0:
         raise ValueError("G is an empty stack (n = 0); pass at least one (K, K) matrix")
     check_finite(arr, "G")
-    Gs = arr if batched else arr[None]
+    with blas_threads(arr.shape[-1]):  # the PSD check's many level-2 operations: few threads (_threads.py)
+        return _validated(arr if batched else arr[None], batched, rtol, check_psd, check_symmetry, lowrank)
+
+
+def _validated(Gs: np.ndarray, batched: bool, rtol: float, check_psd: bool, check_symmetry: bool, lowrank: bool
+               ) -> tuple[np.ndarray, bool, list[tuple[np.ndarray, float] | None]]:
+    """The symmetry and PSD checks of :func:`as_gram_factored` on a finite (n, K, K) stack."""
     if check_symmetry:
         Gs, asym, size = symmetrize(Gs)
         bad = np.flatnonzero(asym > rtol * size)

@@ -10,7 +10,6 @@ and gap are reported on the original scale.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
 from typing import Any, Callable
@@ -91,9 +90,7 @@ def solve(
     lam_f = check_lam(lam)
     _options(method, options)
     # a low-rank factor only serves "auto" with a ridge (lam = 0 leaves Woodbury nothing to invert)
-    shape = getattr(G, "shape", ())  # arrays, tensors, DataFrames (a list is validated first, uncapped)
-    with blas_threads(int(shape[-1]) if len(shape) >= 2 else 0):  # the PSD check's level-2 work: few threads
-        Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto" and lam_f > 0)
+    Gs, batched, factors = as_gram_factored(G, check_psd=check_psd, lowrank=method == "auto" and lam_f > 0)
     n, K, _ = Gs.shape
     if options.get("w0") is not None:
         w0 = check_simplex(options["w0"], K=K, name="w0")
@@ -109,7 +106,7 @@ def solve(
         ]
     if method == "auto":
         options["_ridge"] = lam_f / scale
-    with blas_threads(K) if method == "auto" else contextlib.nullcontext():  # many small BLAS calls: few threads
+    with blas_threads(K if method == "auto" else 0):  # many small BLAS calls: few threads (_threads.py)
         W, iters, conv = SOLVERS[method](Q, **options)
     g = np.matmul(Q, W[:, :, None])[:, :, 0]  # BLAS; einsum does not use it here
     f_n = np.einsum("ni,ni->n", W, g)
