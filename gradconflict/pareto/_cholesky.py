@@ -91,7 +91,10 @@ class SubsetSolver:
 
     def _block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``M[rows, cols] = Q[rows, cols] + shift`` in the factor's precision (a fresh array LAPACK may overwrite)."""
-        return self._Qf.take(rows, axis=0).take(cols, axis=1) + self.shift
+        M = self._Qf.take(rows, axis=0).take(cols, axis=1)
+        if self.shift:
+            M += self.shift  # in place: no third K x K temporary
+        return M
 
     def _set_base(self, idx: np.ndarray, F: np.ndarray, L: np.ndarray | None) -> bool:
         self._pos[self.base] = -1
