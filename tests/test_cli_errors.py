@@ -249,6 +249,28 @@ def test_read_gram_layouts(tmp_path: Path, layout: str) -> None:
         assert list(frame.index) == labels
 
 
+@pytest.mark.parametrize("layout", ["plain", "gram_style", "to_csv_empty"])
+def test_a_nan_in_the_gram_is_refused_by_position_not_read_as_a_label(tmp_path: Path, layout: str, capsys) -> None:
+    """np.savetxt writes NaN as "nan": a first row holding one must not turn into a header (it gave K = 1, exit 0);
+    DataFrame.to_csv writes it as an empty cell."""
+    path = tmp_path / "g.csv"
+    bad = G.copy()
+    bad[0, 2] = bad[2, 0] = np.nan
+    if layout == "plain":
+        np.savetxt(path, bad, delimiter=",")
+    else:
+        frame = pd.DataFrame(bad, index=list("abc"), columns=list("abc"))
+        frame.to_csv(path, na_rep="nan" if layout == "gram_style" else "")
+    assert main(["solve", str(path), "--lam", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if layout == "to_csv_empty":
+        assert "the 3 x 3 matrix has non-numeric or empty entries" in err
+    else:
+        assert read_gram(str(path)).shape == (3, 3)
+        assert "non-finite values (NaN at [0, 2]" in err
+
+
 def test_read_gram_non_square_says_what_was_parsed(tmp_path: Path) -> None:
     path = tmp_path / "g.csv"
     pd.DataFrame(G[:2], columns=["a", "b", "c"]).to_csv(path, index=False)  # header + 2 rows x 3 columns

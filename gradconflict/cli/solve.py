@@ -51,6 +51,9 @@ def read_gram(path: str) -> pd.DataFrame:
     """
     raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=True)
     numeric = raw.apply(pd.to_numeric, errors="coerce")
+    # "nan" (np.savetxt's NaN) is a number here, not a label: the matrix is read whole and its NaN refused by name
+    nan_text = raw.apply(lambda column: column.str.strip().str.lower().isin(["nan", "+nan", "-nan"]))
+    missing = numeric.isna() & ~nan_text  # cells that are not numbers
     rows, cols = raw.shape
     unreadable: Optional[int] = None  # K of a square layout that has non-numeric cells
     # (header row?, index column?) in order; "plain" first so a square numeric table is never read as labels
@@ -61,11 +64,12 @@ def read_gram(path: str) -> pd.DataFrame:
         if index:  # an index column needs an empty corner, non-numeric labels, or the header's labels
             corner, names = raw.iloc[0, 0], raw.iloc[1:, 0].map(_label).tolist()
             heads = raw.iloc[0, 1:].map(_label).tolist()
-            if not (pd.isna(corner) or numeric.iloc[1:, 0].isna().any() or names == heads):
+            if not (pd.isna(corner) or missing.iloc[1:, 0].any() or names == heads):
                 continue
-        if body.isna().to_numpy().any():
-            inner = body.iloc[int(not header):, int(not index):]  # cells that cannot be labels
-            if body.shape[0] > 1 and unreadable is None and inner.isna().to_numpy().any():
+        hole = missing.iloc[int(header):, int(index):]
+        if hole.to_numpy().any():
+            inner = hole.iloc[int(not header):, int(not index):]  # cells that cannot be labels
+            if body.shape[0] > 1 and inner.to_numpy().any():  # a later layout (with labels) is the likelier one
                 unreadable = body.shape[0]
             continue
         if index:
