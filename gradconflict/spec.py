@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 from collections.abc import Mapping
 import sys
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class LoadedModel:
     source: str
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, verbose: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (a bare state dict or one under ``model``/``state_dict``)."""
     path = Path(path)
     if not path.is_file():
@@ -65,13 +66,69 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from None
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds pickled Python objects besides tensors ({_first_global(err)}), which "
+                "are not unpickled here (unpickling runs code); save the weights alone, e.g. "
+                "torch.save(model.state_dict(), 'weights.pt'), or load the file in your own build function"
+            ) from None
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: it is not a torch (.pt) or .safetensors file that "
+                         f"this torch can load ({_cause(err)})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                others = [k for k, v in obj.items() if k != key and isinstance(v, dict) and _is_weights(v)]
+                if others and verbose:
+                    print(f"gradconflict: {str(path)!r}: using its {key!r} weights; it also holds {others} (to "
+                          "analyse those, save them alone)", file=sys.stderr)
+                obj = obj[key]
+                break
     if not isinstance(obj, dict):
         raise ValueError(f"{str(path)!r} does not hold a state dict")
     return obj
+
+
+def _is_weights(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _cause(err: Exception) -> str:
+    """The line of a torch.load error that names what was wrong (not its weights_only advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "Weights only load failed" in str(err):
+        lines = [line for line in lines if not line.startswith(("Weights only", "Please file", "Check the doc"))]
+    return (lines[0] if lines else type(err).__name__)[:160]
+
+
+def _first_global(err: Exception) -> str:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else "non-tensor objects"
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def _strip_wrappers(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path,
+                    verbose: bool) -> dict[str, torch.Tensor]:
+    """``state`` without a ``module.`` / ``_orig_mod.`` prefix that every key has and the model's keys do not."""
+    names = set(model.state_dict())
+    stripped = []
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in names):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            stripped.append(prefix)
+    if stripped and verbose:
+        print(f"gradconflict: {str(checkpoint)!r}: removed the key prefix {' and '.join(stripped)} (a DDP or "
+              "torch.compile wrapper)", file=sys.stderr)
+    return state
+
+
+def _check_finite_weights(state: dict[str, torch.Tensor], checkpoint: str | Path) -> None:
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "these weights are broken (a diverged run?); pass an earlier checkpoint")
 
 
 def _training_config(path: str | Path) -> Optional[dict[str, Any]]:
@@ -242,7 +299,8 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             prediction = getattr(getattr(model, "config", None), "prediction", "eps")
             loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
     if checkpoint is not None and run_config is None:
-        state = load_state_dict(checkpoint)
+        state = _strip_wrappers(loaded.model, load_state_dict(checkpoint, verbose), checkpoint, verbose)
+        _check_finite_weights(state, checkpoint)
         _check_shapes(loaded.model, state, checkpoint)
         missing, unexpected = loaded.model.load_state_dict(state, strict=False)
         if missing or unexpected:

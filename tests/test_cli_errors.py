@@ -345,7 +345,10 @@ def test_model_outputs_and_out_paths_that_are_user_mistakes_are_one_line_errors(
     (tmp_path / "afile").write_text("x")
     code = main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "2", "--per-task", "1",
                  "--out", str(tmp_path / "afile")])
-    assert code == 2 and "is a file; pass a folder" in capsys.readouterr().err
+    assert code == 2 and "is not a folder; pass a folder" in capsys.readouterr().err
+    code = main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "2", "--per-task", "1",
+                 "--out", str(tmp_path / "afile" / "sub")])  # a file on the way: was a NotADirectoryError traceback
+    assert code == 2 and f"({tmp_path / 'afile'} is a file); pass a folder" in capsys.readouterr().err
 
 
 def test_task_gram_names_the_loss_space_and_refuses_bins_of_another_T() -> None:
@@ -386,3 +389,42 @@ def test_a_layer_with_the_wrong_channels_is_not_blamed_on_the_data_and_missing_d
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(ValueError, match="importing 'needs_dep_mod' failed: No module named 'not_installed_dep_xyz'"):
         load_model("needs_dep_mod:build")
+
+
+@pytest.mark.parametrize("kind", ["lightning", "not_a_checkpoint", "ema_beside", "ddp_prefix", "compile_prefix", "nan"])
+def test_checkpoints_users_bring(tmp_path: Path, kind: str, capsys) -> None:
+    """Checkpoints as other trainers write them: each loads with a note saying what was done, or is refused
+    with the cause and the fix (not torch's weights_only advice, which the CLI cannot follow)."""
+    import argparse
+
+    import torch
+
+    from gradconflict.models import build_model
+
+    state = build_model("dit-tiny").state_dict()
+    path = tmp_path / "ck.pt"
+    if kind == "lightning":
+        torch.save({"state_dict": state, "hparams": argparse.Namespace(lr=1e-4)}, path)
+    elif kind == "not_a_checkpoint":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    elif kind == "ema_beside":
+        torch.save({"model": state, "ema": {k: v.clone() for k, v in state.items()}}, path)
+    elif kind in ("ddp_prefix", "compile_prefix"):
+        prefix = "module." if kind == "ddp_prefix" else "_orig_mod."
+        torch.save({prefix + k: v for k, v in state.items()}, path)
+    else:
+        broken = {k: v.clone() for k, v in state.items()}
+        broken["final.weight" if "final.weight" in broken else next(iter(broken))].view(-1)[0] = float("inf")
+        torch.save(broken, path)
+    code = main(["gram", "--model", "dit-tiny", "--checkpoint", str(path), *GRAM, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "weights_only" not in err
+    expected = {
+        "lightning": (2, "holds pickled Python objects besides tensors (argparse.Namespace)"),
+        "not_a_checkpoint": (2, "is not a torch (.pt) or .safetensors file"),
+        "ema_beside": (0, "using its 'model' weights; it also holds ['ema']"),
+        "ddp_prefix": (0, "removed the key prefix module."),
+        "compile_prefix": (0, "removed the key prefix _orig_mod."),
+        "nan": (2, "holds NaN or Inf in 1 tensor(s)"),
+    }[kind]
+    assert code == expected[0] and expected[1] in err, err

@@ -55,8 +55,15 @@ def _check_device(requested: Optional[str]) -> None:
 
 
 def _check_out(out: Optional[str]) -> None:
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder (it is created if it does not exist)")
+    if out is None:
+        return
+    for folder in (Path(out), *Path(out).parents):  # --out itself, or a folder on its way, may be a file
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == Path(out) else f" ({folder} is a file)"
+                raise ValueError(f"--out {out} is not a folder{where}; pass a folder (it is created if it does not "
+                                 "exist)")
+            return
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
