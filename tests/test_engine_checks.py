@@ -4,6 +4,8 @@ with an error that names the problem (never a silently wrong Gram)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -187,3 +189,43 @@ def test_reentrant_activation_checkpointing_names_the_fix(method):
     with pytest.raises(ValueError, match="use_reentrant=False"):
         for _ in range(2):  # the fused engine's first call runs the self-check (full backward), the 2nd does not
             gc.task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, method=method)
+
+
+class _PositionTable(nn.Module):
+    """A learned position table looked up once (``shared``) or once per sample (``expanded``), plus a class label."""
+
+    def __init__(self, lookup: str) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.pos, self.label = nn.Embedding(16, 8), nn.Embedding(3, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = self.inp(x.reshape(n, 4, 16).transpose(1, 2)) + self.label(y).reshape(-1, 1, 8)
+        ids = torch.arange(16) if self.lookup == "shared" else torch.arange(16).expand(n, 16)
+        h = torch.tanh(h + self.pos(ids))
+        return self.out(h).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("lookup,label", [("expanded", "per_sample"), ("shared", "per_sample"), ("expanded", "0-dim")])
+def test_a_layer_that_does_not_see_the_batch_is_refused_with_the_fix(lookup: str, label: str) -> None:
+    """A lookup shared by every sample (its output gradient is already summed over them) or a 0-dim class label:
+    a ValueError naming the layer's input shape and the fix, not a shape error from inside a rule; the per-sample
+    form equals the float64 loop."""
+    torch.manual_seed(0)
+    model = _PositionTable(lookup).double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
+    y = torch.tensor([0, 1, 2, 0, 1, 2]) if label == "per_sample" else torch.tensor(1)
+    kw = dict(schedule=gc.NoiseSchedule.linear(), K=3, noise=noise, model_kwargs={"y": y})
+    if lookup == "expanded" and label == "per_sample":
+        ref = gc.task_gram(model, x0, t, task, method="loop", **kw)
+        got = gc.task_gram(model, x0, t, task, **kw)
+        assert float((got.gram - ref.gram).norm() / ref.gram.norm()) <= 1e-10
+        return
+    shape = "(16,)" if lookup == "shared" else "()"
+    with pytest.raises(ValueError, match=rf"Embedding ran on an input of shape {re.escape(shape)}, not on the batch of 6"):
+        gc.task_gram(model, x0, t, task, **kw)

@@ -128,6 +128,7 @@ class FusedGram:
             self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
+            self._check_batched(module, call.args)
             if output.dtype in HALF_DTYPES and self._plan[module][2] in HALF_INPUT_RULES and call.args:
                 # autocast ran this layer in half precision: keep the input as the forward cast it (the operand the
                 # rule uses, precision.py) rather than the float32 tensor, which autograd does not keep alive
@@ -150,6 +151,19 @@ class FusedGram:
         if torch.is_autocast_enabled(device):
             call.amp = (device, torch.get_autocast_dtype(device))
         self._deferred.append(call)
+
+    def _check_batched(self, module: nn.Module, args: tuple) -> None:
+        """A layer with a rule splits its gradient along dim 0 of its input: refuse an input without the batch there
+        (a position table looked up once and broadcast to every sample: its output gradient is already summed over
+        the samples, and no rule can split it)."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and (x.ndim == 0 or x.shape[0] != self.idx.N):
+            raise ValueError(
+                f"a {type(module).__name__} ran on an input of shape {tuple(x.shape)}, not on the batch of {self.idx.N} "
+                "samples (dim 0): its output is shared by every sample, so the fused engine cannot split its gradient "
+                "by task; give it one row per sample (e.g. a position lookup as emb(torch.arange(S).expand(N, S))), "
+                "or use method='loop'"
+            )
 
     def outputs_modified(self) -> bool:
         """Whether a hooked output was modified in place after its layer ran (``out += x``, ``relu_``).  A backward
