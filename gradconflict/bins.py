@@ -178,16 +178,19 @@ class TimestepBins:
         """Weight a strategy puts on each bin, on the simplex: ``W_k = sum_{t in bin k} w(SNR_t) / sum_t w(SNR_t)``,
         with ``w`` the strategy's x0-unit weight (``strategy.weight(snr, "x0")``).
 
-        ``strategy``: a ``gradconflict.weighting`` strategy or a name/spec such as ``"min_snr:5"``
-        (``weighting.by_name``); ``schedule``: the ``NoiseSchedule`` (required)."""
-        if isinstance(strategy, str):
-            from .weighting import by_name
+        ``strategy``: a ``gradconflict.weighting`` strategy, a name/spec such as ``"min_snr:5"``
+        (``weighting.by_name``) or a function ``f(snr) -> x0-unit weight`` (``weighting.custom``); ``schedule``: the ``NoiseSchedule`` (required)."""
+        from .weighting import by_name, custom
 
+        if isinstance(strategy, str):
             strategy = by_name(strategy)
+        elif callable(strategy) and not hasattr(strategy, "weight"):
+            strategy = custom(strategy)  # a function snr -> x0-unit weight
         if not callable(getattr(strategy, "weight", None)):
             raise ValueError(
-                f"cannot weight the bins with {strategy!r}: pass a strategy such as gradconflict.weighting.min_snr(5) "
-                "or a name/spec such as 'min_snr' or 'min_snr:5'"
+                f"cannot weight the bins with {strategy!r}: pass a strategy such as gradconflict.weighting.min_snr(5), "
+                "a name/spec such as 'min_snr' or 'min_snr:5', or a function snr -> x0-unit weight "
+                "(gradconflict.weighting.custom(f, name))"
             )
         if schedule is None or not hasattr(schedule, "snr"):
             raise ValueError(

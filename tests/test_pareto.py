@@ -775,6 +775,22 @@ def test_score_accepts_strategy_names_and_specs():
         score(G, 0.0, [3.0], bins=bins, schedule=sch)
 
 
+def test_score_takes_plain_functions_of_snr():
+    """A user's own f(snr) -> x0-unit weight, without weighting.custom: the same hand-computed weights as min_snr(5)."""
+    bins, sch = _tiny_bins_and_schedule()
+    G = np.diag([1.0, 2.0])
+
+    def clipped(snr):
+        return np.minimum(snr, 5.0)
+
+    for strategies in ([clipped], clipped, {"mine": clipped}, [lambda snr: np.minimum(snr, 5.0)]):
+        df = score(G, 0.0, strategies, bins=bins, schedule=sch)
+        np.testing.assert_allclose(df.loc[0, "weights"], [36 / 41, 5 / 41], rtol=1e-12)
+        assert df.loc[0, "objective"] == pytest.approx(1346 / 1681, rel=1e-12)
+    assert list(score(G, 0.0, [clipped], bins=bins, schedule=sch)["strategy"]) == ["clipped", "pareto_optimum"]
+    np.testing.assert_allclose(bins.strategy_weights(clipped, sch), [36 / 41, 5 / 41], rtol=1e-12)
+
+
 def test_score_with_bins_needs_schedule():
     bins, _ = _tiny_bins_and_schedule()
     with pytest.raises(ValueError, match="schedule="):

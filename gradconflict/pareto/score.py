@@ -27,12 +27,15 @@ OPTIMUM = "pareto_optimum"
 
 
 def _as_strategy(strategy: Any) -> Any:
-    """Names and specs (``"min_snr"``, ``"min_snr:5"``) -> strategy objects via ``weighting.by_name``;
-    anything else is passed to ``bins.strategy_weights`` as it is (which checks it)."""
-    if isinstance(strategy, str):
-        from ..weighting import by_name
+    """Names and specs (``"min_snr"``, ``"min_snr:5"``) -> strategy objects via ``weighting.by_name``; a plain
+    function ``f(snr) -> x0-unit weight`` -> ``weighting.custom(f)`` (named by its ``__name__``); anything else is
+    passed to ``bins.strategy_weights`` as it is (which checks it)."""
+    from ..weighting import by_name, custom
 
+    if isinstance(strategy, str):
         return by_name(strategy)
+    if callable(strategy) and not hasattr(strategy, "weight"):
+        return custom(strategy)
     return strategy
 
 
@@ -48,8 +51,8 @@ def _strategy_weights(strategies: Any, bins: Any, schedule: Any, K: int) -> list
     else:
         if not hasattr(bins, "strategy_weights"):
             raise ValueError("bins must provide strategy_weights(strategy, schedule), e.g. a TimestepBins")
-        if isinstance(strategies, str) or hasattr(strategies, "weight"):
-            strategies = [strategies]  # one strategy or spec
+        if isinstance(strategies, str) or hasattr(strategies, "weight") or callable(strategies):
+            strategies = [strategies]  # one strategy, spec or function
         if isinstance(strategies, Mapping):
             pairs: Iterable[tuple[str, Any]] = ((str(k), _as_strategy(s)) for k, s in strategies.items())
         else:
@@ -81,7 +84,8 @@ def score(
             a dict name -> strategy, whose weights come from
             ``bins.strategy_weights(strategy, schedule)``; a strategy may be
             an object or a name/spec such as ``"min_snr"`` or
-            ``"min_snr:5"`` (``gradconflict.weighting.by_name``); or, with
+            ``"min_snr:5"`` (``gradconflict.weighting.by_name``) or a function
+            ``f(snr) -> x0-unit weight`` (``weighting.custom``); or, with
             ``bins=None``, a dict name -> (K,) weight vector.
         bins: object with ``strategy_weights(strategy, schedule) -> (K,)``
             (e.g. ``gradconflict.bins.TimestepBins``), or None.
