@@ -20,15 +20,17 @@ from the name's defaults is reported in one line on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import inspect
 import json
 import re
 from collections.abc import Mapping
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -36,7 +38,8 @@ import torch.nn as nn
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED"]
+__all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED",
+           "conditional", "forward_hint"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -346,6 +349,43 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
         raise ValueError(f"the model takes {size} x {size} images but --image-size is {image_size}: leave out "
                          f"--image-size (images are resized to {size} x {size}) or use a model built for that size")
     return size, channels
+
+
+def conditional(model: Any, labels: Any, verbose: bool = True) -> bool:
+    """Whether the data's class labels go to the model (as ``y``): when its config sets ``num_classes``. A model whose
+    forward takes a ``y`` but whose config does not say it is conditional gets a note (its labels are not passed)."""
+    if bool(_field(getattr(model, "config", None), "num_classes")):
+        return True
+    if labels is not None and bool((torch.as_tensor(labels) >= 0).any()) and verbose:  # -1: an unlabelled image
+        try:
+            takes_y = "y" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            takes_y = False
+        if takes_y:
+            print("note: the model's forward takes y, but its config does not set num_classes, so the data's class "
+                  "labels are not passed to it; to condition on them set model.config.num_classes (e.g. a "
+                  "types.SimpleNamespace(num_classes=10, ...)) in your build function", file=sys.stderr)
+    return False
+
+
+@contextlib.contextmanager
+def forward_hint(model: Any, size: int, image_size: Optional[int]) -> Iterator[None]:
+    """Turn a failed forward into a ``ValueError`` naming the input size used when that size was not the model's
+    own (it does not declare one): the images were read at ``size`` x ``size``, which the model may not take."""
+    try:
+        yield
+    except RuntimeError as exc:
+        try:
+            model_input(model, None)
+            declared = True
+        except ValueError:
+            declared = False
+        if declared:
+            raise
+        given = "--image-size" if image_size is not None else "the data's own size"
+        raise ValueError(f"the model's forward failed on {size} x {size} images ({given}: the model does not declare "
+                         f"its input size) with: {str(exc).splitlines()[0][:200]}; pass --image-size N for the size it "
+                         "was built for, or set image_size in its config") from exc
 
 
 def model_data(model: Any, data: str, image_size: Optional[int], limit: Optional[int] = None) -> tuple[Any, int]:

@@ -428,3 +428,60 @@ def test_checkpoints_users_bring(tmp_path: Path, kind: str, capsys) -> None:
         "nan": (2, "holds NaN or Inf in 1 tensor(s)"),
     }[kind]
     assert code == expected[0] and expected[1] in err, err
+
+
+_OWN_MLP = """
+import types
+import torch, torch.nn as nn
+
+
+class MLP(nn.Module):
+    def __init__(self, size=8, num_classes=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(size * size + 1, 16), nn.SiLU(), nn.Linear(16, size * size))
+        self.emb = nn.Embedding(3, 1)
+        nn.init.zeros_(self.emb.weight)  # the same outputs with or without labels: only the gradients differ
+        if num_classes:
+            self.config = types.SimpleNamespace(num_classes=num_classes)
+
+    def forward(self, x, t, y=None):
+        n = x.shape[0]
+        h = torch.cat([x.reshape(n, -1), t.float()[:, None] / 1000], 1)
+        if y is not None:
+            h = h + self.emb(y)
+        return self.net(h).reshape(x.shape)
+
+
+def build():
+    return MLP()
+
+
+def build_conditional():
+    return MLP(num_classes=3)
+"""
+
+
+def test_own_model_without_declared_size_or_classes_is_told_what_to_set(tmp_path: Path, capsys) -> None:
+    """A model that does not declare its input size fails on the data's 16 x 16: one line naming the size used and
+    --image-size (was a traceback); a forward taking y without num_classes in its config gets a note that the
+    labels are not passed, and with num_classes they are."""
+    (tmp_path / "mymlp.py").write_text(_OWN_MLP)
+    data = tmp_path / "labelled.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.random((12, 1, 16, 16)).astype(np.float32), labels=np.arange(12) % 3)
+    spec = str(tmp_path / "mymlp.py")
+    common = ["--data", str(data), "--bins", "2", "--per-task", "2"]
+    assert main(["gram", "--model", f"{spec}:build", *common, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "the model's forward failed on 16 x 16 images (the data's own size" in err and "--image-size N" in err
+    assert "does not set num_classes, so the data's class labels are not passed" in err
+    assert main(["gram", "--model", f"{spec}:build", *common, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
+    assert "not passed" in capsys.readouterr().err
+    assert main(["gram", "--model", f"{spec}:build_conditional", *common, "--image-size", "8",
+                 "--out", str(tmp_path / "c")]) == 0
+    assert "not passed" not in capsys.readouterr().err
+    a = pd.read_csv(tmp_path / "b" / "gram.csv", index_col=0).to_numpy()
+    c = pd.read_csv(tmp_path / "c" / "gram.csv", index_col=0).to_numpy()
+    # the same weights and outputs; only the conditional model's label embedding adds gradient (and Gram) mass
+    assert (np.diag(c) > np.diag(a) * (1 + 1e-6)).all()

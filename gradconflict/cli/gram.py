@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import sample_task_batch, task_gram
     from ..plots import matrix_heatmap, write_csv
     from ..models import MODEL_NAMES
-    from ..spec import BUILTIN_INIT_SEED, load_model, model_data
+    from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data
 
     from ..distributed import is_main, local_device, shard
 
@@ -59,18 +59,18 @@ def run(args: argparse.Namespace) -> int:
               f"init, seed {BUILTIN_INIT_SEED}); for trained weights pass --checkpoint FILE (.pt / .safetensors) or "
               "--model RUN_FOLDER", file=sys.stderr)
     model, schedule = loaded.model, loaded.schedule
-    config = getattr(model, "config", None)
-    data, _ = model_data(model, args.data, args.image_size)
+    data, size = model_data(model, args.data, args.image_size)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
-    conditional = bool(getattr(config, "num_classes", 0))
-    batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels, conditional=conditional)
+    batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels,
+                              conditional=conditional(model, data.labels, verbose=is_main()))
     # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union
     dtype = next(model.parameters()).dtype
     batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)
-    res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
-                    loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method,
-                    autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast],
-                    gram_precision=args.gram_precision, task_chunks=args.task_chunks)
+    with forward_hint(model, size, args.image_size):
+        res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
+                        loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method,
+                        autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast],
+                        gram_precision=args.gram_precision, task_chunks=args.task_chunks)
     if not is_main():
         return 0
     out = Path(args.out)

@@ -57,7 +57,7 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
-    from ..spec import load_model, model_data, spec_identity
+    from ..spec import conditional, forward_hint, load_model, model_data, spec_identity
     from ..track import TrackConfig, file_source, track_models
     from .._io import fingerprint
 
@@ -81,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     if is_main():
         _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)
     sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}
-    conditional = bool(getattr(getattr(first.model, "config", None), "num_classes", 0))
-    result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
-                          first.prediction, cfg, labels=data.labels, conditional=conditional, out_dir=out,
-                          device=device, inputs=inputs, sources=sources)
+    with forward_hint(first.model, size, args.image_size):
+        result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
+                              first.prediction, cfg, labels=data.labels,
+                              conditional=conditional(first.model, data.labels, verbose=is_main()), out_dir=out,
+                              device=device, inputs=inputs, sources=sources)
     if not is_main():
         return 0
     setup = f"\n{first.source} on {data.name}; K = {args.bins}, {args.per_task} samples/bin, lam = {args.lam} x trace(G)/K"
