@@ -112,3 +112,12 @@ def test_gram_cli_task_chunks_give_the_same_gram(tmp_path: Path) -> None:
     b = pd.read_csv(tmp_path / "pairs" / "gram.csv", index_col=0).to_numpy()
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)  # float32 model: the same samples, other batches
     assert main([*common, "--task-chunks", "9", "--out", str(tmp_path / "bad")]) != 0
+
+
+def test_one_bin_prints_no_nan_summary(tmp_path, capsys):
+    from gradconflict.cli import main
+
+    assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "1", "--per-task", "2",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "one bin: no pairs to compare" in out and "nan" not in out

@@ -86,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     )
     s = conflict.summary(res.gram.numpy())
     print(f"K = {bins.K} bins x {args.per_task} samples, method {res.method}, {res.seconds:.3f} s")
-    print(f"conflicting pairs: {s['conflict_share']:.1%}; mean off-diagonal cosine {s['mean_cosine']:.3f}, "
-          f"min {s['min_cosine']:.3f}; gradient norm ratio max/min {s['norm_ratio_max_min']:.3g}")
+    if bins.K > 1:
+        print(f"conflicting pairs: {s['conflict_share']:.1%}; mean off-diagonal cosine {s['mean_cosine']:.3f}, "
+              f"min {s['min_cosine']:.3f}; gradient norm ratio max/min {s['norm_ratio_max_min']:.3g}")
+    else:
+        print("one bin: no pairs to compare (use --bins 2 or more for conflicts)")
     print(f"wrote {out / 'gram.csv'}, cosine.csv, losses.csv, pairs.csv, cosine.png")
     return 0
