@@ -120,4 +120,4 @@ def test_one_bin_prints_no_nan_summary(tmp_path, capsys):
     assert main(["gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "1", "--per-task", "2",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "one bin: no pairs to compare" in out and "nan" not in out
+    assert "one bin: no pairs to compare" in out and "cosine nan" not in out
