@@ -121,3 +121,21 @@ def test_one_bin_prints_no_nan_summary(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "one bin: no pairs to compare" in out and "cosine nan" not in out
+
+
+def test_gram_saves_what_it_was_computed_from(tmp_path):
+    import json
+
+    import torch
+
+    from gradconflict.cli import main
+    from gradconflict.models import build_model
+
+    ckpt = tmp_path / "w.pt"
+    torch.save(build_model("dit-tiny").state_dict(), ckpt)
+    args = ["gram", "--model", "dit-tiny", "--checkpoint", str(ckpt), "--data", "synthetic", "--bins", "3",
+            "--per-task", "2", "--seed", "4", "--out", str(tmp_path / "g")]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "g" / "gram_config.json").read_text())
+    assert (saved["bins"], saved["per_task"], saved["seed"], saved["data"]) == (3, 2, 4, "synthetic")
+    assert saved["checkpoint_sha256"].startswith("sha256:") and saved["image_size"] == 16

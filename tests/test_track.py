@@ -288,3 +288,39 @@ def test_autocast_tracks_the_bf16_model_and_keeps_earlier_folders_valid(tmp_path
                      progress=False)
     with pytest.raises(ValueError, match="autocast must be one of"):
         _cfg(autocast="fp8")
+
+
+def test_track_cli_knows_a_checkpoint_by_its_content(tmp_path: Path, monkeypatch) -> None:
+    """A copied, moved or touched checkpoint is the same checkpoint (it was refused: path, size and mtime were
+    recorded); another file under the tracked name is refused; a folder recorded by mtime resumes and is upgraded."""
+    import json
+    import os
+    import shutil
+
+    import gradconflict.track.run as run_mod
+    from gradconflict.cli import main
+
+    spec, paths = _user_model_and_checkpoints(tmp_path)
+    out = tmp_path / "out"
+    common = ["--model", f"{spec}:build", "--image-size", "8", "--bins", "4", "--per-task", "2", "--resamples", "1",
+              "--data", "synthetic", "--out", str(out)]
+    assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 0
+    copy = tmp_path / "moved" / "copy.pt"
+    copy.parent.mkdir()
+    shutil.copy(paths[0], copy)  # new path, new mtime, same bytes
+    os.utime(paths[0], ns=(1, 1))  # the original touched
+    computed = []
+    real = run_mod.task_gram
+    monkeypatch.setattr(run_mod, "task_gram", lambda *a, **k: (computed.append(1), real(*a, **k))[1])
+    assert main(["track", "--checkpoints", str(copy), "--steps", "100", *common]) == 0
+    assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 0
+    assert computed == []  # step 100 was held: nothing recomputed
+    shutil.copy(paths[1], paths[0])  # another model under the tracked name
+    assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 2
+    # a folder as older versions wrote it: the source by path, size and mtime of the file that is still there
+    shutil.copy(copy, paths[0])
+    legacy = run_mod._legacy(Path(paths[0]).resolve())
+    (out / "track_sources.json").write_text(json.dumps({"100": legacy}))
+    assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 0
+    assert json.loads((out / "track_sources.json").read_text())["100"].startswith("sha256:")
+    assert computed == []

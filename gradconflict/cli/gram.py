@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import conflict
     from ..bins import TimestepBins
     from ..engine import sample_task_batch, task_gram
+    from .._io import write_json
     from ..plots import matrix_heatmap, write_csv
+    from ..track import file_source
     from ..models import MODEL_NAMES
     from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data
 
@@ -78,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
     write_csv(res.cosine_frame(), out / "cosine.csv", index=True)
     write_csv(res.losses_frame(), out / "losses.csv")
     write_csv(conflict.pairwise_frame(res.gram.numpy(), bins, schedule), out / "pairs.csv")
+    # a rerun rewrites the folder: what these files were computed from is saved beside them
+    write_json(out / "gram_config.json", {
+        **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
+        "model_source": loaded.source, "data_name": data.name, "image_size": size,
+        "checkpoint_sha256": None if args.checkpoint is None else file_source(args.checkpoint).split(" ")[0],
+    })
     matrix_heatmap(
         res.cosine_frame(), out / "cosine.png",
         title=f"Cosine between per-bin task gradients\n{loaded.source}, {data.name}, {args.per_task} samples/bin",
@@ -91,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
               f"min {s['min_cosine']:.3f}; gradient norm ratio max/min {s['norm_ratio_max_min']:.3g}")
     else:
         print("one bin: no pairs to compare (use --bins 2 or more for conflicts)")
-    print(f"wrote {out / 'gram.csv'}, cosine.csv, losses.csv, pairs.csv, cosine.png")
+    print(f"wrote {out / 'gram.csv'}, cosine.csv, losses.csv, pairs.csv, cosine.png, gram_config.json")
     return 0

@@ -10,6 +10,7 @@ resumes where it stopped (checkpoints already in the CSVs are skipped; a differe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -105,12 +106,17 @@ def _read_sources(out: Path) -> dict[int, str]:
     return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
 
 
+def _key(source: str) -> str:
+    """What makes two sources the same model: a checkpoint's content hash (:func:`file_source`), else the string."""
+    return source.split(" ", 1)[0] if source.startswith(_DIGEST) else source
+
+
 def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
     """``track_sources.json`` maps each tracked step to where its model came from; a step whose results are in
     ``out`` (``held``) but came from another source is refused (its results would silently stand for the other
     model). Steps not tracked yet may come from anywhere."""
-    old = _read_sources(out)
-    clash = sorted(s for s in sources if s in held and s in old and old[s] != sources[s])
+    old = _upgrade_legacy_sources(out, _read_sources(out), sources)
+    clash = sorted(s for s in sources if s in held and s in old and _key(old[s]) != _key(sources[s]))
     if clash:
         s = clash[0]
         raise ValueError(f"{out} holds step {s} tracked from {old[s]!r}, not {sources[s]!r}; use another --out, "
@@ -118,12 +124,26 @@ def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
     steps_of: dict[str, set[int]] = {}
     for step, src in old.items():
         if step in held:
-            steps_of.setdefault(src, set()).add(step)
-    moved = sorted(s for s in sources if s not in held and s not in steps_of.get(sources[s], {s}))
+            steps_of.setdefault(_key(src), set()).add(step)
+    moved = sorted(s for s in sources if s not in held and s not in steps_of.get(_key(sources[s]), {s}))
     if moved:  # e.g. a rerun that forgot --steps: the same model would stand for two training steps
         s = moved[0]
-        raise ValueError(f"{out} holds step {min(steps_of[sources[s]])} tracked from {sources[s]!r}, now given as "
-                         f"step {s}; pass the same --steps as before (one per checkpoint), or use another --out")
+        raise ValueError(f"{out} holds step {min(steps_of[_key(sources[s])])} tracked from {sources[s]!r}, now given "
+                         f"as step {s}; pass the same --steps as before (one per checkpoint), or use another --out")
+
+
+def _upgrade_legacy_sources(out: Path, old: dict[int, str], sources: dict[int, str]) -> dict[int, str]:
+    """Folders of older versions recorded a checkpoint by path, size and mtime: where the file given for that step
+    is still that file, record it by content (so the folder resumes, and from now on a copy or a move is the same
+    checkpoint)."""
+    upgraded = dict(old)
+    for step, src in sources.items():
+        path = src.split(" ", 1)[1] if src.startswith(_DIGEST) and " " in src else None
+        if path is not None and step in old and not old[step].startswith(_DIGEST) and old[step] == _legacy(path):
+            upgraded[step] = src
+    if upgraded != old:
+        write_json(out / "track_sources.json", {str(k): v for k, v in sorted(upgraded.items())})
+    return upgraded
 
 
 def _record_source(out: Path, step: int, source: str) -> None:
@@ -134,9 +154,26 @@ def _record_source(out: Path, step: int, source: str) -> None:
         write_json(out / "track_sources.json", {str(k): v for k, v in sorted(recorded.items())})
 
 
+_DIGEST = "sha256:"
+
+
 def file_source(path: Union[str, Path]) -> str:
-    """A checkpoint file's identity for ``sources``: its absolute path, size and modification time."""
+    """A checkpoint file's identity for ``sources``: the SHA-256 of its bytes (the first 16 hex digits) and, for
+    the messages, its absolute path. A copy, a move or a touched file is the same checkpoint; another file written
+    under the same name is not. (About 1 s per GB.)"""
     p = Path(path).resolve()
+    digest = hashlib.sha256()
+    with open(p, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return f"{_DIGEST}{digest.hexdigest()[:16]} {p}"
+
+
+def _legacy(path: Union[str, Path]) -> Optional[str]:
+    """How versions before content hashing recorded a checkpoint (path, size, mtime); None for a missing file."""
+    p = Path(path)
+    if not p.is_file():
+        return None
     st = p.stat()
     return f"{p} ({st.st_size} bytes, mtime {st.st_mtime_ns})"
 
