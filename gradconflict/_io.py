@@ -70,7 +70,15 @@ def identity_changes(path: str | Path, identity: dict[str, Any]) -> Optional[lis
     if not path.is_file():
         return None
     old, new = json.loads(path.read_text()), as_json(identity)
-    return sorted(k for k in set(old) | set(new) if (k in old) != (k in new) or old.get(k) != new.get(k))
+    changed = []
+    for k in sorted(set(old) | set(new)):
+        if (k in old) != (k in new) or old.get(k) != new.get(k):
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):  # name the inner keys: "inputs.data", not "inputs"
+                changed += [f"{k}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+            else:
+                changed.append(k)
+    return changed
 
 
 def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix: str) -> None:

@@ -121,7 +121,7 @@ def test_a_step_tracked_from_another_source_or_other_inputs_is_refused(tmp_path:
     assert sorted(more.objectives["step"].unique()) == [0, 5]  # a new step from a new source is added
     with pytest.raises(ValueError, match="step 5 tracked from 'ckpt-c', not 'ckpt-d'"):
         track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), sources={0: "ckpt-a", 5: "ckpt-d"}, **kw)
-    with pytest.raises(ValueError, match=r"differs in \['inputs'\]"):
+    with pytest.raises(ValueError, match=r"differs in \['inputs.data'\]"):
         track_models(_models(), images, SCHEDULE, "eps", _cfg(resamples=1), out_dir=tmp_path, progress=False,
                      inputs={"model": "unet", "data": "b"})
     with pytest.raises(ValueError, match=r"step\(s\) \[0\] given more than once"):
