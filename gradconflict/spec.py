@@ -353,10 +353,12 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
 
 def conditional(model: Any, labels: Any, verbose: bool = True) -> bool:
     """Whether the data's class labels go to the model (as ``y``): when its config sets ``num_classes``. A model whose
-    forward takes a ``y`` but whose config does not say it is conditional gets a note (its labels are not passed)."""
-    if bool(_field(getattr(model, "config", None), "num_classes")):
+    forward takes a ``y`` but whose config does not say (no ``num_classes`` at all) gets a note that its labels are
+    not passed; ``num_classes = 0`` is unconditional on purpose."""
+    classes = _field(getattr(model, "config", None), "num_classes")
+    if bool(classes):
         return True
-    if labels is not None and bool((torch.as_tensor(labels) >= 0).any()) and verbose:  # -1: an unlabelled image
+    if classes is None and labels is not None and bool((torch.as_tensor(labels) >= 0).any()) and verbose:  # -1: an unlabelled image
         try:
             takes_y = "y" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError, AttributeError):

@@ -481,6 +481,8 @@ def test_own_model_without_declared_size_or_classes_is_told_what_to_set(tmp_path
     assert main(["gram", "--model", f"{spec}:build_conditional", *common, "--image-size", "8",
                  "--out", str(tmp_path / "c")]) == 0
     assert "not passed" not in capsys.readouterr().err
+    assert main(["gram", "--model", "dit-tiny", *common, "--out", str(tmp_path / "d")]) == 0  # num_classes = 0
+    assert "not passed" not in capsys.readouterr().err  # unconditional on purpose: no note
     a = pd.read_csv(tmp_path / "b" / "gram.csv", index_col=0).to_numpy()
     c = pd.read_csv(tmp_path / "c" / "gram.csv", index_col=0).to_numpy()
     # the same weights and outputs; only the conditional model's label embedding adds gradient (and Gram) mass
