@@ -760,11 +760,13 @@ def test_score_accepts_strategy_names_and_specs():
     G = np.diag([1.0, 2.0])
     # min_snr(5): x0 weights min(SNR, 5) = 5, 4, 1, 0.25 -> bins 9 and 1.25 of 10.25 -> w = (36, 5) / 41
     # objective (lam = 0) = (36^2 * 1 + 5^2 * 2) / 41^2 = 1346 / 1681
-    df = score(G, 0.0, ["min_snr:5", "min_snr"], bins=bins, schedule=sch)
-    assert list(df["strategy"]) == ["min_snr_5", "min_snr_5", "pareto_optimum"]
-    for i in range(2):
-        np.testing.assert_allclose(df.loc[i, "weights"], [36 / 41, 5 / 41], rtol=1e-12)
-        assert df.loc[i, "objective"] == pytest.approx(1346 / 1681, rel=1e-12)
+    for spec in ("min_snr:5", "min_snr"):  # gamma = 5 is the default
+        df = score(G, 0.0, [spec], bins=bins, schedule=sch)
+        assert list(df["strategy"]) == ["min_snr_5", "pareto_optimum"]
+        np.testing.assert_allclose(df.loc[0, "weights"], [36 / 41, 5 / 41], rtol=1e-12)
+        assert df.loc[0, "objective"] == pytest.approx(1346 / 1681, rel=1e-12)
+    with pytest.raises(ValueError, match=r"strategy name\(s\) \['min_snr_5'\] appear more than once"):
+        score(G, 0.0, ["min_snr:5", "min_snr"], bins=bins, schedule=sch)  # one name, two rows: ambiguous
     one = score(G, 0.0, "min_snr:5", bins=bins, schedule=sch)  # a single spec, not split into characters
     assert list(one["strategy"]) == ["min_snr_5", "pareto_optimum"]
     named = score(G, 0.0, {"ours": "min_snr:5"}, bins=bins, schedule=sch)

@@ -324,3 +324,31 @@ def test_track_cli_knows_a_checkpoint_by_its_content(tmp_path: Path, monkeypatch
     assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 0
     assert json.loads((out / "track_sources.json").read_text())["100"].startswith("sha256:")
     assert computed == []
+
+
+def test_extra_strategies_are_known_by_their_weights_and_names_must_be_unique(tmp_path: Path) -> None:
+    """A changed custom weighting under the same name is another strategy (a rerun reused the old scores); two
+    strategies of one name were averaged into one figure line."""
+    from gradconflict import weighting
+
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(out_dir=tmp_path, progress=False)
+    cfg = _cfg(resamples=1, solvers=("auto",))
+    gamma5 = weighting.custom(lambda snr: np.minimum(snr, 5.0), name="mine")
+    gamma1 = weighting.custom(lambda snr: np.minimum(snr, 1.0), name="mine")
+    first = track_models(_models()[:1], images, SCHEDULE, "eps", cfg, extra_strategies=[gamma5], **kw)
+    same = track_models(_models()[:1], images, SCHEDULE, "eps", cfg,
+                        extra_strategies=[weighting.custom(lambda snr: np.minimum(snr, 5.0), name="mine")], **kw)
+    pd.testing.assert_frame_equal(first.objectives, same.objectives)  # the same function again: resumed
+    with pytest.raises(ValueError, match=r"differs in \['extra_strategies'\]"):
+        track_models(_models()[:1], images, SCHEDULE, "eps", cfg, extra_strategies=[gamma1], **kw)
+    with pytest.raises(ValueError, match=r"\['snr'\] appear more than once"):
+        track_models(_models()[:1], images, SCHEDULE, "eps", cfg, progress=False,
+                     extra_strategies=[weighting.custom(lambda snr: snr, name="snr")])
+    with pytest.raises(ValueError, match=r"\['<lambda>'\] appear more than once"):
+        track_models(_models()[:1], images, SCHEDULE, "eps", cfg, progress=False,
+                     extra_strategies=[lambda snr: snr, lambda snr: 1.0 + 0 * snr])
+    plain = track_models(_models()[:1], images, SCHEDULE, "eps", cfg, progress=False,
+                         extra_strategies=[lambda snr: np.minimum(snr, 5.0)])  # a plain function is taken as it is
+    mine = first.objectives[first.objectives["name"] == "mine"]["objective"].to_numpy()
+    np.testing.assert_allclose(plain.objectives[plain.objectives["name"] == "<lambda>"]["objective"], mine, rtol=1e-12)

@@ -59,6 +59,11 @@ def _strategy_weights(strategies: Any, bins: Any, schedule: Any, K: int) -> list
             objs = [_as_strategy(s) for s in strategies]
             pairs = ((str(getattr(s, "name", type(s).__name__)), s) for s in objs)
         items = [(name, bins.strategy_weights(s, schedule)) for name, s in pairs]
+    names = [name for name, _ in items]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"strategy name(s) {dup} appear more than once; give each strategy its own name, e.g. a dict "
+                         "{'mine': f, ...} or weighting.custom(f, name='mine')")
     out = []
     for name, w in items:
         arr = check_simplex(w, K=K, name=f"weights of strategy {name!r}")

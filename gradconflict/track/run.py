@@ -28,7 +28,7 @@ from .._io import atomic_write, identity_changes, record_identity, write_csv, wr
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
 from ..schedule import NoiseSchedule
-from ..weighting import WeightingStrategy, by_name
+from ..weighting import WeightingStrategy, by_name, custom
 from .analyze import analyze_gram
 from .config import TrackConfig
 
@@ -55,8 +55,31 @@ def make_bins(schedule: NoiseSchedule, config: TrackConfig) -> TimestepBins:
     return TimestepBins.log_snr_uniform(schedule, config.bins)
 
 
-def _strategies(config: TrackConfig, extra: Sequence[WeightingStrategy]) -> list[WeightingStrategy]:
-    return [by_name(s) for s in config.strategies] + list(extra)
+def _strategies(config: TrackConfig, extra: Sequence[Any]) -> list[WeightingStrategy]:
+    """The config's named strategies and the extra ones (strategy objects or functions snr -> x0-unit weight);
+    names must be unique (results are keyed by name: two "snr" or two "<lambda>" would be averaged into one)."""
+    strategies = [by_name(s) for s in config.strategies] + [_as_strategy(s) for s in extra]
+    names = [s.name for s in strategies]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"strategy name(s) {dup} appear more than once; results are kept by name, so give each "
+                         "strategy its own, e.g. weighting.custom(f, name='mine')")
+    return strategies
+
+
+def _as_strategy(strategy: Any) -> WeightingStrategy:
+    return custom(strategy) if callable(strategy) and not hasattr(strategy, "weight") else strategy
+
+
+_SNR_PROBE = np.concatenate([[0.0], np.logspace(-10, 10, 81), [np.inf]])  # where a strategy's identity is read
+
+
+def _strategy_identity(strategy: Any) -> str:
+    """A strategy's name and a hash of its x0-unit weights on a fixed SNR grid: a changed function under the same
+    name is another strategy (a rerun would otherwise reuse the old one's results)."""
+    strategy = _as_strategy(strategy)
+    weights = np.asarray(strategy.weight(_SNR_PROBE, "x0"), dtype=np.float64)
+    return f"{strategy.name}@{hashlib.sha256(weights.tobytes()).hexdigest()[:12]}"
 
 
 def load_track(out_dir: Union[str, Path]) -> Optional[TrackResult]:
@@ -97,7 +120,7 @@ def track_identity(config: TrackConfig, prediction: str, T: int, extra_strategie
                    inputs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What a tracking folder's results depend on, besides the models at each step (see ``sources``)."""
     identity = {**config.to_dict(), "prediction": prediction, "T": T,
-                "extra_strategies": [s.name for s in extra_strategies]}
+                "extra_strategies": [_strategy_identity(s) for s in extra_strategies]}
     return identity | {"inputs": dict(inputs)} if inputs else identity
 
 
