@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .._io import write_json
+from ..track.config import TrackConfig
 
 __all__ = ["add_parser", "run"]
 
@@ -30,8 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-task", type=int, default=8, help="samples per bin per batch")
     p.add_argument("--resamples", type=int, default=3, help="independent batches per checkpoint")
     p.add_argument("--lam", type=float, default=0.1, help="regularizer relative to trace(G)/K (default 0.1)")
-    p.add_argument("--strategies", nargs="+", default=["constant", "snr", "max_snr:1", "min_snr:5"],
-                   help="weighting specs to score, e.g. min_snr:5 p2:1,1")
+    p.add_argument("--strategies", nargs="+", default=list(TrackConfig.strategies),
+                   help="weighting specs to score; replaces the default list (%(default)s), e.g. --strategies "
+                        "constant snr min_snr:5 p2:1,1 (your own function of SNR: the Python API, track_models("
+                        "..., extra_strategies=[f]))")
+    p.add_argument("--ugd-steps", type=int, default=TrackConfig.ugd_steps,
+                   help="Adam steps of UGD per Gram (default %(default)s: its accuracy; fewer leave it visibly "
+                        "off the exact optimum)")
+    p.add_argument("--ugd-lr", type=float, default=TrackConfig.ugd_lr, help="UGD's Adam learning rate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
     from ..spec import conditional, forward_hint, load_model, model_data, spec_identity
-    from ..track import TrackConfig, file_source, track_models
+    from ..track import file_source, track_models
     from .._io import fingerprint
 
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return lambda: load_model(args.model, path, device=device, verbose=False).model
 
     cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
-                      strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast)
+                      strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast,
+                      ugd_steps=args.ugd_steps, ugd_lr=args.ugd_lr)
     out = Path(args.out)
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
     # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
@@ -88,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                               device=device, inputs=inputs, sources=sources)
     if not is_main():
         return 0
-    setup = f"\n{first.source} on {data.name}; K = {args.bins}, {args.per_task} samples/bin, lam = {args.lam} x trace(G)/K"
+    setup = (f"\n{first.source} on {data.name}; K = {args.bins}, {args.per_task} samples/bin, lam = {args.lam} x "
+             f"trace(G)/K, UGD {args.ugd_steps} Adam steps")
     fig3_ugd_weights(result.weights, out / "fig3_ugd_weights", subtitle=setup)
     fig4_pareto_objective(result.objectives, out / "fig4_pareto_objective", subtitle=setup)
     summary = (result.objectives[result.objectives["kind"] == "strategy"].groupby("name")["ratio"].mean().sort_values())

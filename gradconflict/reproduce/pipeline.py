@@ -113,7 +113,8 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     bins = make_bins(schedule, config.track)
     model_line = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
                  f"trained with {tc.weighting} weighting\nK = {bins.K} bins, {config.track.per_task} samples/bin"
-    setup = f"{model_line}, {config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K"
+    setup = (f"{model_line}, {config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K, "
+             f"UGD {config.track.ugd_steps} Adam steps")
     if "fig3_ugd_weights" in wanted:
         fig3_ugd_weights(track.weights, figures / "fig3_ugd_weights", subtitle=setup)
     if "fig4_pareto_objective" in wanted:

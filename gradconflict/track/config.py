@@ -22,7 +22,9 @@ class TrackConfig:
       ``min_w w^T G w + lam_abs ||w||^2`` with ``lam_abs = lam * trace(G) / K`` (the mean squared task-gradient
       norm), so one value means the same at every checkpoint and for every model.
     * ``solvers``: any of "auto", "frank_wolfe", "ugd", "cvxpy"; ``ugd_steps``/``ugd_lr``/``fw_max_iter``
-      their budgets (UGD starts from uniform weights each time, Adam on the softmax logits).
+      their budgets (UGD starts from uniform weights each time, Adam on the softmax logits). UGD's default of
+      10,000 steps reaches its accuracy (L1 distance about 4e-5 to the exact optimum on the quick preset's Grams);
+      at 1,000 it stopped 1.5% away, which is larger than what C2 compares it with.
     * ``strategies``: ``weighting.by_name`` specs scored against the optimum.
     * ``loss_space``: units of each task's loss ("x0", as in the paper's analysis).
     * ``autocast``: "none" (default), "bf16" or "fp16": the model runs under ``torch.autocast`` in that dtype
@@ -36,7 +38,7 @@ class TrackConfig:
     lam: float = 0.1
     solvers: tuple[str, ...] = ("auto", "frank_wolfe", "ugd", "cvxpy")
     strategies: tuple[str, ...] = ("constant", "snr", "max_snr:1", "min_snr:5")
-    ugd_steps: int = 1000
+    ugd_steps: int = 10000
     ugd_lr: float = 0.05
     fw_max_iter: int = 2000
     loss_space: str = "x0"
