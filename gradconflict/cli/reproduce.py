@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="tiny DiT on 16x16 MNIST, about 10 minutes on 2 CPU cores (default)")
+                      help="tiny DiT on 16x16 MNIST, about 4-5 minutes on 2 CPU cores (default)")
     size.add_argument("--full", dest="preset", action="store_const", const="full", help="DiT-S/2-like at 32x32, for a GPU")
     size.add_argument("--toy", dest="preset", action="store_const", const="toy", help="seconds; a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

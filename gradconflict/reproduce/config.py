@@ -37,7 +37,7 @@ class ReproduceConfig:
 
 
 def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
-    """"quick": the tiny DiT on 16x16 MNIST, within 10 minutes on 2 CPU cores; "full": DiT-S/2-like at 32x32
+    """"quick": the tiny DiT on 16x16 MNIST, about 4-5 minutes on 2 CPU cores; "full": DiT-S/2-like at 32x32
     on a GPU; "toy": seconds, for tests."""
     if kind == "toy":
         return ReproduceConfig(

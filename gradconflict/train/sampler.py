@@ -19,6 +19,7 @@ on the device's RNG.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -143,7 +144,11 @@ def sample_grid_png(model: nn.Module, schedule: NoiseSchedule, prediction: str, 
     x = sample(model, schedule, prediction, n, method=method, steps=steps, eta=eta, seed=seed, y=y)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.5))
+    arch = type(model).__name__
+    # the title wrapped to the grid's width (about 15 characters per inch at 9 pt): a long one was cut at both sides
+    heading = textwrap.fill(title or f"{arch} ({prediction}-prediction), {method.upper()} {steps} steps, seed {seed}",
+                            width=max(30, int(15 * 1.3 * cols)))
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.2 + 0.18 * (heading.count("\n") + 1)))
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -151,8 +156,7 @@ def sample_grid_png(model: nn.Module, schedule: NoiseSchedule, prediction: str, 
             image, cmap = _to_display(x[i])
             ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"y={int(y[i])}" if y is not None else f"#{i}", fontsize=8)
-    arch = type(model).__name__
-    fig.suptitle(title or f"{arch} ({prediction}-prediction), {method.upper()} {steps} steps, seed {seed}", fontsize=9)
+    fig.suptitle(heading, fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100))  # never a half-written PNG
     return x
