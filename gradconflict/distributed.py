@@ -17,9 +17,23 @@ import torch.distributed as dist
 __all__ = ["init_from_env", "shutdown", "barrier", "wait_for_all", "is_distributed", "rank", "world_size", "is_main",
            "all_reduce_sum", "all_reduce_min", "agreed", "shard", "local_device"]
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_TIMEOUT", "600"))
+def _seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name``; a clear error for anything else."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={text!r} must be a positive number of seconds, e.g. {name}={int(default)}")
+    return value
+
+
+DEFAULT_TIMEOUT_S = 600.0  # GRADCONFLICT_DIST_TIMEOUT: every collective of a command
 # waits that are long by design (the other ranks wait while rank 0 trains): torchrun ends them if rank 0 fails
-WAIT_TIMEOUT_S = float(os.environ.get("GRADCONFLICT_DIST_WAIT", str(7 * 24 * 3600)))
+WAIT_TIMEOUT_S = 7 * 24 * 3600.0  # GRADCONFLICT_DIST_WAIT
 _wait_group: Optional[object] = None
 
 
@@ -43,10 +57,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Initialise the default process group from torchrun's environment; returns True when distributed."""
+def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> bool:
+    """Initialise the default process group from torchrun's environment; returns True when distributed. The
+    timeout of its collectives: ``timeout_s``, else ``GRADCONFLICT_DIST_TIMEOUT`` (seconds, default 600)."""
     if not dist.is_available() or "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    if timeout_s is None:
+        timeout_s = _seconds("GRADCONFLICT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)
     if not dist.is_initialized():
         if backend is None:  # the command's --device decides where it is given (see cli.main)
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -81,8 +98,9 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def agreed(items: Sequence[Hashable], held: Collection[Hashable]) -> set:
-    """The ``items`` that rank 0 holds (``held``), the same set on every rank: a rank without rank 0's disk
-    must skip exactly the work rank 0 skips, or the collectives of the two ranks stop matching."""
+    """The ``items`` that any rank holds (``held``; in practice rank 0, which alone reads the disk, while the others
+    pass an empty set), the same set on every rank: a rank without rank 0's disk must skip exactly the work rank 0
+    skips, or the collectives of the two ranks stop matching."""
     mask = all_reduce_sum(torch.tensor([1.0 if i in held else 0.0 for i in items], dtype=torch.float64))
     return {i for i, m in zip(items, mask.tolist()) if m > 0}
 
@@ -116,7 +134,8 @@ def wait_for_all() -> None:
     if not is_distributed():
         return
     if _wait_group is None:
-        _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
+        _wait_group = dist.new_group(backend="gloo",
+                                     timeout=timedelta(seconds=_seconds("GRADCONFLICT_DIST_WAIT", WAIT_TIMEOUT_S)))
     dist.barrier(group=_wait_group)
 
 

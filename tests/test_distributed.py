@@ -126,3 +126,24 @@ def test_resumed_tracking_agrees_on_done_steps_across_ranks(tmp_path: Path) -> N
     got = torch.load(out, weights_only=False)["grams"]
     for key in [(5, 0), (5, 1)]:
         assert float(abs(got[key] - ref.grams[key]).max() / abs(ref.grams[key]).max()) <= 1e-10
+
+
+def test_timeout_variables_are_read_when_used_and_checked(monkeypatch) -> None:
+    """A bad GRADCONFLICT_DIST_TIMEOUT / _WAIT crashed `import gradconflict` (read at import time) with a bare
+    float() error, and 0 or a negative value reached torch; now they are read when a process group starts."""
+    import os
+
+    from gradconflict import distributed
+
+    env = {**os.environ, "GRADCONFLICT_DIST_TIMEOUT": "10m", "GRADCONFLICT_DIST_WAIT": "abc"}
+    run = subprocess.run([sys.executable, "-c", "import gradconflict"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    for bad in ("10m", "0", "-5", "nan", "inf"):
+        monkeypatch.setenv("GRADCONFLICT_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=r"GRADCONFLICT_DIST_TIMEOUT=.* must be a positive number of seconds"):
+            distributed._seconds("GRADCONFLICT_DIST_TIMEOUT", 600.0)
+    monkeypatch.setenv("GRADCONFLICT_DIST_TIMEOUT", "15")
+    assert distributed._seconds("GRADCONFLICT_DIST_TIMEOUT", 600.0) == 15.0
+    monkeypatch.delenv("GRADCONFLICT_DIST_TIMEOUT")
+    assert distributed._seconds("GRADCONFLICT_DIST_TIMEOUT", 600.0) == 600.0

@@ -156,9 +156,11 @@ def task_gram(
         raise ValueError(f"task_chunks applies to method='fused' (the loop already runs one task at a time); got "
                          f"method={method!r} with task_chunks={task_chunks}")
     if task_chunks > 1 and (return_gradients or sketch_dim or dist_utils.is_distributed() or train_mode):
-        raise ValueError("task_chunks > 1 cannot return per-task gradients or a sketch, run under torchrun (each rank "
-                         "there already holds 1 / world of the batch) or keep training mode (each pass would draw "
-                         "its own dropout masks); use task_chunks=1, or method='loop' for the gradients")
+        raise ValueError("task_chunks > 1 works only in one process, in eval mode, for the Gram alone: it cannot "
+                         "return per-task gradients or a sketch, cannot run under torchrun (there each rank already "
+                         "holds 1 / world of the batch: add ranks to save memory instead), and cannot keep training "
+                         "mode (each pass would draw its own dropout masks); use task_chunks=1, or method='loop' for "
+                         "the gradients")
     start = time.perf_counter()
     with _mode(model, train_mode), _saved_grads(params), tf32(False):  # TF32 rounds to 10 mantissa bits
         check_samples_independent(model)
