@@ -87,12 +87,16 @@ def _backend_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x`` over all ranks (returns ``x`` unchanged when not distributed); keeps x's device and dtype."""
+def all_reduce_sum(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over all ranks (returns ``x`` unchanged when not distributed); keeps x's device and dtype.
+    ``inplace``: a contiguous ``x`` on the backend's device is summed in its own memory (no copy: the engine's
+    per-layer K x P buffers, which nothing reads before the sum); otherwise ``x`` is left as it was."""
     if not is_distributed():
         return x
     dev = _backend_device()
-    y = x.detach().to(dev).contiguous().clone()
+    y = x.detach().to(dev).contiguous()
+    if y.data_ptr() == x.data_ptr() and not inplace:
+        y = y.clone()  # .to / .contiguous returned x's own memory: do not sum into the caller's tensor
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y.to(x.device)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Any, Iterator, Optional, Union
 
@@ -324,7 +325,8 @@ def _fused(model, x0, t, noise, idx, params, model_kwargs, autocast_dtype, kw, s
            max_chunk_elements=None, check=True, gram_precision="fp32", task_ids=None):
     """One fused pass; ``task_ids``: the caller's ids of this pass's tasks 0..K-1 (named in errors), default 0..K-1."""
     named = (lambda local: local) if task_ids is None else (lambda local: [int(task_ids[i]) for i in local])
-    reduce = dist_utils.all_reduce_sum if dist_utils.is_distributed() else None
+    # each layer's per-task gradients are summed over ranks in their own buffer (no second K x P copy)
+    reduce = functools.partial(dist_utils.all_reduce_sum, inplace=True) if dist_utils.is_distributed() else None
     fg = FusedGram(model, idx, keep_gradients=return_gradients, sketch=sketch, reduce=reduce,
                    max_chunk_elements=max_chunk_elements, gram_precision=gram_precision)
     rng = _rng_state(x0.device) if check else None  # the check's own forward must draw the same dropout masks
