@@ -229,3 +229,23 @@ def test_a_layer_that_does_not_see_the_batch_is_refused_with_the_fix(lookup: str
     shape = "(16,)" if lookup == "shared" else "()"
     with pytest.raises(ValueError, match=rf"Embedding ran on an input of shape {re.escape(shape)}, not on the batch of 6"):
         gc.task_gram(model, x0, t, task, **kw)
+
+
+class _Flattened(nn.Module):
+    """Tokens flattened to (N * L, E) before a Linear: the batch is no longer dim 0 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return self.lin(x.reshape(n, 4, 16).transpose(1, 2).reshape(-1, 4)).reshape(n, 16, 4).transpose(1, 2).reshape(x.shape)
+
+
+def test_flattened_tokens_are_refused_with_their_own_fix() -> None:
+    model = _Flattened().double()
+    x0 = torch.randn(6, 4, 4, 4, dtype=torch.float64)
+    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"input of shape \(96, 4\).*tokens flattened to \(N \* L, E\)"):
+        gc.task_gram(model, x0, t, task, schedule=gc.NoiseSchedule.linear(), K=3)

@@ -157,13 +157,17 @@ class FusedGram:
         (a position table looked up once and broadcast to every sample: its output gradient is already summed over
         the samples, and no rule can split it)."""
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if x is not None and (x.ndim == 0 or x.shape[0] != self.idx.N):
-            raise ValueError(
-                f"a {type(module).__name__} ran on an input of shape {tuple(x.shape)}, not on the batch of {self.idx.N} "
-                "samples (dim 0): its output is shared by every sample, so the fused engine cannot split its gradient "
-                "by task; give it one row per sample (e.g. a position lookup as emb(torch.arange(S).expand(N, S))), "
-                "or use method='loop'"
-            )
+        n = self.idx.N
+        if x is None or (x.ndim > 0 and x.shape[0] == n):
+            return
+        if x.ndim > 0 and x.shape[0] > n and x.shape[0] % n == 0:
+            why = ("the batch is not dim 0 there (e.g. tokens flattened to (N * L, E), or the batch doubled): keep "
+                   "the batch in dim 0, e.g. apply the layer to the (N, L, E) tensor")
+        else:
+            why = ("its output is shared by every sample, so its gradient cannot be split by task: give it one row "
+                   "per sample (e.g. a position lookup as emb(torch.arange(S).expand(N, S)))")
+        raise ValueError(f"a {type(module).__name__} ran on an input of shape {tuple(x.shape)}, not on the batch of "
+                         f"{n} samples in dim 0: {why}; or use method='loop'")
 
     def outputs_modified(self) -> bool:
         """Whether a hooked output was modified in place after its layer ran (``out += x``, ``relu_``).  A backward
