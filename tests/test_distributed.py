@@ -147,3 +147,15 @@ def test_timeout_variables_are_read_when_used_and_checked(monkeypatch) -> None:
     assert distributed._seconds("GRADCONFLICT_DIST_TIMEOUT", 600.0) == 15.0
     monkeypatch.delenv("GRADCONFLICT_DIST_TIMEOUT")
     assert distributed._seconds("GRADCONFLICT_DIST_TIMEOUT", 600.0) == 600.0
+
+
+def test_a_user_error_under_torchrun_names_each_rank(tmp_path: Path) -> None:
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gradconflict",
+           "gram", "--model", "dit-tiny", "--data", "synthetic", "--bins", "0", "--out", str(tmp_path / "g")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    for r in (0, 1):
+        assert f"gradconflict gram (rank {r} of 2): error: K must be >= 1" in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "g").exists()

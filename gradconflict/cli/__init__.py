@@ -85,7 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with folder_lock(out) if out is not None and is_main() else contextlib.nullcontext():
             result = args.handler(args)
     except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, exit 2; anything else is a bug
-        print(f"gradconflict {args.command}: error: {err}", file=sys.stderr)
+        from ..distributed import rank, world_size
+
+        where = f" (rank {rank()} of {world_size()})" if world_size() > 1 else ""  # under torchrun: whose error
+        print(f"gradconflict {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resumes = args.command in ("train", "track", "transfer", "reproduce")
