@@ -249,3 +249,29 @@ def test_flattened_tokens_are_refused_with_their_own_fix() -> None:
     t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
     with pytest.raises(ValueError, match=r"input of shape \(96, 4\).*tokens flattened to \(N \* L, E\)"):
         gc.task_gram(model, x0, t, task, schedule=gc.NoiseSchedule.linear(), K=3)
+
+
+class _UnusedAux(nn.Module):
+    """A layer run on a slice of the batch whose output never reaches the loss (unused, or detached)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.aux = nn.Linear(64, 64), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        self.aux(x.reshape(n, -1)[:3, :4])
+        self.aux(x.reshape(n, -1)[:3, :4]).detach()
+        return self.lin(x.reshape(n, -1)).reshape(x.shape)
+
+
+def test_a_layer_off_the_batch_whose_output_never_reaches_the_loss_is_no_concern() -> None:
+    model = _UnusedAux().double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
+    kw = dict(schedule=gc.NoiseSchedule.linear(), K=3, noise=noise)
+    ref = gc.task_gram(model, x0, t, task, method="loop", **kw)
+    got = gc.task_gram(model, x0, t, task, **kw)
+    assert float((got.gram - ref.gram).norm() / ref.gram.norm()) <= 1e-10

@@ -128,7 +128,6 @@ class FusedGram:
             self._total_uses[id(p)] = self._total_uses.get(id(p), 0) + 1
         call = _Call(module, names, params, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs)
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
-            self._check_batched(module, call.args)
             if output.dtype in HALF_DTYPES and self._plan[module][2] in HALF_INPUT_RULES and call.args:
                 # autocast ran this layer in half precision: keep the input as the forward cast it (the operand the
                 # rule uses, precision.py) rather than the float32 tensor, which autograd does not keep alive
@@ -155,7 +154,8 @@ class FusedGram:
     def _check_batched(self, module: nn.Module, args: tuple) -> None:
         """A layer with a rule splits its gradient along dim 0 of its input: refuse an input without the batch there
         (a position table looked up once and broadcast to every sample: its output gradient is already summed over
-        the samples, and no rule can split it)."""
+        the samples, and no rule can split it). Checked when the layer's output gradient arrives: a layer whose
+        output never reaches the loss is no concern."""
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         n = self.idx.N
         if x is None or (x.ndim > 0 and x.shape[0] == n):
@@ -164,8 +164,9 @@ class FusedGram:
             why = ("the batch is not dim 0 there (e.g. tokens flattened to (N * L, E), or the batch doubled): keep "
                    "the batch in dim 0, e.g. apply the layer to the (N, L, E) tensor")
         else:
-            why = ("its output is shared by every sample, so its gradient cannot be split by task: give it one row "
-                   "per sample (e.g. a position lookup as emb(torch.arange(S).expand(N, S)))")
+            why = ("its output is not one row per sample (a slice of the batch, or a lookup shared by every sample), "
+                   "so its gradient cannot be split by task: give it one row per sample (e.g. a position lookup as "
+                   "emb(torch.arange(S).expand(N, S)))")
         raise ValueError(f"a {type(module).__name__} ran on an input of shape {tuple(x.shape)}, not on the batch of "
                          f"{n} samples in dim 0: {why}; or use method='loop'")
 
@@ -189,6 +190,7 @@ class FusedGram:
         return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
     def _on_rule_grad(self, call: _Call, grad: torch.Tensor) -> None:
+        self._check_batched(call.module, call.args)  # only a layer whose output reaches the loss needs splitting
         rule = self._plan[call.module][2]
         dtype = self._dtype_for(call.params[0])
         rows = self._row_chunk(call, rule)
