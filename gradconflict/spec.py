@@ -126,9 +126,11 @@ def _strip_wrappers(model: nn.Module, state: dict[str, torch.Tensor], checkpoint
     return state
 
 
-def _check_finite_weights(state: dict[str, torch.Tensor], checkpoint: str | Path) -> None:
-    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
+def _check_finite_weights(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path) -> None:
+    """Refuse NaN / Inf in the checkpoint's parameters (buffers may hold -inf on purpose: attention masks)."""
+    params = {name for name, _ in model.named_parameters()}
+    bad = [k for k, v in state.items() if (k in params or f"model.{k}" in params) and isinstance(v, torch.Tensor)
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"checkpoint {str(checkpoint)!r} holds NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}: "
                          "these weights are broken (a diverged run?); pass an earlier checkpoint")
@@ -303,7 +305,7 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
     if checkpoint is not None and run_config is None:
         state = _strip_wrappers(loaded.model, load_state_dict(checkpoint, verbose), checkpoint, verbose)
-        _check_finite_weights(state, checkpoint)
+        _check_finite_weights(loaded.model, state, checkpoint)
         _check_shapes(loaded.model, state, checkpoint)
         missing, unexpected = loaded.model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -377,6 +379,8 @@ def forward_hint(model: Any, size: int, image_size: Optional[int]) -> Iterator[N
     try:
         yield
     except RuntimeError as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            raise  # memory, not the input size
         try:
             model_input(model, None)
             declared = True

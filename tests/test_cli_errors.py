@@ -430,6 +430,33 @@ def test_checkpoints_users_bring(tmp_path: Path, kind: str, capsys) -> None:
     assert code == expected[0] and expected[1] in err, err
 
 
+def test_minus_inf_in_a_buffer_is_not_broken_weights(tmp_path: Path, capsys) -> None:
+    """An additive attention mask (-inf above the diagonal, as nn.Transformer.generate_square_subsequent_mask
+    makes) is a buffer, not a weight: the checkpoint loads."""
+    import torch
+
+    (tmp_path / "masked.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(64, 64)\n"
+        "        self.register_buffer('mask', torch.full((4, 4), float('-inf')).triu(1))\n"
+        "    def forward(self, x, t):\n"
+        "        return self.lin(x.reshape(x.shape[0], -1)).reshape(x.shape)\n"
+        "def build():\n"
+        "    return Net()\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("masked", tmp_path / "masked.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.build().state_dict(), tmp_path / "ck.pt")
+    code = main(["gram", "--model", f"{tmp_path / 'masked.py'}:build", "--checkpoint", str(tmp_path / "ck.pt"),
+                 "--image-size", "8", *GRAM, "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+
+
 _OWN_MLP = """
 import types
 import torch, torch.nn as nn
@@ -487,3 +514,17 @@ def test_own_model_without_declared_size_or_classes_is_told_what_to_set(tmp_path
     c = pd.read_csv(tmp_path / "c" / "gram.csv", index_col=0).to_numpy()
     # the same weights and outputs; only the conditional model's label embedding adds gradient (and Gram) mass
     assert (np.diag(c) > np.diag(a) * (1 + 1e-6)).all()
+
+
+def test_forward_hint_leaves_out_of_memory_alone() -> None:
+    import torch
+
+    from gradconflict.spec import forward_hint
+
+    model = torch.nn.Linear(2, 2)  # no config: the size hint would apply to a size error
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with forward_hint(model, 8, None):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(ValueError, match="pass --image-size N"):
+        with forward_hint(model, 8, None):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x65 and 257x64)")
