@@ -70,15 +70,23 @@ def identity_changes(path: str | Path, identity: dict[str, Any]) -> Optional[lis
     if not path.is_file():
         return None
     old, new = json.loads(path.read_text()), as_json(identity)
-    changed = []
-    for k in sorted(set(old) | set(new)):
-        if (k in old) != (k in new) or old.get(k) != new.get(k):
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):  # name the inner keys: "inputs.data", not "inputs"
-                changed += [f"{k}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
-            else:
-                changed.append(k)
-    return changed
+    return sorted(_differences(old, new))
+
+
+def _differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``key -> (recorded, now)`` for the keys that differ (a key missing on one side too), inner dicts by
+    dotted key ("inputs.data", not "inputs")."""
+    out: dict[str, tuple[Any, Any]] = {}
+    missing = object()
+    for k in set(old) | set(new):
+        a, b = old.get(k, missing), new.get(k, missing)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update({f"{k}.{sub}": pair for sub, pair in _differences(a, b).items()})
+        else:
+            out[k] = (None if a is missing else a, None if b is missing else b)
+    return out
 
 
 def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix: str) -> None:
@@ -87,10 +95,17 @@ def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix:
     path = Path(path)
     diff = identity_changes(path, identity)
     if diff:
-        raise ValueError(f"{path.parent} holds {holds} (differs in {diff}); {fix}")
+        values = _differences(json.loads(path.read_text()), as_json(identity))
+        shown = "; ".join(f"{k}: {_short(values[k][0])} recorded, {_short(values[k][1])} now" for k in diff[:3])
+        raise ValueError(f"{path.parent} holds {holds} (differs in {diff}: {shown}); {fix}")
     if diff is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, as_json(identity))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -147,10 +162,24 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
 
 
 def _remove_orphans(folder: Path) -> None:
-    for orphan in folder.rglob(f".*{TMP_MARK}*"):
-        with contextlib.suppress(OSError):
-            if orphan.is_file() and not orphan.is_symlink():
-                orphan.unlink()
+    """Remove the temporary files of killed writers under ``folder`` (locked by this process), skipping subfolders
+    whose own lock another command holds now (its writes are live)."""
+    import fcntl
+
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        if here != folder and LOCK_NAME in files:
+            try:
+                with open(here / LOCK_NAME, "a") as probe:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(probe, fcntl.LOCK_UN)
+            except OSError:  # held (or unlockable): leave this subtree to its holder
+                dirs.clear()
+                continue
+        for name in files:
+            if name.startswith(".") and TMP_MARK in name and not (here / name).is_symlink():
+                with contextlib.suppress(OSError):
+                    (here / name).unlink()
 
 
 def fingerprint(tensors: Iterable[Any]) -> str:

@@ -51,5 +51,34 @@ def test_a_second_lock_on_a_held_folder_removes_nothing(tmp_path: Path) -> None:
             with folder_lock(tmp_path):
                 pass
         assert pending.exists()
-    write_text(tmp_path / "done.txt", "x")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["done.txt"]
+        assert pending.exists()  # the refused second lock removed nothing
+    write_text(tmp_path / "done.txt", "x")  # an atomic write leaves no temporary file of its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gradconflict.lock", pending.name, "done.txt"]
+
+
+def test_a_refused_rerun_names_what_differs_and_both_values(tmp_path: Path) -> None:
+    """Inner keys by dotted name, a key missing on one side counts (it was read as no change), values shown."""
+    from gradconflict._io import identity_changes, record_identity
+
+    path = tmp_path / "config.json"
+    record_identity(path, {"ugd_steps": 1000, "inputs": {"model": "m", "image_size": None}}, "results", "fix it")
+    assert identity_changes(path, {"ugd_steps": 1000, "inputs": {"model": "m"}}) == ["inputs.image_size"]
+    with pytest.raises(ValueError, match=r"differs in \['inputs.data', 'ugd_steps'\]: inputs.data: null recorded, "
+                                         r"\"d\" now; ugd_steps: 1000 recorded, 10000 now\); fix it"):
+        record_identity(path, {"ugd_steps": 10000, "inputs": {"model": "m", "image_size": None, "data": "d"}},
+                        "results", "fix it")
+
+
+def test_orphans_of_a_subfolder_whose_lock_is_held_are_left_to_its_holder(tmp_path: Path) -> None:
+    """A lock on a folder does not exclude a command holding a lock on its subfolder: that one's temporary files
+    are live writes."""
+    sub = tmp_path / "track"
+    with folder_lock(sub):
+        live = sub / ".track_objectives.csv.gctmp-abcd1234.csv"
+        live.write_text("writing")
+        dead = tmp_path / ".gram.csv.gctmp-efgh5678.csv"
+        dead.write_text("killed")
+        with folder_lock(tmp_path):
+            assert live.exists() and not dead.exists()
+    with folder_lock(tmp_path):  # nobody holds the subfolder now: its leftover goes too
+        assert not live.exists()

@@ -268,7 +268,8 @@ def test_track_training_refuses_snapshots_of_another_training_config(tmp_path: P
     changed = replace(tc, lr=tc.lr * 10)
     assert stale_tracking(tmp_path, changed, cfg) == "training"
     assert stale_tracking(tmp_path, tc, replace(cfg, per_task=cfg.per_task + 1)) == "tracking"
-    with pytest.raises(ValueError, match=r"a training run of another config \(differs in \['lr'\]\)"):
+    with pytest.raises(ValueError, match=r"a training run of another config \(differs in \['lr'\]: lr: [0-9.e-]+ "
+                                         r"recorded, [0-9.e-]+ now\)"):
         track_training(changed, cfg, tmp_path, every=3, progress=False)
 
 

@@ -315,7 +315,8 @@ def test_an_interrupted_run_resumes_after_its_last_finished_seed(tmp_path: Path,
     got = resumed.frame[cols].sort_values(["seed", "source", "target"]).to_numpy(dtype=float)
     ref = full.frame[cols].sort_values(["seed", "source", "target"]).to_numpy(dtype=float)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
-    with pytest.raises(ValueError, match=r"transfer results of another run \(differs in \['lr'\]\)"):
+    with pytest.raises(ValueError, match=r"transfer results of another run \(differs in \['lr'\]: lr: 0.01 recorded, "
+                                         r"0.02 now\)"):
         transfer_matrix(model, data, bins, resume_dir=tmp_path, **{**kw, "lr": 2e-2})
     other, _ = _setup(seed=1)
     with pytest.raises(ValueError, match=r"differs in \['model'\]"):
