@@ -320,8 +320,11 @@ def test_track_cli_knows_a_checkpoint_by_its_content(tmp_path: Path, monkeypatch
     assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 2
     # a folder as older versions wrote it: the source by path, size and mtime of the file that is still there
     shutil.copy(copy, paths[0])
-    legacy = run_mod._legacy(Path(paths[0]).resolve())
+    st = Path(paths[0]).resolve().stat()
+    legacy = f"{Path(paths[0]).resolve()} ({st.st_size} bytes, mtime {st.st_mtime_ns})"  # the old format, verbatim
     (out / "track_sources.json").write_text(json.dumps({"100": legacy}))
+    assert main(["track", "--checkpoints", paths[1], "--steps", "100", *common]) == 2  # another model: still refused
+    assert main(["track", "--checkpoints", paths[0], *common]) == 2  # forgot --steps: still caught
     assert main(["track", "--checkpoints", paths[0], "--steps", "100", *common]) == 0
     assert json.loads((out / "track_sources.json").read_text())["100"].startswith("sha256:")
     assert computed == []
@@ -341,6 +344,13 @@ def test_extra_strategies_are_known_by_their_weights_and_names_must_be_unique(tm
     same = track_models(_models()[:1], images, SCHEDULE, "eps", cfg,
                         extra_strategies=[weighting.custom(lambda snr: np.minimum(snr, 5.0), name="mine")], **kw)
     pd.testing.assert_frame_equal(first.objectives, same.objectives)  # the same function again: resumed
+    import json
+
+    recorded = json.loads((tmp_path / "track_config.json").read_text())
+    (tmp_path / "track_config.json").write_text(json.dumps({**recorded, "extra_strategies": ["mine"]}))  # as before
+    again = track_models(_models()[:1], images, SCHEDULE, "eps", cfg, extra_strategies=[gamma5], **kw)
+    pd.testing.assert_frame_equal(first.objectives, again.objectives)  # a folder recorded by name resumes
+    assert json.loads((tmp_path / "track_config.json").read_text())["extra_strategies"][0].startswith("mine@")
     with pytest.raises(ValueError, match=r"differs in \['extra_strategies'\]"):
         track_models(_models()[:1], images, SCHEDULE, "eps", cfg, extra_strategies=[gamma1], **kw)
     with pytest.raises(ValueError, match=r"\['snr'\] appear more than once"):

@@ -113,7 +113,13 @@ def _save(out: Path, result: TrackResult) -> None:
 def _check_config(out: Path, identity: dict[str, Any], name: str = "track_config.json",
                   what: str = "tracking results of another config") -> None:
     """Record ``identity`` in ``out/name``, or refuse when the one recorded there differs (naming the keys)."""
-    record_identity(out / name, identity, what, f"use another --out, or remove {out}")
+    path = out / name
+    if path.is_file() and "extra_strategies" in identity:  # older versions recorded extra strategies by name only
+        recorded = json.loads(path.read_text())
+        names = [s.split("@", 1)[0] for s in identity["extra_strategies"]]
+        if recorded.get("extra_strategies") == names and names:
+            write_json(path, {**recorded, "extra_strategies": identity["extra_strategies"]})  # now by their weights
+    record_identity(path, identity, what, f"use another --out (or the options it was made with), or remove {out}")
 
 
 def track_identity(config: TrackConfig, prediction: str, T: int, extra_strategies: Sequence[WeightingStrategy] = (),
@@ -138,7 +144,7 @@ def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
     """``track_sources.json`` maps each tracked step to where its model came from; a step whose results are in
     ``out`` (``held``) but came from another source is refused (its results would silently stand for the other
     model). Steps not tracked yet may come from anywhere."""
-    old = _upgrade_legacy_sources(out, _read_sources(out), sources)
+    old = _upgrade_legacy_sources(out, _read_sources(out))
     clash = sorted(s for s in sources if s in held and s in old and _key(old[s]) != _key(sources[s]))
     if clash:
         s = clash[0]
@@ -155,15 +161,15 @@ def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
                          f"as step {s}; pass the same --steps as before (one per checkpoint), or use another --out")
 
 
-def _upgrade_legacy_sources(out: Path, old: dict[int, str], sources: dict[int, str]) -> dict[int, str]:
-    """Folders of older versions recorded a checkpoint by path, size and mtime: where the file given for that step
-    is still that file, record it by content (so the folder resumes, and from now on a copy or a move is the same
-    checkpoint)."""
+def _upgrade_legacy_sources(out: Path, old: dict[int, str]) -> dict[int, str]:
+    """Folders of older versions recorded a checkpoint by path, size and mtime: every recorded file that is still
+    that file is recorded by content now (so the folder resumes, a copy or a move is the same checkpoint from now
+    on, and a rerun that forgot --steps is still caught for the steps already held)."""
     upgraded = dict(old)
-    for step, src in sources.items():
-        path = src.split(" ", 1)[1] if src.startswith(_DIGEST) and " " in src else None
-        if path is not None and step in old and not old[step].startswith(_DIGEST) and old[step] == _legacy(path):
-            upgraded[step] = src
+    for step, src in old.items():
+        path = src.rsplit(" (", 1)[0] if not src.startswith(_DIGEST) and src.endswith(")") else None
+        if path is not None and _legacy(path) == src:
+            upgraded[step] = file_source(path)
     if upgraded != old:
         write_json(out / "track_sources.json", {str(k): v for k, v in sorted(upgraded.items())})
     return upgraded
