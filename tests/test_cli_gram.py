@@ -138,4 +138,4 @@ def test_gram_saves_what_it_was_computed_from(tmp_path):
     assert main(args) == 0
     saved = json.loads((tmp_path / "g" / "gram_config.json").read_text())
     assert (saved["bins"], saved["per_task"], saved["seed"], saved["data"]) == (3, 2, 4, "synthetic")
-    assert saved["checkpoint_sha256"].startswith("sha256:") and saved["image_size"] == 16
+    assert saved["checkpoint_content"].startswith("sha256:") and saved["image_size"] == 16

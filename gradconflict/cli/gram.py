@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "gram_config.json", {
         **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
         "model_source": loaded.source, "data_name": data.name, "image_size": size,
-        "checkpoint_sha256": None if args.checkpoint is None else file_source(args.checkpoint).split(" ")[0],
+        "checkpoint_content": None if args.checkpoint is None else file_source(args.checkpoint).split(" ")[0],
     })
     matrix_heatmap(
         res.cosine_frame(), out / "cosine.png",
