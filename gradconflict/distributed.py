@@ -74,10 +74,16 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
 
 
 def local_device(requested: str) -> torch.device:
-    """``cuda`` becomes this rank's GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    """``cuda`` becomes this rank's GPU (``cuda:LOCAL_RANK``) under torchrun; a numbered GPU there is refused (every
+    rank would compute on that one GPU while NCCL talks through its own)."""
     device = torch.device(requested)
-    if device.type == "cuda" and device.index is None and is_distributed():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda" and is_distributed():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.index is not None and device.index != local:
+            raise ValueError(f"--device {requested} under torchrun would put every rank on GPU {device.index}; pass "
+                             "--device cuda (each rank takes its own GPU, cuda:LOCAL_RANK), and choose the GPUs with "
+                             "CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", local)
     return device
 
 

@@ -159,3 +159,16 @@ def test_a_user_error_under_torchrun_names_each_rank(tmp_path: Path) -> None:
     for r in (0, 1):
         assert f"gradconflict gram (rank {r} of 2): error: K must be >= 1" in proc.stderr, proc.stderr[-1500:]
     assert not (tmp_path / "g").exists()
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch) -> None:
+    """`torchrun ... --device cuda:0` put every rank on GPU 0 while NCCL used cuda:LOCAL_RANK."""
+    from gradconflict import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.local_device("cuda") == torch.device("cuda", 1)
+    assert distributed.local_device("cuda:1") == torch.device("cuda", 1)  # its own GPU, named: fine
+    assert distributed.local_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="would put every rank on GPU 0; pass --device cuda"):
+        distributed.local_device("cuda:0")
