@@ -33,8 +33,8 @@ class TaskIndex:
         if self.N == 0:
             if self.global_counts is not None and int(self.global_counts.sum()) > 0:  # torch.distributed
                 raise ValueError(f"this rank got none of the {int(self.global_counts.sum())} samples: there are more "
-                                 "ranks than samples; give more samples (gram/track: --per-task; transfer: --batch-size, --eval-samples), or "
-                                 "run fewer processes")
+                                 "ranks than samples; give more samples (gram/track: --per-task; transfer: "
+                                 "--batch-size, --eval-samples), or run fewer processes")
             raise ValueError("the batch is empty: give at least one sample per task")
         if int(task.min()) < 0 or int(task.max()) >= self.K:
             raise ValueError(f"task ids must lie in [0, {self.K - 1}], got {int(task.min())}..{int(task.max())}")
