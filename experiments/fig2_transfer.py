@@ -41,7 +41,7 @@ from gradconflict.transfer.matrix import result_from_frame
 from gradconflict.transfer.plot import describe_setup
 
 NAME = "fig2_transfer"
-TITLE = "Fig. 2: fine-tune on one timestep bin, relative loss change of every bin"
+TITLE = "Fig. 2 - fine-tune on one timestep bin, relative loss change of every bin"
 
 
 def training_config(checkpoint: str | Path) -> Optional[TrainConfig]:

@@ -149,7 +149,9 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
                                  TransferConfig(**config.transfer))
     if "fig2_transfer" in wanted:
         plot_transfer(transfer, figures / "fig2_transfer.png",
-                      setup=f"{tc.model} on {tc.data}, {config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "
+                      title="Fig. 2 - fine-tune on one timestep bin, relative loss change of every bin",
+                      setup=f"{tc.model} ({tc.prediction}-prediction) on {tc.data} {tc.image_size}x{tc.image_size}, "
+                            f"{config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "
                             f"{transfer.frame['seed'].nunique()} seeds")
     if only is not None:
         return None
