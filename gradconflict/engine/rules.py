@@ -14,6 +14,8 @@ Layers not listed here go to the generic torch.func fallback (``fallback.py``), 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import torch
@@ -190,19 +192,30 @@ def conv_weight_mode() -> str:
     return env_choice("GRADCONFLICT_CONV_WEIGHT", "grouped", ("grouped", "unfold"))
 
 
+UNFOLD_MAX_ELEMENTS = 1 << 26  # im2col elements built at once (a few tasks at a time): 256 MB in float32
+
+
 def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx: TaskIndex,
                    padding: tuple[int, ...]) -> torch.Tensor:
     """``(K, c_out, C * kh * kw)`` per-task Conv2d weight gradients from the unfolded (im2col) input ``U(x_i)``
-    (``(C kh kw, P)`` per sample, P output positions) and the output gradient ``B_i`` (``(c_out, P)``)."""
+    (``(C kh kw, P)`` per sample, P output positions) and the output gradient ``B_i`` (``(c_out, P)``). The im2col
+    copy is kh * kw times the input: it is built for a few tasks at a time (at most ``UNFOLD_MAX_ELEMENTS``)."""
     n, c_out = grad.shape[0], grad.shape[1]
-    cols = F.unfold(xp, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    P = cols.shape[-1]
+    P = grad[0, 0].numel()
     b = idx.group(grad.reshape(n, c_out, P))  # (K, m, c_out, P)
-    u = idx.group(cols)  # (K, m, C kh kw, P)
+    x = idx.group(xp)  # (K, m, C, H, W): the padded input, not yet unfolded
     K, m = b.shape[0], b.shape[1]
-    b = b.permute(0, 2, 1, 3).reshape(K, c_out, m * P)
-    u = u.permute(0, 1, 3, 2).reshape(K, m * P, cols.shape[1])
-    return torch.bmm(b, u)  # both in the rule's dtype (float32, or bfloat16 on the direct bf16 path: rounded once)
+    ckk = xp.shape[1] * math.prod(module.kernel_size)
+    step = max(1, UNFOLD_MAX_ELEMENTS // max(1, m * ckk * P))
+    pieces = []
+    for k0 in range(0, K, step):
+        k1 = min(K, k0 + step)
+        cols = F.unfold(x[k0:k1].reshape(-1, *xp.shape[1:]), module.kernel_size, dilation=module.dilation,
+                        padding=padding, stride=module.stride)  # ((k1 - k0) m, C kh kw, P)
+        u = cols.reshape(k1 - k0, m, ckk, P).permute(0, 1, 3, 2).reshape(k1 - k0, m * P, ckk)
+        bk = b[k0:k1].permute(0, 2, 1, 3).reshape(k1 - k0, c_out, m * P)
+        pieces.append(torch.bmm(bk, u))  # in the rule's dtype (float32, or bfloat16 on the direct bf16 path)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 # rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
