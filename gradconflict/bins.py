@@ -180,12 +180,9 @@ class TimestepBins:
 
         ``strategy``: a ``gradconflict.weighting`` strategy, a name/spec such as ``"min_snr:5"``
         (``weighting.by_name``) or a function ``f(snr) -> x0-unit weight`` (``weighting.custom``); ``schedule``: the ``NoiseSchedule`` (required)."""
-        from .weighting import by_name, custom
+        from .weighting import as_strategy
 
-        if isinstance(strategy, str):
-            strategy = by_name(strategy)
-        elif callable(strategy) and not hasattr(strategy, "weight"):
-            strategy = custom(strategy)  # a function snr -> x0-unit weight
+        strategy = as_strategy(strategy)  # a name/spec or a function snr -> x0-unit weight
         if not callable(getattr(strategy, "weight", None)):
             raise ValueError(
                 f"cannot weight the bins with {strategy!r}: pass a strategy such as gradconflict.weighting.min_snr(5), "

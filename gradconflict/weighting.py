@@ -28,7 +28,7 @@ first, so the weight is large but finite. User callables are always evaluated on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -48,6 +48,8 @@ __all__ = [
     "p2",
     "custom",
     "by_name",
+    "as_strategy",
+    "check_unique_names",
     "DEFAULT_STRATEGIES",
 ]
 
@@ -230,6 +232,25 @@ def by_name(spec: str) -> WeightingStrategy:
         return _REGISTRY[name](*values)
     except (TypeError, ValueError) as err:
         raise ValueError(f"bad weighting spec {spec!r}: {err}") from None
+
+
+def as_strategy(strategy: Any) -> Any:
+    """A name or spec (``"min_snr:5"``) -> :func:`by_name`; a plain function ``f(snr) -> x0-unit weight`` ->
+    :func:`custom` (named by its ``__name__``); anything else as it is (a strategy object, or what its user checks)."""
+    if isinstance(strategy, str):
+        return by_name(strategy)
+    if callable(strategy) and not hasattr(strategy, "weight"):
+        return custom(strategy)
+    return strategy
+
+
+def check_unique_names(names: Sequence[str]) -> None:
+    """Refuse a strategy name given twice: results are kept by name, so two ``"snr"`` (or two ``"<lambda>"``) would
+    be averaged into one."""
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        raise ValueError(f"strategy name(s) {dup} appear more than once; give each strategy its own name, e.g. a dict "
+                         "{'mine': f, ...} or weighting.custom(f, name='mine')")
 
 
 def DEFAULT_STRATEGIES() -> list[WeightingStrategy]:

@@ -20,23 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..weighting import as_strategy, check_unique_names
 from ._validate import as_gram, check_lam, check_simplex
 from .solver import solve
 
 OPTIMUM = "pareto_optimum"
-
-
-def _as_strategy(strategy: Any) -> Any:
-    """Names and specs (``"min_snr"``, ``"min_snr:5"``) -> strategy objects via ``weighting.by_name``; a plain
-    function ``f(snr) -> x0-unit weight`` -> ``weighting.custom(f)`` (named by its ``__name__``); anything else is
-    passed to ``bins.strategy_weights`` as it is (which checks it)."""
-    from ..weighting import by_name, custom
-
-    if isinstance(strategy, str):
-        return by_name(strategy)
-    if callable(strategy) and not hasattr(strategy, "weight"):
-        return custom(strategy)
-    return strategy
 
 
 def _strategy_weights(strategies: Any, bins: Any, schedule: Any, K: int) -> list[tuple[str, np.ndarray]]:
@@ -54,16 +42,12 @@ def _strategy_weights(strategies: Any, bins: Any, schedule: Any, K: int) -> list
         if isinstance(strategies, str) or hasattr(strategies, "weight") or callable(strategies):
             strategies = [strategies]  # one strategy, spec or function
         if isinstance(strategies, Mapping):
-            pairs: Iterable[tuple[str, Any]] = ((str(k), _as_strategy(s)) for k, s in strategies.items())
+            pairs: Iterable[tuple[str, Any]] = ((str(k), as_strategy(s)) for k, s in strategies.items())
         else:
-            objs = [_as_strategy(s) for s in strategies]
+            objs = [as_strategy(s) for s in strategies]
             pairs = ((str(getattr(s, "name", type(s).__name__)), s) for s in objs)
         items = [(name, bins.strategy_weights(s, schedule)) for name, s in pairs]
-    names = [name for name, _ in items]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"strategy name(s) {dup} appear more than once; give each strategy its own name, e.g. a dict "
-                         "{'mine': f, ...} or weighting.custom(f, name='mine')")
+    check_unique_names([name for name, _ in items])
     out = []
     for name, w in items:
         arr = check_simplex(w, K=K, name=f"weights of strategy {name!r}")

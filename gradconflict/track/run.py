@@ -28,7 +28,7 @@ from .._io import atomic_write, identity_changes, record_identity, write_csv, wr
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
 from ..schedule import NoiseSchedule
-from ..weighting import WeightingStrategy, by_name, custom
+from ..weighting import WeightingStrategy, as_strategy, check_unique_names
 from .analyze import analyze_gram
 from .config import TrackConfig
 
@@ -58,17 +58,9 @@ def make_bins(schedule: NoiseSchedule, config: TrackConfig) -> TimestepBins:
 def _strategies(config: TrackConfig, extra: Sequence[Any]) -> list[WeightingStrategy]:
     """The config's named strategies and the extra ones (strategy objects or functions snr -> x0-unit weight);
     names must be unique (results are keyed by name: two "snr" or two "<lambda>" would be averaged into one)."""
-    strategies = [by_name(s) for s in config.strategies] + [_as_strategy(s) for s in extra]
-    names = [s.name for s in strategies]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"strategy name(s) {dup} appear more than once; results are kept by name, so give each "
-                         "strategy its own, e.g. weighting.custom(f, name='mine')")
+    strategies = [as_strategy(s) for s in (*config.strategies, *extra)]
+    check_unique_names([s.name for s in strategies])
     return strategies
-
-
-def _as_strategy(strategy: Any) -> WeightingStrategy:
-    return custom(strategy) if callable(strategy) and not hasattr(strategy, "weight") else strategy
 
 
 _SNR_PROBE = np.concatenate([[0.0], np.logspace(-10, 10, 81), [np.inf]])  # where a strategy's identity is read
@@ -77,7 +69,7 @@ _SNR_PROBE = np.concatenate([[0.0], np.logspace(-10, 10, 81), [np.inf]])  # wher
 def _strategy_identity(strategy: Any) -> str:
     """A strategy's name and a hash of its x0-unit weights on a fixed SNR grid: a changed function under the same
     name is another strategy (a rerun would otherwise reuse the old one's results)."""
-    strategy = _as_strategy(strategy)
+    strategy = as_strategy(strategy)
     weights = np.asarray(strategy.weight(_SNR_PROBE, "x0"), dtype=np.float64)
     return f"{strategy.name}@{hashlib.sha256(weights.tobytes()).hexdigest()[:12]}"
 
