@@ -93,14 +93,15 @@ def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix:
     """Record what a folder's results depend on at ``path``, or raise ``ValueError`` when a different identity is
     recorded there: "<folder> holds <holds> (differs in [keys]); <fix>"."""
     path = Path(path)
-    diff = identity_changes(path, identity)
-    if diff:
-        values = _differences(json.loads(path.read_text()), as_json(identity))
-        shown = "; ".join(f"{k}: {_short(values[k][0])} recorded, {_short(values[k][1])} now" for k in diff[:3])
-        raise ValueError(f"{path.parent} holds {holds} (differs in {diff}: {shown}); {fix}")
-    if diff is None:
+    if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, as_json(identity))
+        return
+    values = _differences(json.loads(path.read_text()), as_json(identity))
+    if values:
+        diff = sorted(values)
+        shown = "; ".join(f"{k}: {_short(values[k][0])} recorded, {_short(values[k][1])} now" for k in diff[:3])
+        raise ValueError(f"{path.parent} holds {holds} (differs in {diff}: {shown}); {fix}")
 
 
 def _short(value: Any) -> str:
