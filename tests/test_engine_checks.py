@@ -215,12 +215,9 @@ def test_a_layer_that_does_not_see_the_batch_is_refused_with_the_fix(lookup: str
     form equals the float64 loop."""
     torch.manual_seed(0)
     model = _PositionTable(lookup).double()
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64)
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
+    x0, noise, t, task = _inputs(shape=(4, 4, 4))
     y = torch.tensor([0, 1, 2, 0, 1, 2]) if label == "per_sample" else torch.tensor(1)
-    kw = dict(schedule=gc.NoiseSchedule.linear(), K=3, noise=noise, model_kwargs={"y": y})
+    kw = dict(schedule=SCHEDULE, K=3, noise=noise, model_kwargs={"y": y})
     if lookup == "expanded" and label == "per_sample":
         ref = gc.task_gram(model, x0, t, task, method="loop", **kw)
         got = gc.task_gram(model, x0, t, task, **kw)
@@ -245,10 +242,9 @@ class _Flattened(nn.Module):
 
 def test_flattened_tokens_are_refused_with_their_own_fix() -> None:
     model = _Flattened().double()
-    x0 = torch.randn(6, 4, 4, 4, dtype=torch.float64)
-    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
+    x0, noise, t, task = _inputs(shape=(4, 4, 4))
     with pytest.raises(ValueError, match=r"input of shape \(96, 4\).*tokens flattened to \(N \* L, E\)"):
-        gc.task_gram(model, x0, t, task, schedule=gc.NoiseSchedule.linear(), K=3)
+        gc.task_gram(model, x0, t, task, schedule=SCHEDULE, noise=noise, K=3)
 
 
 class _UnusedAux(nn.Module):
@@ -267,11 +263,8 @@ class _UnusedAux(nn.Module):
 
 def test_a_layer_off_the_batch_whose_output_never_reaches_the_loss_is_no_concern() -> None:
     model = _UnusedAux().double()
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(6, 4, 4, 4, generator=g, dtype=torch.float64)
-    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    t, task = torch.tensor([5, 100, 300, 500, 700, 900]), torch.tensor([0, 0, 1, 1, 2, 2])
-    kw = dict(schedule=gc.NoiseSchedule.linear(), K=3, noise=noise)
+    x0, noise, t, task = _inputs(shape=(4, 4, 4))
+    kw = dict(schedule=SCHEDULE, K=3, noise=noise)
     ref = gc.task_gram(model, x0, t, task, method="loop", **kw)
     got = gc.task_gram(model, x0, t, task, **kw)
     assert float((got.gram - ref.gram).norm() / ref.gram.norm()) <= 1e-10
