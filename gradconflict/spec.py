@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .engine.checks import first_line
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
@@ -360,7 +361,8 @@ def conditional(model: Any, labels: Any, verbose: bool = True) -> bool:
     classes = _field(getattr(model, "config", None), "num_classes")
     if bool(classes):
         return True
-    if classes is None and labels is not None and bool((torch.as_tensor(labels) >= 0).any()) and verbose:  # -1: an unlabelled image
+    labelled = labels is not None and bool((torch.as_tensor(labels) >= 0).any())  # -1: an unlabelled image
+    if classes is None and labelled and verbose:
         try:
             takes_y = "y" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError, AttributeError):
@@ -390,7 +392,7 @@ def forward_hint(model: Any, size: int, image_size: Optional[int]) -> Iterator[N
             raise
         given = "--image-size" if image_size is not None else "the data's own size"
         raise ValueError(f"the model's forward failed on {size} x {size} images ({given}: the model does not declare "
-                         f"its input size) with: {str(exc).splitlines()[0][:200]}; pass --image-size N for the size it "
+                         f"its input size) with: {first_line(exc)[:200]}; pass --image-size N for the size it "
                          "was built for, or set image_size in its config") from exc
 
 
