@@ -22,18 +22,22 @@ def _inputs(n: int = 6, shape: tuple[int, ...] = (4,)):
         torch.arange(n) % 3  # interleaved tasks
 
 
-class InPlace(nn.Module):
-    """A Linear whose output is changed in place before the next layer (``h.mul_``, ``relu_``, ``h += ...``)."""
+class _TwoLinear(nn.Module):
+    """Linear(4, 8) -> ... -> Linear(8, 4); ``kind`` picks what happens between them (the subclass's forward)."""
 
-    def __init__(self, op: str):
+    def __init__(self, kind: str):
         super().__init__()
-        self.l1, self.l2, self.op = nn.Linear(4, 8), nn.Linear(8, 4), op
+        self.l1, self.l2, self.kind = nn.Linear(4, 8), nn.Linear(8, 4), kind
+
+
+class InPlace(_TwoLinear):
+    """A Linear whose output is changed in place before the next layer (``h.mul_``, ``relu_``, ``h += ...``)."""
 
     def forward(self, x, t):
         h = self.l1(x)
-        if self.op == "mul_":
+        if self.kind == "mul_":
             h.mul_(2.0)
-        elif self.op == "relu_":
+        elif self.kind == "relu_":
             torch.relu_(h)
         else:
             h += t[:, None].to(h.dtype) / 1000
@@ -67,16 +71,14 @@ def test_outputs_changed_in_place_give_the_loop_gram_on_every_call(model):
         assert float((G - ref).norm() / ref.norm()) < 1e-10, call
 
 
-class Mixing(nn.Module):
-    def __init__(self, how: str):
-        super().__init__()
-        self.l1, self.l2, self.how = nn.Linear(4, 8), nn.Linear(8, 4), how
+class Mixing(_TwoLinear):
+    """Samples that interact between the two layers: centred over the batch, batch statistics, or the batch flipped."""
 
     def forward(self, x, t):
         h = self.l1(x)
-        if self.how == "center":
+        if self.kind == "center":
             h = h - h.mean(0, keepdim=True)
-        elif self.how == "batch_norm":
+        elif self.kind == "batch_norm":
             h = nn.functional.batch_norm(h, None, None, training=True)
         else:  # "flip": the batch reversed, then restored after a layer
             h = self.l2(torch.tanh(h.flip(0))).flip(0)
