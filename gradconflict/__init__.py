@@ -11,11 +11,26 @@ from .targets import PREDICTIONS
 
 __version__ = "0.1.0"
 
+_LAZY = {"compare": ("comparison", "compare"), "CompareConfig": ("comparison", "CompareConfig")}
+
+
+def __getattr__(name: str):  # PEP 562: the training workflows load on first use, not with ``import gradconflict``
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    "CompareConfig",
     "NoiseSchedule",
     "TaskGradients",
     "PREDICTIONS",
     "TimestepBins",
+    "compare",
     "conflict",
     "engine",
     "pareto",

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 # subcommand modules, each exposing add_parser(subparsers); a module that is missing is skipped
-_SUBCOMMANDS = ("reproduce", "gram", "solve", "track", "transfer", "train", "sample")
+_SUBCOMMANDS = ("reproduce", "gram", "solve", "track", "transfer", "train", "sample", "compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"gradconflict {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resumes = args.command in ("train", "track", "transfer", "reproduce")
+        resumes = args.command in ("train", "track", "transfer", "reproduce", "compare")
         print(f"gradconflict {args.command}: interrupted" + ("; what was finished is saved, and the same command "
               "resumes" if resumes else ""), file=sys.stderr)
         return 130

@@ -1,0 +1,161 @@
+"""Train one model spec under several weightings and seeds, evaluate every run on held-out data, resumably.
+
+Layout of ``out``:
+
+* ``compare_identity.json``: what the results depend on (a rerun with other settings is refused) and
+  ``compare_config.json``: the last command's full settings;
+* ``runs/<weighting>_seed<s>/``: a ``gradconflict train`` folder per run (bit-exact resume), plus
+  ``evals.csv`` (one row per evaluation step, ``EVAL_COLUMNS`` and ``seconds_per_step``) and ``eval_losses.csv``
+  (held-out loss per bin per evaluation step), both rewritten atomically after each evaluation;
+* ``evals.csv`` and ``eval_losses.csv``: every run's rows with ``weighting`` and ``seed`` columns (tidy).
+
+A run is trained segment by segment (``train`` up to each evaluation step, then evaluated): an interrupted
+comparison resumes in the segment it stopped in, and evaluations already in a run's ``evals.csv`` are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import multiprocessing as mp
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .._io import record_identity, write_csv, write_json
+from ..data import load_dataset
+from ..train import train
+from ..train.checkpoint import load_trained
+from .config import CompareConfig, run_name
+from .evaluate import HeldOut, evaluate
+
+__all__ = ["compare", "run_one", "load_compare", "held_out_images"]
+
+
+def held_out_images(config: CompareConfig) -> torch.Tensor:
+    """The images after the first ``train_images`` of the dataset (refused when none are left)."""
+    dataset = load_dataset(config.data, image_size=config.image_size)
+    images = dataset.images[config.train_images:]
+    if len(images) < 2:
+        raise ValueError(f"{config.data} has {len(dataset.images)} images and train_images = {config.train_images} "
+                         "leaves none held out for evaluation; lower train_images")
+    return images
+
+
+def _held_out(config: CompareConfig) -> HeldOut:
+    images = held_out_images(config)
+    extractor = None
+    if images.shape[1] == 1:  # FD-MNIST's classifier reads one-channel digits
+        from ..metrics import fd_mnist_features
+
+        extractor = fd_mnist_features(image_size=config.image_size)
+    return HeldOut(images, extractor)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def run_one(config: CompareConfig, weighting: str, seed: int, out: str | Path, *, held_out: Optional[HeldOut] = None,
+            progress: bool = False) -> pd.DataFrame:
+    """Train and evaluate one run (resuming what ``out/runs/<name>`` holds); returns its ``evals.csv`` table."""
+    folder = Path(out) / "runs" / run_name(weighting, seed)
+    evals, per_bin = _read(folder / "evals.csv"), _read(folder / "eval_losses.csv")
+    done = set(evals["step"].astype(int)) if len(evals) else set()
+    todo = [s for s in config.eval_steps if s not in done]
+    if not todo:
+        return evals
+    held_out = held_out or _held_out(config)
+    for step in todo:
+        log = train(config.train_config(weighting, seed, steps=step), folder, progress=progress)
+        model, schedule, prediction = load_trained(folder, ema=config.weights == "ema", device=config.device)
+        row, bins = evaluate(model, schedule, prediction, held_out, config, weighting, step)
+        seconds = log["seconds"].astype(float).to_numpy()
+        row["train_seconds"] = float(seconds[-1])
+        row["seconds_per_step"] = float(seconds[-1] / len(seconds))
+        evals = pd.concat([evals, pd.DataFrame([row])], ignore_index=True)
+        per_bin = pd.concat([per_bin, bins], ignore_index=True)
+        write_csv(per_bin, folder / "eval_losses.csv")
+        write_csv(evals, folder / "evals.csv")  # last: a step in evals.csv has its per-bin rows
+    return evals
+
+
+def _worker(args: tuple[CompareConfig, str, int, str]) -> tuple[str, int]:
+    config, weighting, seed, out = args
+    torch.set_num_threads(config.cpu_threads or 1)
+    run_one(config, weighting, seed, out)
+    return weighting, seed
+
+
+def _collect(config: CompareConfig, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    evals, per_bin = [], []
+    for weighting in config.weightings:
+        for seed in range(config.seeds):
+            folder = out / "runs" / run_name(weighting, seed)
+            for frames, name in ((evals, "evals.csv"), (per_bin, "eval_losses.csv")):
+                frame = _read(folder / name)
+                if len(frame):
+                    frame = frame[frame["step"] <= config.steps]
+                    frames.append(frame.assign(weighting=weighting, seed=seed))
+    cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
+    return cat(evals), cat(per_bin)
+
+
+def load_compare(out: str | Path, config: Optional[CompareConfig] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(evals, eval_losses)`` of a comparison folder, every run's rows with ``weighting`` and ``seed`` columns."""
+    out = Path(out)
+    if config is None:
+        config = CompareConfig(**json.loads((out / "compare_config.json").read_text()))
+    return _collect(config, out)
+
+
+def compare(config: CompareConfig, out: str | Path, *, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every (weighting, seed) of ``config`` in ``out``; returns the tidy evaluations.
+
+    Columns: ``weighting, seed, step, loss_x0, loss_model, fd_mnist, fd_stderr, pareto_ratio, diag_ratio,
+    reg_share, diag_min, diag_max, train_seconds, seconds_per_step``. ``config.jobs > 1`` trains runs in that many
+    processes, each with ``config.cpu_threads`` torch threads.
+    """
+    out = Path(out)
+    record_identity(out / "compare_identity.json", config.identity(), "a comparison with other settings",
+                    "use another --out, or the settings it was made with (--weightings, --seeds and --steps may change)")
+    write_json(out / "compare_config.json", config.to_dict())
+    runs = [(w, s) for s in range(config.seeds) for w in config.weightings]
+    bar = tqdm(total=len(runs), disable=not progress, desc="compare runs", dynamic_ncols=True)
+    try:
+        if config.jobs == 1:
+            held_out = _held_out(config)
+            for weighting, seed in runs:
+                bar.set_postfix_str(run_name(weighting, seed))
+                run_one(config, weighting, seed, out, held_out=held_out, progress=progress)
+                bar.update(1)
+        else:
+            _held_out(config)  # trains and caches the FD-MNIST classifier once, before the workers read it
+            env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+            threads = str(config.cpu_threads or 1)
+            os.environ.update({k: threads for k in env})  # one BLAS thread per worker (inherited at spawn)
+            try:
+                context = mp.get_context("spawn")
+                with ProcessPoolExecutor(config.jobs, mp_context=context) as pool:
+                    futures = [pool.submit(_worker, (config, w, s, str(out))) for w, s in runs]
+                    for future in as_completed(futures):
+                        weighting, seed = future.result()
+                        bar.set_postfix_str(run_name(weighting, seed))
+                        bar.update(1)
+            finally:
+                for key, value in env.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+    finally:
+        bar.close()
+    evals, per_bin = _collect(config, out)
+    write_csv(evals, out / "evals.csv")
+    write_csv(per_bin, out / "eval_losses.csv")
+    return evals
