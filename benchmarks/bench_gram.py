@@ -112,7 +112,7 @@ def vmap_gram(model, x0, t, task, K, noise, schedule, prediction, chunk: int) ->
 
     g = vmap(grad(loss_of), in_dims=(None, 0), chunk_size=chunk)
     masks = (torch.nn.functional.one_hot(task, K).T.to(x0.dtype) / counts[:, None]).to(x0.device)
-    # fused attention kernels fail under vmap's backward; the math backend works (shared/GPU-NOTES.md)
+    # fused attention kernels fail under vmap's backward; the math backend works (measured on an H100; see benchmarks/results/README.md)
     with sdpa_kernel(SDPBackend.MATH):
         grads = g(params, masks)
     J = torch.cat([v.reshape(K, -1).float() for v in grads.values()], 1)

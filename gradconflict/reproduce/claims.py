@@ -1,4 +1,4 @@
-"""Verdicts on the paper's claims C1-C3 (shared/PAPER.md), each with the numbers behind it and their uncertainty.
+"""Verdicts on the paper's claims C1-C3 (docs/claims.md; Hang et al., ICCV 2023), each with the numbers behind it and their uncertainty.
 
 * C1 (transfer): fine-tuning bin i lowers the loss of neighbouring bins (abs(i - j) = 1) and raises it for
   distant bins (abs(i - j) >= K/2). Holds when the mean transfer of neighbours is > 0 and of distant bins < 0.

@@ -159,10 +159,19 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     # ---------------------------------------------------------------- claims and report
     claims = pd.DataFrame([claim_c1(transfer.matrix, transfer.stderr), claim_c2(track.weights, objectives=track.objectives),
                            claim_c3(track.objectives)])
-    write_csv(claims, figures / "claims.csv")
+    write_csv(_with_compare_rows(claims, figures / "claims.csv"), figures / "claims.csv")
     sensitivity = c3_lambda_sensitivity(track.weights, track.grams)
     write_csv(sensitivity, figures / "c3_lambda_sensitivity.csv")
     write_report(figures / "REPORT.md", config, claims, track, transfer, sensitivity)
     for _, c in claims.iterrows():
         log(f"{c['claim']}: {'holds' if c['holds'] else 'does not hold'} - {c['measured']}")
     return claims
+
+
+def _with_compare_rows(claims: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """``claims`` and the C4-C6 rows that ``gradconflict compare`` wrote into ``path`` earlier (kept)."""
+    if not path.is_file():
+        return claims
+    old = pd.read_csv(path)
+    kept = old[old["claim"].astype(str).str.match(r"C[456]\b")]
+    return pd.concat([claims, kept], ignore_index=True) if len(kept) else claims

@@ -29,7 +29,7 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         f"regularizer lam = {config.track.lam} x trace(G)/K, task losses in {config.track.loss_space} units. "
         f"Transfer: {config.transfer}.",
         "",
-        "Claims of Hang et al. (ICCV 2023), as listed in shared/PAPER.md. The numbers are in `claims.csv`; they are "
+        "Claims of Hang et al. (ICCV 2023), as described in [docs/claims.md](../docs/claims.md). The numbers are in `claims.csv`; they are "
         "computed from the run's tidy tables (`runs/.../track/track_objectives.csv`, `track_weights.csv`, "
         "`track_grams.npz`, `transfer/transfer.csv`), which the CSVs here summarize; +- values are standard "
         "errors. A claim that does not hold on this setup is reported as measured. The claims are measured on "
@@ -45,7 +45,7 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     if sensitivity is not None and len(sensitivity):
         lines += ["", "## C3 at other regularizers", "",
-                  "The regularizer decides how much the optimum spreads weight; PAPER.md gives no lam. Mean ratio to "
+                  "The regularizer decides how much the optimum spreads weight; the paper gives no lam. Mean ratio to "
                   "the optimum of each strategy, same Grams (`c3_lambda_sensitivity.csv`):", "",
                   "| lam (x trace(G)/K) | " + " | ".join(sensitivity["strategy"].unique()) + " | lowest |",
                   "|---" * (sensitivity["strategy"].nunique() + 2) + "|"]
@@ -65,4 +65,14 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         "- `cosine_final.png` / `.csv`: cosine matrix at the last checkpoint; `samples.png`: DDIM samples of the model.",
         "",
     ]
-    return write_text(path, "\n".join(lines))
+    return write_text(path, "\n".join(lines) + _kept_sections(path))
+
+
+def _kept_sections(path: Path) -> str:
+    """The convergence comparison's section of an existing report (``gradconflict compare`` writes it), kept."""
+    from ..comparison.report import BEGIN, END
+
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        return "\n" + text[text.index(BEGIN):text.index(END) + len(END)] + "\n"
+    return ""
