@@ -1,7 +1,7 @@
 """The small MNIST classifier whose penultimate layer is the feature space of FD-MNIST.
 
 Network (images ``(N, 1, S, S)`` in [-1, 1]): conv3x3(1->16) ReLU maxpool2, conv3x3(16->32) ReLU maxpool2,
-flatten, linear(->D) ReLU = the ``D`` features, linear(D->10) = logits. Trained with AdamW on the cross
+flatten, linear(->D) = the ``D`` features, ReLU, linear(D->10) = logits. Trained with AdamW on the cross
 entropy of the embedded MNIST *training* split (``MNIST_TRAIN``: the first 4000 of the 5000 images, 400 per
 digit); its accuracy is measured on the held-out split (``MNIST_HELD_OUT``: the last 1000, 100 per digit), which
 it never sees. Training runs on the CPU with a seeded generator and leaves the global RNG untouched.
@@ -59,14 +59,15 @@ class MnistClassifier(nn.Module):
         self.head = nn.Linear(features, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``(N, D)`` (after the ReLU) of images ``(N, 1, S, S)``."""
+        """Penultimate features ``(N, D)`` of images ``(N, 1, S, S)``: the hidden layer's pre-activations (before
+        its ReLU, so no feature is constantly 0 and the covariance has full rank)."""
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.hidden(h.flatten(1)))
+        return self.hidden(h.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(N, 10)``."""
-        return self.head(self.features(x))
+        return self.head(F.relu(self.features(x)))
 
 
 def mnist_split(split: str, image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
