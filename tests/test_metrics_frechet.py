@@ -193,3 +193,10 @@ def test_fd_mnist_refuses_bad_samples(extractor, held_out, bad, match):
 def test_fd_mnist_refuses_too_few_draws(extractor, held_out):
     with pytest.raises(ValueError, match="draws must be an integer >= 2"):
         fd_mnist(held_out[0][:500], held_out[0][500:], extractor=extractor, draws=1)
+
+
+def test_default_extractor_comes_from_the_env_cache(extractor, cache, held_out, monkeypatch):
+    monkeypatch.setenv("GRADCONFLICT_CACHE", str(cache))
+    monkeypatch.setattr(fd_module, "train_classifier", lambda *a, **k: pytest.fail("trained again despite the cache"))
+    images = held_out[0]
+    assert fd_mnist(images[:200], images[500:]) == fd_mnist(images[:200], images[500:], extractor=extractor)

@@ -61,9 +61,9 @@ def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
 
 
 def _check_stats(mu: Any, cov: Any, which: str) -> tuple[np.ndarray, np.ndarray]:
-    m = _as_float64(mu, f"mu{which}").reshape(-1) if np.ndim(mu) <= 1 else None
-    if m is None:
+    if np.ndim(mu) > 1:
         raise ValueError(f"mu{which} must be a vector (D,), got shape {np.shape(mu)}")
+    m = _as_float64(mu, f"mu{which}").reshape(-1)
     c = _as_float64(cov, f"cov{which}")
     if c.ndim == 0 and m.size == 1:
         c = c.reshape(1, 1)
