@@ -43,7 +43,8 @@ class CompareConfig:
     * ``steps``, ``eval_every``: training length and the evaluation cadence (an evaluation at every multiple of
       ``eval_every`` and at ``steps``).
     * evaluation (held-out): ``eval_per_bin`` timesteps per bin for the per-bin losses over ``bins`` uniform bins;
-      ``fd_samples`` DDIM samples (``sample_steps`` steps) for FD-MNIST with its standard error over ``fd_draws``;
+      ``fd_samples`` DDIM samples (``sample_steps`` steps) for FD-MNIST (MNIST only) with its bootstrap standard error
+      over ``fd_draws`` resamples;
       the Pareto score of the fixed strategies on a Gram of ``gram_per_task`` held-out samples per bin at relative
       ridge ``lam`` (x trace(G)/K, the unit of ``track --lam``), with EMA weights (``weights``).
     * ``jobs``: runs trained in parallel processes (each with ``cpu_threads`` torch threads).
@@ -94,10 +95,16 @@ class CompareConfig:
             raise ValueError(f"lam must be >= 0 (relative to trace(G)/K), got {self.lam}")
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
-        if self.fd_draws > 1 and self.fd_samples // self.fd_draws < 2:
-            raise ValueError(f"fd_samples ({self.fd_samples}) is too few for {self.fd_draws} draws")
+        if self.fd and (self.fd_samples < 128 or self.fd_draws < 2):
+            raise ValueError(f"FD-MNIST needs fd_samples >= 128 (twice its 64 features) and fd_draws >= 2, got "
+                             f"{self.fd_samples} and {self.fd_draws}")
         for weighting in self.weightings:  # fail early on an unknown spec: every run would fail anyway
             self.train_config(weighting, 0)
+
+    @property
+    def fd(self) -> bool:
+        """FD-MNIST is measured on MNIST only (its classifier and reference are MNIST digits)."""
+        return str(self.data).strip().lower() == "mnist"
 
     @property
     def eval_steps(self) -> list[int]:

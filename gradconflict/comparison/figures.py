@@ -24,10 +24,11 @@ def _palette(names: list[str]) -> dict[str, object]:
 
 
 def _stats(evals: pd.DataFrame, column: str) -> pd.DataFrame:
-    grouped = evals.groupby(["weighting", "step"], sort=False)[column]
-    stats = grouped.agg(["mean", "std", "count"]).reset_index()
+    grouped = evals.groupby(["weighting", "step"], sort=False)
+    stats = grouped[column].agg(["mean", "std", "count"]).reset_index()
     stats["stderr"] = stats["std"] / np.sqrt(stats["count"])
-    return stats.rename(columns={"mean": f"{column}_mean", "stderr": f"{column}_stderr", "count": "n_models"}).drop(columns="std")
+    stats["n_models"] = grouped["seed"].nunique().to_numpy()
+    return stats.rename(columns={"mean": f"{column}_mean", "stderr": f"{column}_stderr"}).drop(columns=["std", "count"])
 
 
 def fig5_convergence(evals: pd.DataFrame, out: str | Path, *, subtitle: str = "") -> pd.DataFrame:
@@ -35,13 +36,18 @@ def fig5_convergence(evals: pd.DataFrame, out: str | Path, *, subtitle: str = ""
     weighting, mean over seeds with a band of +- one standard error over seeds. Writes ``out.png`` and ``out.csv``."""
     out = Path(out)
     fd, loss = _stats(evals, "fd_mnist"), _stats(evals, "loss_x0")
-    table = fd.merge(loss, on=["weighting", "step", "n_models"])
+    table = loss.merge(fd, on=["weighting", "step", "n_models"])
     write_csv(table, out.with_suffix(".csv"))
     names = list(dict.fromkeys(table["weighting"]))
     palette = _palette(names)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     for ax, column, label in ((axes[0], "fd_mnist", "FD-MNIST (lower is better)"),
                               (axes[1], "loss_x0", "held-out loss, x0 units (mean over bins)")):
+        if not np.isfinite(table[f"{column}_mean"].to_numpy(dtype=float)).any():
+            ax.text(0.5, 0.5, f"{label.split(' (')[0]} not measured\n(FD-MNIST needs MNIST data)", ha="center",
+                    va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         for name in names:
             s = table[table["weighting"] == name]
             mean, se = s[f"{column}_mean"], s[f"{column}_stderr"].fillna(0)

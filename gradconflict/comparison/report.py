@@ -44,7 +44,7 @@ def _merge_claims(path: Path, rows: list[dict]) -> pd.DataFrame:
     return new
 
 
-def _section(config: CompareConfig, rows: list[dict], summary: pd.DataFrame) -> str:
+def _section(config: CompareConfig, rows: list[dict], summary: pd.DataFrame, metric: str) -> str:
     lines = [BEGIN, "## Convergence under each weighting (C4-C6)", "",
              f"`gradconflict compare`: {config.model} on {config.image_size}x{config.image_size} {config.data}, "
              f"{config.prediction}-prediction, {config.steps} steps of batch {config.batch_size}, "
@@ -59,7 +59,9 @@ def _section(config: CompareConfig, rows: list[dict], summary: pd.DataFrame) -> 
         fmt = lambda v: f"{v:.3g}" if isinstance(v, float) and v == v else ""  # noqa: E731
         lines.append(f"| {row['claim']} | {row['verdict']} | {fmt(stat)} | {fmt(se)} | {row.get('n_models', '')} | "
                      f"{row.get('notes', '')} |")
-    lines += ["", "Final FD-MNIST and seconds per step (mean over seeds):", "", summary.to_markdown(index=False, floatfmt=".4g")
+    name = {"fd_mnist": "FD-MNIST", "loss_x0": "held-out loss (x0 units)"}[metric]
+    lines += ["", f"Final {name}, its average over evaluations (auc) and seconds per training step, per weighting "
+              "(mean over seeds; s.e. over seeds):", "", summary.to_markdown(index=False, floatfmt=".4g")
               if hasattr(summary, "to_markdown") and _has_tabulate() else "```\n" + summary.to_string(index=False) + "\n```",
               "", END]
     return "\n".join(lines)
@@ -93,7 +95,7 @@ def write_report(evals: pd.DataFrame, per_bin: pd.DataFrame, config: CompareConf
     write_csv(_merge_claims(figures / "claims.csv", rows), figures / "claims.csv")
     report = figures / "REPORT.md"
     text = report.read_text() if report.is_file() else "# Report\n"
-    section = _section(config, rows, summary)
+    section = _section(config, rows, summary, metric)
     if BEGIN in text and END in text:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
     else:

@@ -50,10 +50,10 @@ def held_out_images(config: CompareConfig) -> torch.Tensor:
 def _held_out(config: CompareConfig) -> HeldOut:
     images = held_out_images(config)
     extractor = None
-    if images.shape[1] == 1:  # FD-MNIST's classifier reads one-channel digits
+    if config.fd:  # FD-MNIST: a Fréchet distance in an MNIST classifier's features, against held-out digits
         from ..metrics import fd_mnist_features
 
-        extractor = fd_mnist_features(image_size=config.image_size)
+        extractor = fd_mnist_features(image_size=config.image_size, progress=False)
     return HeldOut(images, extractor)
 
 
