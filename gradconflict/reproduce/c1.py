@@ -28,9 +28,10 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
-__all__ = ["c1_statistics", "claim_c1_models", "over_models", "MIN_MODELS", "UNIT"]
+__all__ = ["c1_statistics", "c1_table", "claim_c1_models", "first_order_prediction", "over_models", "MIN_MODELS", "UNIT"]
 
 MIN_MODELS = 3  # fewer independently trained models give no verdict (the t-interval of 2 models is +-12.7 se)
 UNIT = "independently trained model (training seed)"
@@ -116,6 +117,12 @@ def c1_statistics(matrix: np.ndarray, gram: Optional[np.ndarray] = None, losses:
         out["sign_disagree_cells"] = [(int(a), int(b)) for a, b in zip(*np.nonzero(disagree))]
         out["offdiagonal_cells"] = int(off.sum())
     return out
+
+
+def c1_table(per_model: Sequence[dict]) -> pd.DataFrame:
+    """One tidy row per model (``model`` = its position) with the scalar numbers of :func:`c1_statistics`
+    (matrices and cell lists left out): the CSV beside the C1 row."""
+    return pd.DataFrame([{"model": m, **{k: v for k, v in s.items() if np.isscalar(v)}} for m, s in enumerate(per_model)])
 
 
 def over_models(values: Sequence[float], level: float = 0.95) -> dict:

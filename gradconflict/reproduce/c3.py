@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..pareto import solve
+from ..pareto._validate import check_simplex
 from ..weighting import as_strategy, check_unique_names
 from .c1 import MIN_MODELS, UNIT, over_models
 
@@ -76,8 +77,10 @@ def _ratio(f: np.ndarray, f_star: np.ndarray) -> np.ndarray:
 
 
 def _strategy_table(strategies: Any, bins: Any, schedule: Any) -> dict[str, np.ndarray]:
-    if isinstance(strategies, Mapping):
-        table = {str(k): np.asarray(bins.strategy_weights(as_strategy(s), schedule)) for k, s in strategies.items()}
+    if isinstance(strategies, Mapping):  # a value may be a strategy, a spec, or the (K,) bin weights themselves
+        table = {str(k): check_simplex(s, name=f"weights of strategy {k!r}")
+                 if isinstance(s, (np.ndarray, list, tuple)) else
+                 np.asarray(bins.strategy_weights(as_strategy(s), schedule)) for k, s in strategies.items()}
     else:
         objs = [as_strategy(s) for s in ([strategies] if isinstance(strategies, str) else strategies)]
         table = {str(s.name): np.asarray(bins.strategy_weights(s, schedule)) for s in objs}
@@ -109,7 +112,8 @@ def c3_controls(grams_per_model: Any, bins: Any, schedule: Any, strategies: Any 
     """Every strategy's score on every model's Grams at every relative ``lam``, with its controls.
 
     ``grams_per_model``: a list per independently trained model of (K, K) Grams (checkpoints x batches; a flat list
-    is one model). ``strategies``: names/specs (``"min_snr:5"``), strategy objects or a dict name -> strategy.
+    is one model). ``strategies``: names/specs (``"min_snr:5"``), strategy objects or a dict name -> strategy (or
+    name -> (K,) bin weights on the simplex; ``bins`` and ``schedule`` are then not used for it).
 
     Tidy rows, one per (model, lam, strategy): ``ratio`` (mean over the model's Grams of f(w)/f*), ``ratio_se``
     (its se over those Grams: nested noise, not a replicate), ``diag_ratio`` (the same on diag(G) with its own
