@@ -35,12 +35,13 @@ HOW_TO_WRITE = ('write it with pd.DataFrame(G, index=labels, columns=labels).to_
                 'np.savetxt(path, G, delimiter=",")')
 
 _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)\Z", re.IGNORECASE)
+_NOT_IN_NUMBERS = re.compile(r"[^0-9eE.+\-nNaAiIfFtTyY]")  # a character no number token holds
 _INTEGER = re.compile(r"[+-]?\d+\Z")
 _SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", None: "space"}
 
 
 class _Refused(ValueError):
-    """A layout refusal; ``rank`` orders the refusals of the separators tried (the likeliest one is reported)."""
+    """A file that fits no layout of the contract (or fits two)."""
 
 
 def _text(path: str) -> str:
@@ -60,6 +61,8 @@ def _text(path: str) -> str:
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: is not UTF-8 text (undecodable byte at offset {err.start}: a binary "
                              f"file?); {HOW_TO_WRITE}") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: holds NUL characters: a binary file, not a CSV text file; {HOW_TO_WRITE}")
     if not text.strip():
         raise ValueError(f"{path}: the file is empty; a Gram CSV holds a K x K matrix: {HOW_TO_WRITE}")
     return text
@@ -99,27 +102,43 @@ def _unique(labels: list[str]) -> list[str]:
     return out
 
 
-def _bad_cells(body: list[list[str]]) -> list[str]:
-    """``'x' at [i, j]`` for each cell of the matrix body that is not a number."""
-    return [f"{'empty' if not c else repr(c)} at [{i}, {j}]"
-            for i, row in enumerate(body) for j, c in enumerate(row) if not _NUMBER.match(c)]
+def _values(rows: list[list[str]]) -> Optional[np.ndarray]:
+    """The cells as a float64 matrix when every one is a number token (``_NUMBER``), else None.
+
+    Fast path for large files: only number characters, then ``float`` (which, on those characters, accepts
+    exactly the tokens ``_NUMBER`` does)."""
+    cells = [c for row in rows for c in row]
+    if _NOT_IN_NUMBERS.search("".join(cells)):
+        return None
+    try:
+        return np.fromiter(map(float, cells), dtype=np.float64, count=len(cells)).reshape(len(rows), -1)
+    except ValueError:  # an empty cell, or number characters that make no number
+        return None
 
 
-def _frame(body: list[list[str]], labels: list[str]) -> pd.DataFrame:
+def _bad_cells(rows: list[list[str]], di: int = 0, dj: int = 0) -> list[str]:
+    """``'x' at [i + di, j + dj]`` for each cell ``rows[i][j]`` that is not a number (for messages)."""
+    return [f"{'empty' if not c else repr(c)} at [{i + di}, {j + dj}]"
+            for i, row in enumerate(rows) for j, c in enumerate(row) if not _NUMBER.match(c)]
+
+
+def _frame(values: np.ndarray, labels: list[str]) -> pd.DataFrame:
     labels = _unique(labels)
-    return pd.DataFrame(np.array(body, dtype=np.float64).reshape(len(body), len(body)), index=labels,
-                        columns=labels)
+    return pd.DataFrame(values, index=labels, columns=labels)
 
 
-def _check_labels(labels: list[str], where: str) -> Optional[str]:
-    """Why ``labels`` cannot be labels (an empty one, or non-integer numbers), else None."""
+def _where(bad: list[str], limit: int = 3) -> str:
+    return ", ".join(bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
+def _empty_label(labels: list[str], where: str) -> Optional[str]:
     empty = [i for i, label in enumerate(labels) if not label]
-    if empty:
-        return f"the {where} has an empty label (position {empty[0]})"
-    if all(_NUMBER.match(label) for label in labels) and not all(_INTEGER.match(label) for label in labels):
-        return (f"the {where} holds non-integer numbers ({_cells(labels)}): numbers there are labels only if "
-                f"they are integers, so this reads as a matrix row with a missing or non-numeric cell")
-    return None
+    return f"the {where} has an empty label (task {empty[0]})" if empty else None
+
+
+def _float_labels(labels: list[str]) -> bool:
+    """Numbers that are not all integers: a row of data, not labels (pandas writes a default index as 0, 1, ...)."""
+    return all(_NUMBER.match(label) for label in labels) and not all(_INTEGER.match(label) for label in labels)
 
 
 def _label_like(cells: Sequence[str]) -> bool:
@@ -146,67 +165,77 @@ def _looks_labelled(rows: list[list[str]]) -> Optional[str]:
         no_gram_row = bool(np.any(G[0, 1:] ** 2 > diag[0] * diag[1:]) or np.any(G[1:, 0] ** 2 > diag[0] * diag[1:]))
     if not (no_gram_row or (len(rows) >= 3 and _integer_free([row[1:] for row in rows[1:]]))):
         return None
-    which = "row and column" if head_like and index_like else "row" if head_like else "column"
+    which = "row and column look" if head_like and index_like else "row looks" if head_like else "column looks"
     cells = header if head_like else index
-    return (f"reads two ways: the first {which} ({_cells(cells)}) look like integer labels over a "
+    return (f"reads two ways: the first {which} like integer labels ({_cells(cells)}) over a "
             f"{len(rows) - 1} x {len(rows) - 1} matrix, with the number {rows[0][0]!r} in the corner cell, so the file is "
             f"also a {len(rows)} x {len(rows)} matrix with a fake task; leave the corner empty or write text there "
             f"(e.g. 'bin'), or drop the labels")
 
 
 def _parse(rows: list[list[str]], path: str, sep: Optional[str]) -> pd.DataFrame:
-    """One layout of the contract for a table of cells, else ``_Refused``."""
+    """The one layout of the contract that fits a table of cells, else ``_Refused`` saying why."""
     name = _SEPARATORS[sep]
     widths = [len(row) for row in rows]
     R, C = len(rows), max(widths)
-    shape = f"read {R} row(s) x {C} {name}-separated column(s)"
-    tail = f"{shape}; accepted layouts: {LAYOUTS}; {HOW_TO_WRITE}"
+    tail = f"read {R} row(s) x {C} {name}-separated column(s); accepted layouts: {LAYOUTS}; {HOW_TO_WRITE}"
     if min(widths) != C:
         short = next(i for i, w in enumerate(widths) if w != C)
-        raise _Refused(f"{path}: line {short + 1} of the table has {widths[short]} {name}-separated cell(s) but "
+        raise _Refused(f"{path}: row {short + 1} of the table has {widths[short]} {name}-separated cell(s) but "
                        f"another has {C}: every row needs the same number of cells; {tail}")
     if R == C:
         corner, header, index = rows[0][0], rows[0][1:], [row[0] for row in rows[1:]]
         body = [row[1:] for row in rows[1:]]
-        if not _bad_cells(rows):  # (a) plain
+        values = _values(body)
+        edge = _values([[corner, *header, *index]])
+        if values is not None and edge is not None:  # (a) plain
             why = _looks_labelled(rows) if R > 1 else None
             if why:
                 raise _Refused(f"{path}: {why}; {tail}")
-            return _frame(rows, [str(i) for i in range(R)])
+            return _frame(_values(rows), [str(i) for i in range(R)])
+        bad = _bad_cells(rows)
         if R > 1 and not _NUMBER.match(corner):  # (b) labelled: the corner is empty or text
-            why = _check_labels(header, "header row") or _check_labels(index, "index column")
+            if _float_labels(header) or _float_labels(index):
+                numbers = header if _float_labels(header) else index
+                raise _Refused(
+                    f"{path}: the first {'row' if numbers is header else 'column'} holds numbers ({_cells(numbers)}),"
+                    f" not labels (numbers as labels must be integers), so this is a plain {R} x {R} matrix with "
+                    f"cells that are not numbers ({_where(bad)}); every cell must be a number; {tail}")
+            why = _empty_label(header, "header row") or _empty_label(index, "index column")
             if why:
                 raise _Refused(f"{path}: {why}; {tail}")
             if header != index:
-                diff = next(i for i, (h, x) in enumerate(zip(header, index)) if h != x)
-                raise _Refused(f"{path}: the header labels and the index labels disagree (task {diff}: "
-                               f"{header[diff]!r} in the header, {index[diff]!r} in the index); write the same K "
-                               f"labels in both, as DataFrame.to_csv does; {tail}")
-            bad = _bad_cells(body)
-            if bad:
+                i = next(i for i, (h, x) in enumerate(zip(header, index)) if h != x)
+                raise _Refused(f"{path}: the header labels and the index labels disagree (task {i}: {header[i]!r} "
+                               f"in the header, {index[i]!r} in the index); write the same K labels in both, as "
+                               f"DataFrame.to_csv does; {tail}")
+            if values is None:
                 raise _Refused(f"{path}: the {R - 1} x {R - 1} matrix has non-numeric or empty entries "
-                               f"({_cells(bad)}); every cell must be a number; {tail}")
-            return _frame(body, header)
+                               f"({_where(_bad_cells(body))}); every cell must be a number; {tail}")
+            return _frame(values, header)
         hint = ""
-        if R > 1 and header == index and not _check_labels(header, "header row"):
+        if R > 1 and header == index and all(header) and not _float_labels(header):
             hint = (f"; if the first row and column are labels, the corner cell must be empty or text, not the "
                     f"number {corner!r}")
-        raise _Refused(f"{path}: the {R} x {R} matrix has non-numeric or empty entries ({_cells(_bad_cells(rows))})"
-                       f"; every cell must be a number{hint}; {tail}")
+        raise _Refused(f"{path}: the {R} x {R} matrix has non-numeric or empty entries ({_where(bad)}); every cell "
+                       f"must be a number{hint}; {tail}")
     if R == C + 1:  # (c) header only
-        why = _check_labels(rows[0], "header row")
+        why = _empty_label(rows[0], "header row")
         if why:
             raise _Refused(f"{path}: {why}; {tail}")
-        bad = _bad_cells(rows[1:])
+        if _float_labels(rows[0]):
+            raise _Refused(f"{path}: the first row holds numbers ({_cells(rows[0])}), not labels (numbers as labels "
+                           f"must be integers), so the file has {R} rows of {C} numbers: one too many; {tail}")
+        values = _values(rows[1:])
+        if values is None:
+            raise _Refused(f"{path}: the {C} x {C} matrix under the header has non-numeric or empty entries "
+                           f"({_where(_bad_cells(rows[1:]))}); every cell must be a number; {tail}")
         index = [row[0] for row in rows[1:]]
-        if not bad and C >= 2 and _label_like(index) and _integer_free([row[1:] for row in rows[1:]]):
+        if C >= 2 and _label_like(index) and _integer_free([row[1:] for row in rows[1:]]):
             raise _Refused(f"{path}: reads two ways: the first column ({_cells(index)}) looks like an index of "
                            f"integer labels, but the header row has {C} cells, not {C + 1}, so a column is missing "
                            f"or the index is data; {tail}")
-        if bad:
-            raise _Refused(f"{path}: the {C} x {C} matrix under the header has non-numeric or empty entries "
-                           f"({_cells(bad)}); every cell must be a number; {tail}")
-        return _frame(rows[1:], rows[0])
+        return _frame(values, rows[0])
     first = ",".join(rows[0])
     raise _Refused(f"{path}: expected a square K x K matrix (K + 1 rows with a header) but parsed {R} row(s) x {C} "
                    f"{name}-separated column(s) (first row: {first[:60]!r}); accepted layouts: {LAYOUTS}; "
