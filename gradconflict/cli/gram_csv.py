@@ -37,7 +37,7 @@ HOW_TO_WRITE = ('write it with pd.DataFrame(G, index=labels, columns=labels).to_
 _NUMBER = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)\Z", re.IGNORECASE)
 _NOT_IN_NUMBERS = re.compile(r"[^0-9eE.+\-nNaAiIfFtTyY]")  # a character no number token holds
 _INTEGER = re.compile(r"[+-]?\d+\Z")
-_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", None: "space"}
+_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", None: "space", "\x00": "un"}  # "\x00": a line is a cell
 
 
 class _Refused(ValueError):
@@ -70,14 +70,15 @@ def _text(path: str) -> str:
 
 def _rows(text: str, sep: Optional[str]) -> list[list[str]]:
     """Cells of the non-blank lines, stripped of surrounding spaces (``sep=None``: split on runs of spaces)."""
-    if sep is None:
-        rows = [line.split() for line in text.splitlines()]
+    text = re.sub(r"\A(\s*)# *", r"\1", text)  # np.savetxt(header=...) writes "# " before the header
+    if sep is None:  # runs of spaces, quotes as in a CSV
+        lines = "\n".join(line.strip() for line in text.splitlines())
+        rows = list(csv.reader(io.StringIO(lines, newline=""), delimiter=" ", skipinitialspace=True))
     else:
-        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=sep))
-    rows = [[cell.strip() for cell in row] for row in rows]
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=sep, skipinitialspace=True))
+    pad = " " if sep == "\x00" else " \t"  # one cell a line: a tab is no padding but a separator refused
+    rows = [[cell.strip(pad) for cell in row] for row in rows]
     rows = [row for row in rows if len(row) > 1 or (row and row[0])]  # drop blank lines
-    if rows and rows[0][0].startswith("#"):  # np.savetxt(header=...) writes "# " before the header
-        rows[0][0] = rows[0][0][1:].strip()
     return rows
 
 
@@ -108,6 +109,8 @@ def _values(rows: list[list[str]]) -> Optional[np.ndarray]:
     Fast path for large files: only number characters, then ``float`` (which, on those characters, accepts
     exactly the tokens ``_NUMBER`` does)."""
     cells = [c for row in rows for c in row]
+    if not cells:
+        return np.zeros((len(rows), 0))
     if _NOT_IN_NUMBERS.search("".join(cells)):
         return None
     try:
@@ -162,7 +165,8 @@ def _looks_labelled(rows: list[list[str]]) -> Optional[str]:
     G = np.array(rows, dtype=np.float64)
     diag = np.diag(G)
     with np.errstate(invalid="ignore", over="ignore"):
-        no_gram_row = bool(np.any(G[0, 1:] ** 2 > diag[0] * diag[1:]) or np.any(G[1:, 0] ** 2 > diag[0] * diag[1:]))
+        # not <=: a NaN there counts as no Gram row either
+        no_gram_row = bool(np.any(~(G[0, 1:] ** 2 <= diag[0] * diag[1:])) or np.any(~(G[1:, 0] ** 2 <= diag[0] * diag[1:])))
     if not (no_gram_row or (len(rows) >= 3 and _integer_free([row[1:] for row in rows[1:]]))):
         return None
     which = "row and column look" if head_like and index_like else "row looks" if head_like else "column looks"
@@ -256,23 +260,22 @@ def read_gram(path: str) -> pd.DataFrame:
     """
     text = _text(str(path))
     counts = {sep: text.count(sep) for sep in (",", ";", "\t")}
-    seps: list[Optional[str]] = sorted((s for s in counts if counts[s]), key=lambda s: -counts[s]) or [None]
-    read: list[tuple[Optional[str], pd.DataFrame]] = []
+    # the separators in the file, most frequent first, else spaces; then one cell a line (K = 1 needs none)
+    present: list[Optional[str]] = sorted((s for s in counts if counts[s]), key=lambda s: -counts[s]) or [None]
     refusals: list[ValueError] = []
-    for sep in seps:
-        try:
-            rows = _rows(text, sep)
-        except csv.Error as err:
-            refusals.append(ValueError(f"{path}: not a readable CSV with {_SEPARATORS[sep]} separators ({err}); "
-                                       f"{HOW_TO_WRITE}"))
-            continue
-        try:
-            read.append((sep, _parse(rows, str(path), sep)))
-        except _Refused as err:
-            refusals.append(err)
-    if read and all(_same(read[0][1], frame) for _, frame in read[1:]):
-        return read[0][1]
-    if read:
-        ways = " and ".join(f"{len(f)} x {len(f)} with {_SEPARATORS[s]} separators" for s, f in read)
-        raise ValueError(f"{path}: reads two ways ({ways}); use one separator, e.g. {HOW_TO_WRITE}")
+    for seps in (present, ["\x00"]):
+        read: list[tuple[Optional[str], pd.DataFrame]] = []
+        for sep in seps:
+            try:
+                read.append((sep, _parse(_rows(text, sep), str(path), sep)))
+            except _Refused as err:
+                refusals.append(err)
+            except csv.Error as err:
+                refusals.append(ValueError(f"{path}: not a readable CSV with {_SEPARATORS[sep]} separators "
+                                           f"({err}); {HOW_TO_WRITE}"))
+        if read and all(_same(read[0][1], frame) for _, frame in read[1:]):
+            return read[0][1]
+        if read:
+            ways = " and ".join(f"{len(f)} x {len(f)} with {_SEPARATORS[s]} separators" for s, f in read)
+            raise ValueError(f"{path}: reads two ways ({ways}); use one separator, e.g. {HOW_TO_WRITE}")
     raise refusals[0]
