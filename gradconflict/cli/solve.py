@@ -5,7 +5,8 @@
 GRAM.csv is a K x K matrix: with bin labels as header row and index column
 (as written by ``gradconflict gram`` and ``DataFrame.to_csv``), with a header
 row only (``to_csv(index=False)``), or plain numbers without labels (tasks
-are then named 0..K-1).  Prints one weight per task, the objective
+are then named 0..K-1); anything else is refused (the contract:
+:mod:`gradconflict.cli.gram_csv`).  Prints one weight per task, the objective
 and the Frank-Wolfe duality gap (``--json`` for machine-readable output).
 """
 
@@ -17,81 +18,53 @@ import sys
 from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 
+from gradconflict.cli.gram_csv import read_gram
 from gradconflict.pareto import METHODS, solve
+from gradconflict.pareto._validate import check_finite
 from gradconflict.track.analyze import absolute_lam
 
-
-_LAYOUTS = ("plain K x K numbers; a header row of K labels over K rows of numbers; or a header row and an index "
-            "column of labels (as `gradconflict gram` and DataFrame.to_csv write)")
+__all__ = ["read_gram", "run", "add_parser", "main"]
 
 
-def _label(cell: Any) -> str:
-    text = "" if pd.isna(cell) else str(cell).strip()
-    return text[1:].strip() if text.startswith("#") else text  # np.savetxt(header=...) writes "# " in front
+# flags that only one method takes: (flag, attribute, method)
+_METHOD_FLAGS = (("--variant", "variant", "frank_wolfe"), ("--solver", "solver", "cvxpy"), ("--lr", "lr", "ugd"))
 
 
-def _unique(labels: list[str]) -> list[str]:
-    """Task names as given, with a repeated name numbered (``a``, ``a.1``, ...) so no weight is lost by name."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in labels:
-        n = seen.get(name, 0)
-        seen[name] = n + 1
-        out.append(name if n == 0 else f"{name}.{n}")
-    return out
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag values that no method can use, naming the flag (the solver would name its own option)."""
+    for flag, value in (("--tol", args.tol), ("--digits", args.digits)):
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.tol is not None and not np.isfinite(args.tol):
+        raise ValueError(f"--tol must be a finite number >= 0 (a relative accuracy such as 1e-8), got {args.tol}")
+    if args.max_iter is not None and args.max_iter < 1:
+        raise ValueError(f"--max-iter must be >= 1, got {args.max_iter}")
+    for flag, name, method in _METHOD_FLAGS:
+        if getattr(args, name, None) is not None and args.method != method:
+            raise ValueError(f"{flag} applies to --method {method} only (got --method {args.method}); "
+                             f"drop {flag} or pass --method {method}")
+    if getattr(args, "lr", None) is not None and not (np.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
 
 
-def read_gram(path: str) -> pd.DataFrame:
-    """Read a K x K Gram CSV: plain numbers, a header row of labels, or a header row and an index column.
-
-    Tasks are named by the index column, else the header, else 0..K-1. Raises ``ValueError`` naming the
-    parsed shape and the accepted layouts when no layout gives a square numeric matrix.
-    """
-    raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=True)
-    numeric = raw.apply(pd.to_numeric, errors="coerce")
-    # "nan" (np.savetxt's NaN) is a number here, not a label: the matrix is read whole and its NaN refused by name
-    nan_text = raw.apply(lambda column: column.str.strip().str.lower().isin(["nan", "+nan", "-nan"]))
-    missing = numeric.isna() & ~nan_text  # cells that are not numbers
-    rows, cols = raw.shape
-    unreadable: Optional[int] = None  # K of a square layout that has non-numeric cells
-    # (header row?, index column?) in order; "plain" first so a square numeric table is never read as labels
-    for header, index in ((False, False), (True, False), (True, True)):
-        body = numeric.iloc[int(header):, int(index):]
-        if body.shape[0] != body.shape[1] or body.shape[0] == 0:
-            continue
-        if index:  # an index column needs an empty corner, non-numeric labels, or the header's labels
-            corner, names = raw.iloc[0, 0], raw.iloc[1:, 0].map(_label).tolist()
-            heads = raw.iloc[0, 1:].map(_label).tolist()
-            if not (pd.isna(corner) or missing.iloc[1:, 0].any() or names == heads):
-                continue
-        hole = missing.iloc[int(header):, int(index):]
-        if hole.to_numpy().any():
-            inner = hole.iloc[int(not header):, int(not index):]  # cells that cannot be labels
-            if body.shape[0] > 1 and inner.to_numpy().any():  # a later layout (with labels) is the likelier one
-                unreadable = body.shape[0]
-            continue
-        if index:
-            labels = raw.iloc[1:, 0].map(_label).tolist()
-        elif header:
-            labels = raw.iloc[0, :].map(_label).tolist()
-        else:
-            labels = [str(i) for i in range(rows)]
-        labels = _unique(labels)
-        return pd.DataFrame(body.to_numpy(dtype=float), index=labels, columns=labels)
-    if unreadable is not None:
-        raise ValueError(f"{path}: the {unreadable} x {unreadable} matrix has non-numeric or empty entries; every "
-                         f"cell must be a number (accepted layouts: {_LAYOUTS})")
-    first = ",".join(raw.iloc[0].map(_label)) if rows else ""
-    raise ValueError(
-        f"{path}: expected a square K x K matrix but parsed {rows} row(s) x {cols} comma-separated column(s) "
-        f"(first row: {first[:60]!r}); accepted layouts: {_LAYOUTS}"
-    )
+def _hint(args: argparse.Namespace, result: Any) -> str:
+    """What to change when a method stopped before ``gap <= tol * objective`` (one line)."""
+    cap = args.max_iter if args.max_iter is not None else ("1000, the default" if args.method == "ugd" else "the default")
+    text = (f"gradconflict solve: hint: {args.method} stopped after {result.iterations} iterations without "
+            f"converging (gap {result.gap:.3e} > tol x objective); raise --max-iter (now {cap})")
+    if args.method == "ugd":
+        lr = args.lr if args.lr is not None else "0.05, the default"
+        return text + f" or change --lr (now {lr}: lower it if the objective oscillates, raise it if it creeps)"
+    if args.method == "frank_wolfe":
+        return text + ", try --variant away or pairwise, or use --method auto (exact)"
+    return text + " or loosen --tol"
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
+    if getattr(args, "lr", None) is not None:
+        options["lr"] = args.lr
     if args.tol is not None:
         options["tol"] = args.tol
     if args.max_iter is not None:
@@ -106,11 +79,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``gradconflict solve``; returns the exit status."""
     try:
-        for flag, value in (("--tol", args.tol), ("--digits", args.digits)):
-            if value is not None and value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+        _check_flags(args)
         frame = read_gram(args.gram)
         G = frame.to_numpy()
+        try:  # before --lam-rel turns a NaN or Inf of G into "lam must be finite"
+            check_finite(G, "G")
+        except ValueError as exc:
+            raise ValueError(f"{args.gram}: {exc} (row, column from 0, not counting labels)") from None
         lam = args.lam
         if args.lam_rel is not None:
             if args.lam:
@@ -122,10 +97,18 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--lam-rel needs trace(G) >= 0 (lam = lam_rel x trace(G)/K), but trace(G)/K = "
                                  f"{absolute_lam(G, 1.0):.3e}: G is not a Gram matrix")
         result = solve(G, lam=lam, method=args.method, **_options(args))
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"gradconflict solve: error: {exc}", file=sys.stderr)
         return 2
-    labels = list(frame.index)
+    _print_result(args, list(frame.index), result, G)
+    if not result.converged:  # on stderr, after the result: --json keeps stdout a JSON object
+        sys.stdout.flush()
+        print(_hint(args, result), file=sys.stderr)
+    return 0
+
+
+def _print_result(args: argparse.Namespace, labels: list, result: Any, G: np.ndarray) -> None:
+    """The weights table (or the JSON object with --json) on stdout."""
     if args.json:
         payload = {
             "method": result.method,
@@ -139,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": result.seconds,
         }
         print(json.dumps(payload, indent=2))
-        return 0
+        return
     width = max(len("task"), *(len(label) for label in labels))
     rel = _lam_rel(result.lam, G)
     rel_text = f" (= {rel:.3g} x trace(G)/K)" if rel is not None else ""
@@ -150,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"objective: {result.objective:.10g}")
     print(f"gap: {result.gap:.3e}")
     print(f"iterations: {result.iterations}  converged: {result.converged}  seconds: {result.seconds:.4f}")
-    return 0
 
 
 def _lam_rel(lam: float, G: np.ndarray) -> Optional[float]:
@@ -176,6 +158,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--method", choices=METHODS, default="auto", help="solver (default auto: exact active set)")
     parser.add_argument("--tol", type=float, default=None, help="relative duality-gap tolerance: converged when gap <= tol * objective")
     parser.add_argument("--max-iter", type=int, default=None, help="iteration cap (steps for ugd)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate of --method ugd (default 0.05, Adam on the normalized problem)")
     parser.add_argument("--variant", choices=("vanilla", "away", "pairwise"), default=None, help="Frank-Wolfe variant")
     parser.add_argument("--solver", default=None, help="CVXPY solver for --method cvxpy (default CLARABEL)")
     parser.add_argument("--digits", type=int, default=8, help="decimals printed for the weights (default 8)")
