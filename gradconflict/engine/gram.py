@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import time
 from typing import Any, Iterator, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,7 +23,7 @@ from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
 from .precision import check_gram_precision, resolve_gram_precision, tf32
-from .loss import per_sample_losses
+from .loss import check_data, forward_dtype, per_sample_losses
 from .result import TaskGradients
 from .sketch import CountSketch
 
@@ -124,12 +126,19 @@ def task_gram(
     if isinstance(task, TimestepBins) and task.T != schedule.T:
         raise ValueError(f"the bins cover T = {task.T} timesteps but the schedule has T = {schedule.T}; build them "
                          "from schedule.T")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= schedule.T):
+        raise ValueError(f"t out of range: timesteps must lie in [0, {schedule.T - 1}] (the schedule's T = {schedule.T}), "
+                         f"got min {int(t.min())} and max {int(t.max())}")
     device = x0.device
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype if x0.dtype != torch.bfloat16 else torch.float32)
-        noise = noise.to(device=device, dtype=x0.dtype)
+    if noise is None:  # drawn in the dtype the model sees x_t in (loss.forward_dtype), not coarser
+        dtype = forward_dtype(model, x0)
+        noise = torch.randn(x0.shape, generator=generator, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
+        noise = noise.to(device=device, dtype=dtype)
+    elif not isinstance(noise, torch.Tensor):
+        check_data(noise, "noise")
     elif noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
+    check_data(noise, "noise")
     for name, v in (("x0", x0), ("noise", noise)):
         if not torch.isfinite(v).all():
             raise ValueError(f"{name} contains NaN or Inf; clean the data before computing gradients")
@@ -139,6 +148,9 @@ def task_gram(
     idx = TaskIndex(task_ids.cpu(), K, global_counts)
     model_kwargs = dict(model_kwargs or {})
     for key, v in model_kwargs.items():
+        if isinstance(v, np.ndarray):  # not split by task in the loop and the paired passes: wrong rows, silently
+            raise ValueError(f"model_kwargs[{key!r}] is a NumPy array {v.shape}; pass per-sample conditioning as a "
+                             f"torch.Tensor (N, ...), e.g. torch.as_tensor(model_kwargs[{key!r}]), on x0's device")
         if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] != x0.shape[0]:
             raise ValueError(f"model_kwargs[{key!r}] has batch size {v.shape[0]}, expected {x0.shape[0]} (per-sample conditioning)")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -208,7 +220,8 @@ def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Opti
                          "torch.as_tensor(x0) and move it to the model's device")
     if x0.ndim < 2:
         raise ValueError(f"x0 must be a batched tensor (N, ...) with at least 2 dimensions, got shape {tuple(x0.shape)}")
-    t = torch.as_tensor(t)
+    check_data(x0, "x0")
+    t = _integer_ids(t, "t", "timesteps")
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise ValueError(f"t must have shape ({x0.shape[0]},), one timestep per sample, got {tuple(t.shape)}")
     if isinstance(task, TimestepBins):
@@ -217,14 +230,57 @@ def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Opti
         K = bins.K
         labels = labels or bins.labels
     else:
-        task_ids = torch.as_tensor(task)
+        task_ids = _integer_ids(task, "task", "task ids")
         if task_ids.shape != t.shape:
             raise ValueError(f"task must have shape ({x0.shape[0]},), one task id per sample, got {tuple(task_ids.shape)}")
         if K is None:
-            K = int(task_ids.max()) + 1
+            K = int(task_ids.max()) + 1 if task_ids.numel() else 1  # an empty batch is refused by TaskIndex
+    K = _task_count(K)
     if labels is not None and len(labels) != K:
         raise ValueError(f"got {len(labels)} labels for K = {K} tasks")
-    return x0, t.to(x0.device).long(), task_ids.long(), int(K), labels
+    return x0, t.to(x0.device), task_ids, K, labels
+
+
+def _integer_ids(values: Any, name: str, what: str) -> torch.Tensor:
+    """``values`` (a tensor, array or sequence of whole numbers) as a long tensor; a floating, complex or bool tensor
+    is refused (``.long()`` would truncate 1.7 to 1), and so are non-integral or non-finite floats in an array or
+    list (integral ones such as ``[0.0, 3.0]`` are accepted, as ``NoiseSchedule`` accepts them)."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            flat = values.detach().reshape(-1).cpu()
+            odd = flat[flat != flat.round()] if values.is_floating_point() else flat
+            shown = _shown((odd if odd.numel() else flat)[:3].tolist())
+            raise ValueError(f"{name} has dtype {values.dtype} (values such as {shown}); {what} must be integers "
+                             f"(.long() would truncate 1.7 to 1): pass {name}.long() if its values are whole numbers")
+        return values.long()
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 1-D tensor of integer {what}, got {type(values).__name__}") from exc
+    if arr.dtype.kind == "f":
+        if not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+            bad = _shown(arr[~(np.isfinite(arr) & (arr == np.round(arr)))].reshape(-1)[:3].tolist())
+            raise ValueError(f"{name} must hold integer {what}, got non-integer values such as {bad}; round them "
+                             "or pass integers")
+    elif arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer {what}, got {arr.dtype} values; pass integers")
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+def _shown(values: list) -> list:
+    """A few offending values for an error message (floats to 6 significant digits: 0.7, not 0.699999988)."""
+    return [float(f"{v:.6g}") if isinstance(v, float) else v for v in values]
+
+
+def _task_count(K: Any) -> int:
+    """``K`` as a positive int (an int, NumPy integer or integer 0-dim tensor; not a bool or a float)."""
+    try:
+        k = operator.index(K) if not isinstance(K, bool) else None
+    except TypeError:
+        k = None
+    if k is None or k < 1:
+        raise ValueError(f"K must be a positive integer number of tasks, got {K!r}")
+    return k
 
 
 @contextlib.contextmanager
