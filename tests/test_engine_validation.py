@@ -120,6 +120,13 @@ def test_a_non_integer_task_count_is_refused(K) -> None:
         task_gram(Tiny().double(), x0, t, task, schedule=SCHEDULE, noise=noise, K=K)
 
 
+def test_a_task_count_that_contradicts_the_bins_is_refused() -> None:
+    x0, t, _, noise = _problem()
+    bins = gc.TimestepBins.uniform(1000, 2)
+    with pytest.raises(ValueError, match=r"K = 5 but the bins define K = 2 tasks"):  # was ignored
+        task_gram(Tiny().double(), x0, t, bins, schedule=SCHEDULE, noise=noise, K=5)
+
+
 # ------------------------------------------------------------------ 5. integer x0
 @pytest.mark.parametrize("method", ["fused", "loop"])
 def test_uint8_images_are_refused_with_the_scaling(method: str) -> None:
@@ -171,6 +178,12 @@ def test_per_sample_losses_applies_the_coefficients_in_the_models_precision() ->
         ref = ((x_t - s * model(x_t, t)) / a - x0).pow(2).mean(1)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got.detach(), ref, rtol=1e-12, atol=0)
+
+
+def test_noise_on_another_device_is_refused() -> None:
+    x0, t, task, noise = _problem()
+    with pytest.raises(ValueError, match=r"noise is on meta but x0 is on cpu.*noise.to\(x0.device\)"):
+        task_gram(Tiny().double(), x0, t, task, schedule=SCHEDULE, noise=noise.to("meta"))
 
 
 # ------------------------------------------------------------------ model_kwargs

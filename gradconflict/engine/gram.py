@@ -66,8 +66,11 @@ def task_gram(
     Args:
         model: ``model(x_t, t, **model_kwargs)`` returning a tensor shaped like ``x_t`` (a diffusers
             ``.sample`` output is unwrapped). Samples must not interact (no BatchNorm in training mode).
-        x0: clean data ``(N, ...)``; t: integer timesteps ``(N,)``; task: task id per sample ``(N,)`` in
-            ``[0, K)``, or a ``TimestepBins`` (task = bin of t, labels from the bins).
+        x0: clean floating data ``(N, ...)`` (integer images are refused: scale them to [-1, 1] first); data
+            coarser than the model (float16 for a float64 model) is noised in the model's dtype. t: integer
+            timesteps ``(N,)``; task: task id per sample ``(N,)`` in ``[0, K)``, or a ``TimestepBins`` (task = bin
+            of t, labels from the bins). Floating or bool tensors for t and task are refused (``.long()`` would
+            truncate 0.7 to 0); lists and arrays may hold whole-number floats.
         prediction: what the model predicts, "eps", "x0" or "v".
         noise: the Gaussian noise ``(N, ...)``; drawn on the CPU from ``generator`` when None (so a seed
             gives the same batch on every device).
@@ -139,6 +142,8 @@ def task_gram(
     elif noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
     check_data(noise, "noise")
+    if noise.device != device:
+        raise ValueError(f"noise is on {noise.device} but x0 is on {device}; move it: noise = noise.to(x0.device)")
     for name, v in (("x0", x0), ("noise", noise)):
         if not torch.isfinite(v).all():
             raise ValueError(f"{name} contains NaN or Inf; clean the data before computing gradients")
@@ -227,6 +232,8 @@ def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Opti
     if isinstance(task, TimestepBins):
         bins = task
         task_ids = bins.task_of(t.cpu())
+        if K is not None and K != bins.K:
+            raise ValueError(f"K = {K!r} but the bins define K = {bins.K} tasks; leave K out when task is a TimestepBins")
         K = bins.K
         labels = labels or bins.labels
     else:
