@@ -49,7 +49,7 @@ def prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Optio
         if task_ids.shape != t.shape:
             raise ValueError(f"task must have shape ({x0.shape[0]},), one task id per sample, got {tuple(task_ids.shape)}")
         if K is None:
-            K = int(task_ids.max()) + 1 if task_ids.numel() else 1  # an empty batch is refused by TaskIndex
+            K = max(int(task_ids.max()) + 1, 1) if task_ids.numel() else 1  # TaskIndex refuses negative ids, empty batches
     K = _task_count(K)
     if labels is not None and len(labels) != K:
         raise ValueError(f"got {len(labels)} labels for K = {K} tasks")
