@@ -50,6 +50,9 @@ def sample_task_batch(
         raise ValueError(f"per_task must be >= 1 sample per task, got {per_task}")
     if images.shape[0] == 0:
         raise ValueError("the dataset is empty")
+    if not images.is_floating_point():  # .to(float32) would keep uint8 pixels in [0, 255]
+        raise ValueError(f"images have dtype {images.dtype}; scale them to floats in [-1, 1] first, e.g. "
+                         "images = images.float() / 127.5 - 1 for uint8 pixels (gradconflict.data does this)")
     g = torch.Generator().manual_seed(int(seed))
     t, task = bins.sample(per_task, g)
     pick = torch.randint(0, images.shape[0], (t.numel(),), generator=g)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,8 +21,9 @@ from .chunked import check_task_chunks, pair_passes
 from .coverage import check_due, mark_checked, normalize_check
 from .fused import FusedGram
 from .grouping import TaskIndex
+from .inputs import as_schedule as _as_schedule, prepare as _prepare
 from .precision import check_gram_precision, resolve_gram_precision, tf32
-from .loss import per_sample_losses
+from .loss import check_data, forward_dtype, per_sample_losses
 from .result import TaskGradients
 from .sketch import CountSketch
 
@@ -64,8 +66,11 @@ def task_gram(
     Args:
         model: ``model(x_t, t, **model_kwargs)`` returning a tensor shaped like ``x_t`` (a diffusers
             ``.sample`` output is unwrapped). Samples must not interact (no BatchNorm in training mode).
-        x0: clean data ``(N, ...)``; t: integer timesteps ``(N,)``; task: task id per sample ``(N,)`` in
-            ``[0, K)``, or a ``TimestepBins`` (task = bin of t, labels from the bins).
+        x0: clean floating data ``(N, ...)`` (integer images are refused: scale them to [-1, 1] first); data
+            coarser than the model (float16 for a float64 model) is noised in the model's dtype. t: integer
+            timesteps ``(N,)``; task: task id per sample ``(N,)`` in ``[0, K)``, or a ``TimestepBins`` (task = bin
+            of t, labels from the bins). Floating or bool tensors for t and task are refused (``.long()`` would
+            truncate 0.7 to 0); lists and arrays may hold whole-number floats.
         prediction: what the model predicts, "eps", "x0" or "v".
         noise: the Gaussian noise ``(N, ...)``; drawn on the CPU from ``generator`` when None (so a seed
             gives the same batch on every device).
@@ -124,12 +129,21 @@ def task_gram(
     if isinstance(task, TimestepBins) and task.T != schedule.T:
         raise ValueError(f"the bins cover T = {task.T} timesteps but the schedule has T = {schedule.T}; build them "
                          "from schedule.T")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= schedule.T):
+        raise ValueError(f"t out of range: timesteps must lie in [0, {schedule.T - 1}] (the schedule's T = {schedule.T}), "
+                         f"got min {int(t.min())} and max {int(t.max())}")
     device = x0.device
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype if x0.dtype != torch.bfloat16 else torch.float32)
-        noise = noise.to(device=device, dtype=x0.dtype)
+    if noise is None:  # drawn in the dtype the model sees x_t in (loss.forward_dtype), not coarser
+        dtype = forward_dtype(model, x0)
+        noise = torch.randn(x0.shape, generator=generator, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
+        noise = noise.to(device=device, dtype=dtype)
+    elif not isinstance(noise, torch.Tensor):
+        check_data(noise, "noise")
     elif noise.shape != x0.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
+    check_data(noise, "noise")
+    if noise.device != device:
+        raise ValueError(f"noise is on {noise.device} but x0 is on {device}; move it: noise = noise.to(x0.device)")
     for name, v in (("x0", x0), ("noise", noise)):
         if not torch.isfinite(v).all():
             raise ValueError(f"{name} contains NaN or Inf; clean the data before computing gradients")
@@ -139,6 +153,9 @@ def task_gram(
     idx = TaskIndex(task_ids.cpu(), K, global_counts)
     model_kwargs = dict(model_kwargs or {})
     for key, v in model_kwargs.items():
+        if isinstance(v, np.ndarray):  # not split by task in the loop and the paired passes: wrong rows, silently
+            raise ValueError(f"model_kwargs[{key!r}] is a NumPy array {v.shape}; pass per-sample conditioning as a "
+                             f"torch.Tensor (N, ...), e.g. torch.as_tensor(model_kwargs[{key!r}]), on x0's device")
         if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] != x0.shape[0]:
             raise ValueError(f"model_kwargs[{key!r}] has batch size {v.shape[0]}, expected {x0.shape[0]} (per-sample conditioning)")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -190,41 +207,6 @@ def task_gram(
         gradients=grads if return_gradients else None,
         sketch=sketch.finish() if sketch is not None else None,
     )
-
-
-def _as_schedule(schedule: Any) -> NoiseSchedule:
-    """A NoiseSchedule, or one made from a diffusers-style scheduler (anything with ``alphas_cumprod``)."""
-    if isinstance(schedule, NoiseSchedule):
-        return schedule
-    if hasattr(schedule, "alphas_cumprod"):
-        return NoiseSchedule.from_diffusers(schedule)
-    raise ValueError(f"schedule must be a gradconflict.NoiseSchedule or a diffusers scheduler, got "
-                     f"{type(schedule).__name__}; e.g. NoiseSchedule.linear() or NoiseSchedule.from_diffusers(scheduler)")
-
-
-def _prepare(x0: torch.Tensor, t: Any, task: Any, K: Optional[int], labels: Optional[list[str]]):
-    if not isinstance(x0, torch.Tensor):
-        raise ValueError(f"x0 must be a torch.Tensor (N, ...), got {type(x0).__name__}; convert it with "
-                         "torch.as_tensor(x0) and move it to the model's device")
-    if x0.ndim < 2:
-        raise ValueError(f"x0 must be a batched tensor (N, ...) with at least 2 dimensions, got shape {tuple(x0.shape)}")
-    t = torch.as_tensor(t)
-    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must have shape ({x0.shape[0]},), one timestep per sample, got {tuple(t.shape)}")
-    if isinstance(task, TimestepBins):
-        bins = task
-        task_ids = bins.task_of(t.cpu())
-        K = bins.K
-        labels = labels or bins.labels
-    else:
-        task_ids = torch.as_tensor(task)
-        if task_ids.shape != t.shape:
-            raise ValueError(f"task must have shape ({x0.shape[0]},), one task id per sample, got {tuple(task_ids.shape)}")
-        if K is None:
-            K = int(task_ids.max()) + 1
-    if labels is not None and len(labels) != K:
-        raise ValueError(f"got {len(labels)} labels for K = {K} tasks")
-    return x0, t.to(x0.device).long(), task_ids.long(), int(K), labels
 
 
 @contextlib.contextmanager
