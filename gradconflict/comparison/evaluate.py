@@ -46,7 +46,7 @@ def fixed_strategy(weighting: str) -> Optional[Any]:
 
 
 def _pareto(model: nn.Module, images: torch.Tensor, schedule: NoiseSchedule, prediction: str, bins: TimestepBins,
-            config: CompareConfig, weighting: str, seed: int) -> dict[str, float]:
+            config: CompareConfig, weighting: str, seed: int) -> tuple[dict[str, float], np.ndarray]:
     """The run's own weighting scored against the exact optimum on one held-out Gram (x0 units), beside the
     diagonal-only null (G replaced by diag(G): the ratio without any conflict between tasks)."""
     batch = sample_task_batch(images, bins, config.gram_per_task, seed)
@@ -68,7 +68,7 @@ def _pareto(model: nn.Module, images: torch.Tensor, schedule: NoiseSchedule, pre
     optimum = full.iloc[-1]
     w = np.asarray(optimum["weights"])
     out["reg_share"] = float(lam * (w @ w) / optimum["objective"]) if optimum["objective"] > 0 else float("nan")
-    return out
+    return out, w
 
 
 @torch.no_grad()
@@ -83,12 +83,14 @@ def _samples(model: nn.Module, schedule: NoiseSchedule, prediction: str, config:
 
 
 def evaluate(model: nn.Module, schedule: NoiseSchedule, prediction: str, held_out: HeldOut, config: CompareConfig,
-             weighting: str, step: int) -> tuple[dict[str, float], pd.DataFrame]:
-    """``(row, per_bin)``: the evaluation of ``model`` (eval mode) after ``step`` steps.
+             weighting: str, step: int) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+    """``(row, per_bin, optimum)``: the evaluation of ``model`` (eval mode) after ``step`` steps.
 
     ``row``: total held-out losses (mean over bins, x0 units and the model's units), FD-MNIST and its standard
     error, the run's Pareto ratio and its diagonal-only null, the regularizer's share of the optimum and the range
-    of diag(G). ``per_bin``: ``metrics.held_out_losses``' table with a ``step`` column.
+    of diag(G). ``per_bin``: ``metrics.held_out_losses``' table with a ``step`` column. ``optimum``: the exact
+    Pareto weights per bin of the held-out Gram (columns step, name = "auto", bin, label, weight; x0 units), what
+    ``pareto_fit`` is fitted to.
     """
     from ..metrics import fd_mnist, held_out_losses
 
@@ -107,5 +109,7 @@ def evaluate(model: nn.Module, schedule: NoiseSchedule, prediction: str, held_ou
         row.update(fd_mnist=fd.value, fd_stderr=fd.stderr)
     else:
         row.update(fd_mnist=float("nan"), fd_stderr=float("nan"))
-    row.update(_pareto(model, held_out.images, schedule, prediction, bins, config, weighting, seed=30_000 + step))
-    return row, per_bin
+    scores, weights = _pareto(model, held_out.images, schedule, prediction, bins, config, weighting, seed=30_000 + step)
+    row.update(scores)
+    optimum = pd.DataFrame({"step": step, "name": "auto", "bin": np.arange(bins.K), "label": bins.labels, "weight": weights})
+    return row, per_bin, optimum

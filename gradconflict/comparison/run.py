@@ -6,7 +6,8 @@ Layout of ``out``:
   ``compare_config.json``: the last command's full settings;
 * ``runs/<weighting>_seed<s>/``: a ``gradconflict train`` folder per run (bit-exact resume), plus
   ``evals.csv`` (one row per evaluation step, ``EVAL_COLUMNS`` and ``seconds_per_step``) and ``eval_losses.csv``
-  (held-out loss per bin per evaluation step), both rewritten atomically after each evaluation;
+  (held-out loss per bin per evaluation step) and ``eval_weights.csv`` (the exact Pareto weights per bin of the
+  held-out Gram), rewritten atomically after each evaluation;
 * ``evals.csv`` and ``eval_losses.csv``: every run's rows with ``weighting`` and ``seed`` columns (tidy).
 
 A run is trained segment by segment (``train`` up to each evaluation step, then evaluated): an interrupted
@@ -61,11 +62,16 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
+def _without(frame: pd.DataFrame, step: int) -> pd.DataFrame:
+    return frame[frame["step"] != step] if len(frame) else frame
+
+
 def run_one(config: CompareConfig, weighting: str, seed: int, out: str | Path, *, held_out: Optional[HeldOut] = None,
             progress: bool = False) -> pd.DataFrame:
     """Train and evaluate one run (resuming what ``out/runs/<name>`` holds); returns its ``evals.csv`` table."""
     folder = Path(out) / "runs" / run_name(weighting, seed)
     evals, per_bin = _read(folder / "evals.csv"), _read(folder / "eval_losses.csv")
+    optima = _read(folder / "eval_weights.csv")
     done = set(evals["step"].astype(int)) if len(evals) else set()
     todo = [s for s in config.eval_steps if s not in done]
     if not todo:
@@ -74,13 +80,16 @@ def run_one(config: CompareConfig, weighting: str, seed: int, out: str | Path, *
     for step in todo:
         log = train(config.train_config(weighting, seed, steps=step), folder, progress=progress)
         model, schedule, prediction = load_trained(folder, ema=config.weights == "ema", device=config.device)
-        row, bins = evaluate(model, schedule, prediction, held_out, config, weighting, step)
+        row, bins, optimum = evaluate(model, schedule, prediction, held_out, config, weighting, step)
         seconds = log["seconds"].astype(float).to_numpy()
         row["train_seconds"] = float(seconds[-1])
         row["seconds_per_step"] = float(seconds[-1] / len(seconds))
         evals = pd.concat([evals, pd.DataFrame([row])], ignore_index=True)
-        per_bin = pd.concat([per_bin, bins], ignore_index=True)
+        # rows of this step from an evaluation killed before its evals.csv row was written are replaced
+        per_bin = pd.concat([_without(per_bin, step), bins], ignore_index=True)
+        optima = pd.concat([_without(optima, step), optimum], ignore_index=True)
         write_csv(per_bin, folder / "eval_losses.csv")
+        write_csv(optima, folder / "eval_weights.csv")
         write_csv(evals, folder / "evals.csv")  # last: a step in evals.csv has its per-bin rows
     return evals
 
