@@ -122,44 +122,91 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the duration: a second gradconflict process
     writing results there gets a ``ValueError`` at once instead of overwriting them (``flock`` on
     ``folder/.gradconflict.lock``, released when the process ends, even when killed; no lock where the OS has no
-    ``fcntl``). Once the lock is held, temporary files that a killed writer left in the folder tree are removed."""
+    ``fcntl``). Once the lock is held, temporary files that a killed writer left in the folder tree are removed.
+
+    A refused call removes nothing (the folder and lock file it finds are another process's, even where this call
+    made them a moment before: that one may hold them now). The holder, on leaving, removes the lock file and the
+    folders that it itself created, when nothing else was written there."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
     folder = Path(folder)
-    created = [f for f in (folder, *folder.parents) if not f.exists()]  # the folders this call makes, deepest first
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_NAME
-
-    def tidy() -> None:  # the folders this call created and nothing else wrote to are removed again
-        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            lock.unlink()
-            for made in created:
-                try:
-                    made.rmdir()
-                except OSError:  # something else was written there meanwhile
-                    break
-
-    with open(lock, "a") as handle:
-        locked = True
+    created: list[Path] = []  # the folders this call made (mkdir succeeded), deepest first
+    for _ in range(_LOCK_TRIES):
+        created = _make_folders(folder) + created
+        lock = folder / LOCK_NAME
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        except FileNotFoundError:  # a holder removed the folder it made between our mkdir and open: again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            tidy()
+            os.close(fd)
             raise ValueError(f"{folder} is in use by another gradconflict process (it holds {lock}); wait for it "
                              "to finish, or use another --out") from None
         except OSError:  # a filesystem without flock (NFS without lockd, Lustre without -o flock): run unlocked
             locked = False
+        else:
+            locked = True
+            if not _same_file(fd, lock):  # the previous holder removed this lock file on leaving: lock the new one
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                continue
+        break
+    else:  # pragma: no cover - only under a storm of holders coming and going
+        raise ValueError(f"{folder}: could not take its lock {folder / LOCK_NAME} in {_LOCK_TRIES} tries; "
+                         "wait for the other gradconflict processes there to finish, or use another --out")
+    try:
         if locked:  # no other gradconflict process writes here now: what temporary files remain are orphans
             _remove_orphans(folder)
-        try:
-            yield
+        yield
+    finally:
+        try:  # the folders this call made and nothing else wrote to are removed again, the lock file first
+            made_here = bool(created) and created[0] == folder and folder.is_dir()
+            if made_here and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                lock.unlink()  # (still locked: a waiter that opened it finds it gone from the path and retries)
+                for made in created:
+                    try:
+                        made.rmdir()
+                    except OSError:  # something else was written there meanwhile
+                        break
         finally:
-            tidy()
             if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+_LOCK_TRIES = 100
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones this call created (its ``mkdir`` succeeded,
+    not another process's), deepest first."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    made = []
+    for f in reversed(missing):  # the outermost first
+        try:
+            f.mkdir()
+        except FileExistsError:  # another process made it between our look and our mkdir: it is theirs
+            continue
+        except FileNotFoundError:  # a folder on the way was removed meanwhile (its maker left): not ours either
+            break
+        made.append(f)
+    folder.mkdir(parents=True, exist_ok=True)  # (a folder on the way removed meanwhile: make it, not ours)
+    return made[::-1]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced since it was opened)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _remove_orphans(folder: Path) -> None:
@@ -171,9 +218,14 @@ def _remove_orphans(folder: Path) -> None:
         here = Path(root)
         if here != folder and LOCK_NAME in files:
             try:
-                with open(here / LOCK_NAME, "a") as probe:
+                probe = os.open(here / LOCK_NAME, os.O_RDONLY)  # no O_CREAT: a lock file gone meanwhile stays gone
+                try:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     fcntl.flock(probe, fcntl.LOCK_UN)
+                finally:
+                    os.close(probe)
+            except FileNotFoundError:  # its holder left and removed it: nobody holds it
+                pass
             except OSError:  # held (or unlockable): leave this subtree to its holder
                 dirs.clear()
                 continue

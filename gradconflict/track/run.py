@@ -146,7 +146,9 @@ def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
     for step, src in old.items():
         if step in held:
             steps_of.setdefault(_key(src), set()).add(step)
-    moved = sorted(s for s in sources if s not in held and s not in steps_of.get(_key(sources[s]), {s}))
+    given_at = {step for step in sources if step in held and _key(sources[step]) == _key(old.get(step, ""))}
+    moved = sorted(s for s in sources if s not in held and _key(sources[s]) in steps_of
+                   and not steps_of[_key(sources[s])] & given_at)  # (given at its recorded step too: deliberate)
     if moved:  # e.g. a rerun that forgot --steps: the same model would stand for two training steps
         s = moved[0]
         raise ValueError(f"{out} holds step {min(steps_of[_key(sources[s])])} tracked from {sources[s]!r}, now given "
