@@ -10,12 +10,13 @@ weights unless ``weights="raw"``; a file without an EMA copy gives its raw weigh
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["WEIGHTS", "DEFAULT_WEIGHTS", "check_weights", "call_user", "run_weights_file", "read_safetensors",
-           "describe_weights"]
+           "describe_weights", "resolve_checkpoint", "load_weights", "load_trained_weights"]
 
 WEIGHTS = ("ema", "raw")
 DEFAULT_WEIGHTS = "ema"  # what diffusion users sample and evaluate with
@@ -84,6 +85,30 @@ def read_safetensors(path: Path, read: Callable[[], Any]) -> Any:
         raise ValueError(f"cannot read {str(path)!r}: it is not a complete .safetensors file "
                          f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}; truncated by an "
                          "interrupted copy or download?); copy or save it again") from None
+
+
+def _refuse_folder(path: Path) -> None:
+    found = run_weights_file(path)
+    if found is not None:
+        raise ValueError(f"checkpoint {str(path)!r} is a training run folder, not a weights file: pass its "
+                         f"{found.name} ({found}), or the folder itself as the model (--model {path})")
+    raise ValueError(f"checkpoint {str(path)!r} is a folder, not a weights file: pass the state dict file "
+                     "(.pt or .safetensors) inside it")
+
+
+def resolve_checkpoint(path: str | Path, verbose: bool = False) -> Path:
+    """``path``, or the weights file of the training run folder ``path`` (``model.safetensors``, else
+    ``checkpoint.pt``); another folder raises ``ValueError`` naming what to pass."""
+    path = Path(path)
+    if path.is_dir():
+        found = run_weights_file(path)
+        if found is None:
+            _refuse_folder(path)
+        if verbose:
+            print(f"gradconflict: checkpoint {str(path)!r} is a training run folder: using its {found.name}",
+                  file=sys.stderr)
+        return found
+    return path
 
 
 def run_weights_file(path: Path) -> Optional[Path]:

@@ -42,13 +42,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ._loading import call_user
+from ._loading import _refuse_folder, call_user, resolve_checkpoint
 from .engine.checks import first_line
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED",
-           "conditional", "forward_hint"]
+           "conditional", "forward_hint", "resolve_checkpoint"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -103,34 +103,6 @@ def load_state_dict(path: str | Path, verbose: bool = False) -> dict[str, torch.
     if not isinstance(obj, dict):
         raise ValueError(f"{str(path)!r} does not hold a state dict")
     return obj
-
-
-def _refuse_folder(path: Path) -> None:
-    from ._loading import run_weights_file
-
-    found = run_weights_file(path)
-    if found is not None:
-        raise ValueError(f"checkpoint {str(path)!r} is a training run folder, not a weights file: pass its "
-                         f"{found.name} ({found}), or the folder itself as the model (--model {path})")
-    raise ValueError(f"checkpoint {str(path)!r} is a folder, not a weights file: pass the state dict file "
-                     "(.pt or .safetensors) inside it")
-
-
-def resolve_checkpoint(path: str | Path, verbose: bool = False) -> Path:
-    """``path``, or the weights file of the training run folder ``path`` (``model.safetensors``, else
-    ``checkpoint.pt``); another folder raises ``ValueError`` naming what to pass."""
-    from ._loading import run_weights_file
-
-    path = Path(path)
-    if path.is_dir():
-        found = run_weights_file(path)
-        if found is None:
-            _refuse_folder(path)
-        if verbose:
-            print(f"gradconflict: checkpoint {str(path)!r} is a training run folder: using its {found.name}",
-                  file=sys.stderr)
-        return found
-    return path
 
 
 def _is_weights(obj: dict) -> bool:
