@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
     # spec by its absolute path (the same file given relative or absolute is the same model)
     inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images, data.labels]), "image_size": size,
-              "weights": first.weights, "_names": {"data": data.name}}  # _names: shown in a refusal, not compared
+              "weights": first.weights, "_names": {"data": str(args.data)}}  # _names: shown in a refusal, not compared
     if is_main():
         record_legacy_weights(stamp, ("inputs",), first.weights, "raw")
         _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)

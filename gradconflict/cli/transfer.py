@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=loaded.prediction,
                           resume_dir=Path(args.out), identity_extra={
                               "weights": loaded.weights,
-                              "_names": {"data": data.name, "model": f"{loaded.source}, {loaded.weights} weights"}})
+                              "_names": {"data": str(args.data), "model": f"{loaded.source}, {loaded.weights} weights"}})
     if not is_main():
         return 0
     out = Path(args.out)
