@@ -1,7 +1,7 @@
 """Paper Fig. 2: the cross-bin fine-tuning transfer matrix of a trained diffusion model (claim C1).
 
     python experiments/fig2_transfer.py [--preset quick|full|toy] [--device cuda] [--out DIR]
-    python experiments/fig2_transfer.py --checkpoint runs/my_run [--data digits] [--preset ...] [--out DIR]
+    python experiments/fig2_transfer.py --checkpoint runs/my_run [--data digits] [--weights ema|raw] [--preset ...] [--out DIR]
 
 Without ``--checkpoint``: trains (or reuses) the cached reproduction run of `gradconflict reproduce` in
 DIR/runs/reproduce-<preset>/ and its transfer stage, like the other figure scripts.
@@ -9,8 +9,10 @@ DIR/runs/reproduce-<preset>/ and its transfer stage, like the other figure scrip
 With ``--checkpoint`` (a training run directory, its model.safetensors / checkpoint.pt, or a model spec): the
 transfer matrix of that model with the preset's transfer setup (steps, lr, seeds, K bins), fine-tuned and
 evaluated on ``--data`` (default: the data the run was trained on, read from its config; mnist when it is
-not known, e.g. for a model spec). Fine-tuning starts from the raw final weights of a run (not the EMA: the
-EMA is not a point of the optimiser's trajectory). For each of the K uniform bins a copy is fine-tuned with
+not known, e.g. for a model spec). Fine-tuning starts from the run's EMA weights, as everywhere in gradconflict
+(``gradconflict transfer --model RUN`` too); ``--weights raw`` starts from its raw final weights instead (a point
+of the optimiser's trajectory; the reproduction's own transfer stage, without ``--checkpoint``, uses those). The
+weights used are printed. For each of the K uniform bins a copy is fine-tuned with
 AdamW on that bin only, and every bin's loss (x0 units, fixed evaluation set) is compared with the base model:
 ``transfer[i, j] = (L_j(theta_0) - L_j(theta_i)) / L_j(theta_0)``.
 
@@ -34,7 +36,8 @@ from gradconflict.bins import TimestepBins
 from gradconflict.reproduce import ReproduceConfig, claim_c1, preset
 from gradconflict.reproduce.pipeline import reproduce
 from gradconflict.spec import load_model, model_data
-from gradconflict.train import TrainConfig, load_trained
+from gradconflict._loading import describe_weights, load_trained_weights
+from gradconflict.train import TrainConfig
 from gradconflict.train.checkpoint import load_checkpoint, weights_metadata
 from gradconflict.transfer import TransferConfig, TransferResult, plot_transfer, run_transfer
 from gradconflict.transfer.matrix import result_from_frame
@@ -63,14 +66,17 @@ def training_config(checkpoint: str | Path) -> Optional[TrainConfig]:
     return None
 
 
-def base_model(checkpoint: str, device: str) -> tuple[Any, Any, str, str, Optional[TrainConfig]]:
+def base_model(checkpoint: str, device: str, weights: Optional[str] = None) -> tuple[Any, Any, str, str, Optional[TrainConfig]]:
     """``(model, schedule, prediction, description, train_config)`` of ``checkpoint``: a training run is loaded
-    with its raw final weights, anything else through ``gradconflict.spec.load_model``."""
+    with its EMA weights (``weights="raw"``: its raw final weights), anything else through
+    ``gradconflict.spec.load_model``; which weights is printed."""
     config = training_config(checkpoint)
     if config is not None:
-        model, schedule, prediction = load_trained(checkpoint, ema=False, device=device)
-        return model, schedule, prediction, f"run {Path(checkpoint).name}", config
-    loaded = load_model(checkpoint, device=device)
+        model, schedule, prediction, kind = load_trained_weights(checkpoint, weights, device=device)
+        print(f"weights: {describe_weights(kind, checkpoint)}")
+        return model, schedule, prediction, f"run {Path(checkpoint).name} ({kind} weights)", config
+    loaded = load_model(checkpoint, device=device, weights=weights)
+    print(f"weights: {describe_weights(loaded.weights, checkpoint)}")
     return loaded.model, loaded.schedule, loaded.prediction, loaded.source, None
 
 
@@ -91,10 +97,11 @@ def print_result(result: TransferResult) -> None:
     print(c1_verdict(result))
 
 
-def from_checkpoint(checkpoint: str, data_name: Optional[str], config: ReproduceConfig, out: Path, progress: bool) -> Path:
+def from_checkpoint(checkpoint: str, data_name: Optional[str], config: ReproduceConfig, out: Path, progress: bool,
+                    weights: Optional[str] = None) -> Path:
     """The transfer matrix of ``checkpoint`` with the transfer setup of ``config``; returns the PNG path."""
     device = config.train.device
-    model, schedule, prediction, source, trained = base_model(checkpoint, device)
+    model, schedule, prediction, source, trained = base_model(checkpoint, device, weights)
     if data_name is None:
         data_name = trained.data if trained is not None else "mnist"
         print(f"data: {data_name} ({'the run was trained on it' if trained is not None else 'default; the checkpoint names no training data'})")
@@ -116,6 +123,8 @@ def from_checkpoint(checkpoint: str, data_name: Optional[str], config: Reproduce
 def from_reproduction(config: ReproduceConfig, out: Path, progress: bool) -> Path:
     """Fig. 2 of the cached reproduction run (shared with ``gradconflict reproduce``); returns the PNG path."""
     reproduce(config, out, progress=progress, only=[NAME])
+    print("weights: the raw final weights of the reproduction run (its transfer stage fine-tunes from a point of "
+          "the optimiser's trajectory)")
     cached = out / "runs" / f"reproduce-{config.name}" / "transfer.csv"  # the pipeline's transfer stage
     if cached.is_file():
         bins = TimestepBins.uniform(config.train.T, config.transfer_bins)
@@ -131,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="data to fine-tune and evaluate on, with --checkpoint only (default: the data of the "
                         "checkpoint's training run; mnist when unknown)")
+    p.add_argument("--weights", choices=["ema", "raw"], default=None,
+                   help="with --checkpoint: the run's EMA weights (default) or its raw final weights")
     return p
 
 
@@ -138,13 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parse_figure_args(parser, argv)
     config = preset(args.preset, device=args.device)
+    if args.weights is not None and args.checkpoint is None:
+        parser.error("--weights applies to --checkpoint only: the reproduction run's transfer stage fine-tunes from "
+                     "its raw final weights; pass --checkpoint RUN, or drop --weights")
     if args.data is not None and args.checkpoint is None:
         parser.error(f"--data applies to --checkpoint only: without it the figure comes from the reproduction run "
                      f"of --preset {args.preset}, trained on {config.train.data}; pass --checkpoint RUN, or drop --data")
     out, progress = Path(args.out), not args.no_progress
     try:
         if args.checkpoint is not None:
-            png = from_checkpoint(args.checkpoint, args.data, config, out, progress)
+            png = from_checkpoint(args.checkpoint, args.data, config, out, progress, args.weights)
         else:
             png = from_reproduction(config, out, progress)
     except (ValueError, FileNotFoundError) as err:

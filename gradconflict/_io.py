@@ -75,10 +75,11 @@ def identity_changes(path: str | Path, identity: dict[str, Any]) -> Optional[lis
 
 def _differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """``key -> (recorded, now)`` for the keys that differ (a key missing on one side too), inner dicts by
-    dotted key ("inputs.data", not "inputs")."""
+    dotted key ("inputs.data", not "inputs"). ``_names`` (at any level: readable names of the values beside it,
+    e.g. a data path beside its content hash) is shown in a refusal but never compared."""
     out: dict[str, tuple[Any, Any]] = {}
     missing = object()
-    for k in set(old) | set(new):
+    for k in (set(old) | set(new)) - {NAMES}:
         a, b = old.get(k, missing), new.get(k, missing)
         if a == b:
             continue
@@ -89,6 +90,19 @@ def _differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+NAMES = "_names"
+
+
+def _named(identity: dict, key: str) -> str:
+    """`` (name)`` for the dotted ``key`` of ``identity`` when a ``_names`` beside it names its value, else ''."""
+    *parents, leaf = key.split(".")
+    node: Any = identity
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    name = node.get(NAMES, {}).get(leaf) if isinstance(node, dict) and isinstance(node.get(NAMES), dict) else None
+    return f" ({name})" if name else ""
+
+
 def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix: str) -> None:
     """Record what a folder's results depend on at ``path``, or raise ``ValueError`` when a different identity is
     recorded there: "<folder> holds <holds> (differs in [keys]); <fix>"."""
@@ -97,10 +111,12 @@ def record_identity(path: str | Path, identity: dict[str, Any], holds: str, fix:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, as_json(identity))
         return
-    values = _differences(json.loads(path.read_text()), as_json(identity))
+    recorded, now = json.loads(path.read_text()), as_json(identity)
+    values = _differences(recorded, now)
     if values:
         diff = sorted(values)
-        shown = "; ".join(f"{k}: {_short(values[k][0])} recorded, {_short(values[k][1])} now" for k in diff[:3])
+        shown = "; ".join(f"{k}: {_short(values[k][0])}{_named(recorded, k)} recorded, {_short(values[k][1])}"
+                          f"{_named(now, k)} now" for k in diff[:3])
         raise ValueError(f"{path.parent} holds {holds} (differs in {diff}: {shown}); {fix}")
 
 

@@ -5,17 +5,24 @@ A spec is one of
 * a built-in model name (``gradconflict.models.MODEL_NAMES``, e.g. ``dit-tiny``): a fresh model (initialised under
   ``BUILTIN_INIT_SEED``, so every run gets the same weights) with the
   linear schedule (T = 1000) and the prediction type of its config;
-* a training run directory (written by ``gradconflict train``): its EMA weights, schedule and prediction;
+* a training run directory (written by ``gradconflict train``): its EMA weights (``weights="raw"``: its raw
+  final weights), schedule and prediction;
 * ``path/to/file.py:function`` or ``package.module:function``: a function returning ``(model, schedule,
-  prediction)``, or just a model (then the linear schedule and eps prediction are assumed).
+  prediction)``, or just a model (then the linear schedule and eps prediction are assumed); it is called with
+  torch's random generator seeded (``seed``, default ``BUILTIN_INIT_SEED``), so its initial weights are the same
+  in every run. An error in that code is reported in one line naming its file and line.
 * ``diffusers:PATH``: a diffusers UNet2DModel / DiTTransformer2DModel / Transformer2DModel and its scheduler
   from a local pipeline or model folder (``gradconflict.adapters.load_diffusers``; needs ``pip install
   gradconflict[diffusers]``, never downloads).
 
-``checkpoint`` (a state dict in ``.pt`` or ``.safetensors``) is loaded into the model afterwards. A checkpoint
-written by ``gradconflict train`` (``checkpoint.pt`` or ``model.safetensors`` of a run) given with a built-in
-name also brings its run's model config, schedule and prediction (its raw, not EMA, weights); what differs
-from the name's defaults is reported in one line on stderr.
+``checkpoint`` (a state dict in ``.pt`` or ``.safetensors``, or a training run folder: its weights file) is
+loaded into the model afterwards. A checkpoint written by ``gradconflict train`` (``checkpoint.pt`` or
+``model.safetensors`` of a run) given with a built-in name also brings its run's model config, schedule and
+prediction; what differs from the name's defaults is reported in one line on stderr.
+
+Which weights (``weights``, the CLI's ``--weights``): a file holding an EMA copy beside the raw weights (a
+gradconflict run) gives its EMA weights by default, its raw ones with ``weights="raw"``; see
+``gradconflict._loading``. ``LoadedModel.weights`` says which were used.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from ._loading import _refuse_folder, call_user, resolve_checkpoint
 from .engine.checks import first_line
 from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED",
-           "conditional", "forward_hint"]
+           "conditional", "forward_hint", "resolve_checkpoint"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -53,17 +61,22 @@ class LoadedModel:
     schedule: NoiseSchedule
     prediction: str
     source: str
+    weights: str = "init"  # "ema", "raw", "as saved" (a file without an EMA copy) or "init" (no weights loaded)
 
 
 def load_state_dict(path: str | Path, verbose: bool = False) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (a bare state dict or one under ``model``/``state_dict``)."""
     path = Path(path)
+    if path.is_dir():
+        _refuse_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        from ._loading import read_safetensors
+
+        state = read_safetensors(path, lambda: load_file(str(path)))
         if any(k.startswith("ema.") for k in state):  # gradconflict runs keep EMA weights beside the model
             state = {k: v for k, v in state.items() if not k.startswith("ema.")}
         return state
@@ -158,16 +171,18 @@ def _training_config(path: str | Path) -> Optional[dict[str, Any]]:
     return None
 
 
-def _load_training_checkpoint(name: str, checkpoint: str | Path, config: dict[str, Any], verbose: bool) -> LoadedModel:
-    """Built-in ``name`` with the model config, schedule, prediction and raw weights of a training checkpoint."""
+def _load_training_checkpoint(name: str, checkpoint: str | Path, config: dict[str, Any], verbose: bool,
+                              weights: Optional[str] = None) -> LoadedModel:
+    """Built-in ``name`` with the model config, schedule, prediction and weights (EMA by default) of a training
+    checkpoint."""
+    from ._loading import load_trained_weights
     from .models import build_model, model_spec
-    from .train import load_trained
     from .train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(config)
     with torch.device("meta"):  # the name's defaults, without allocating or initialising weights
         default = model_spec(build_model(name))
-    model, schedule, prediction = load_trained(checkpoint, ema=False)
+    model, schedule, prediction, kind = load_trained_weights(checkpoint, weights)
     stored = model_spec(model)
     if stored["arch"] != default["arch"]:
         raise ValueError(
@@ -186,7 +201,7 @@ def _load_training_checkpoint(name: str, checkpoint: str | Path, config: dict[st
     if changes and verbose:
         print(f"gradconflict: {str(checkpoint)!r} was trained with {'; '.join(changes)}: using these instead of "
               f"the {name} defaults", file=sys.stderr)
-    return LoadedModel(model, schedule, prediction, f"{name} {checkpoint}")
+    return LoadedModel(model, schedule, prediction, f"{name} {checkpoint}", kind)
 
 
 def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path) -> None:
@@ -219,7 +234,12 @@ def _import_function(spec: str) -> Any:
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            with call_user(spec, f"importing {target}", path.resolve(), target):
+                module_spec.loader.exec_module(module)
+        except ValueError:
+            sys.modules.pop(name, None)
+            raise
     else:
         _on_path(Path.cwd())  # as `python -m` would: a module in the current folder is found
         try:
@@ -230,6 +250,9 @@ def _import_function(spec: str) -> Any:
                                  "imports") from None
             raise ValueError(f"model spec {spec!r}: cannot import {target!r} ({exc}); run from the folder that holds "
                              f"it, install its package, or pass 'path/to/file.py:{func}'") from None
+        except (Exception, SystemExit):  # noqa: BLE001 - an error in the module's own code: one line, its file and line
+            with call_user(spec, f"importing {target}"):
+                raise
     if not hasattr(module, func):
         raise ValueError(f"{target!r} has no function {func!r}")
     return getattr(module, func)
@@ -251,11 +274,18 @@ def spec_identity(spec: str) -> str:
 
 
 def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: str | torch.device = "cpu",
-               verbose: bool = True) -> LoadedModel:
+               verbose: bool = True, weights: Optional[str] = None, seed: Optional[int] = None) -> LoadedModel:
     """Resolve a model spec (see the module docstring) and optionally load a checkpoint into it.
 
     ``verbose``: print the one-line note when a training checkpoint overrides a built-in name's defaults.
+    ``weights``: "ema" or "raw" weights of a file that holds both (None: EMA, the default; see the module
+    docstring). ``seed``: torch's seed while a user's build function runs (None: ``BUILTIN_INIT_SEED``).
     """
+    from ._loading import check_weights, load_trained_weights, load_weights
+
+    check_weights(weights)
+    if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint, verbose)
     text = str(spec)
     loaded: Optional[LoadedModel] = None
     run_config: Optional[dict[str, Any]] = None
@@ -263,13 +293,18 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
         from .adapters.diffusers import load_diffusers
 
         loaded = load_diffusers(text[len("diffusers:"):], device=device)
+        loaded.weights = "as saved"
     elif Path(text).is_dir():
-        from .train import load_trained
-
-        model, schedule, prediction = load_trained(text)
-        loaded = LoadedModel(model, schedule, normalize_prediction(prediction), f"run {text}")
+        model, schedule, prediction, kind = load_trained_weights(text, weights)
+        loaded = LoadedModel(model, schedule, normalize_prediction(prediction), f"run {text}", kind)
     elif ":" in text and not Path(text).exists():
-        made = _import_function(text)()
+        build = _import_function(text)
+        with torch.random.fork_rng(devices=[]):  # the same initial weights in every run; global RNG untouched
+            torch.manual_seed(BUILTIN_INIT_SEED if seed is None else seed)
+            target = text.rpartition(":")[0]
+            user_file = Path(target).resolve() if target.endswith(".py") else None
+            with call_user(text, f"calling {text.rpartition(':')[2]}()", user_file, target):
+                made = build()
         if isinstance(made, nn.Module):
             if verbose:
                 print(f"note: {text} returned a model alone, so the linear schedule (T = 1000) and eps prediction "
@@ -297,7 +332,7 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             )
         run_config = _training_config(checkpoint) if checkpoint is not None else None
         if run_config is not None:
-            loaded = _load_training_checkpoint(text, checkpoint, run_config, verbose)
+            loaded = _load_training_checkpoint(text, checkpoint, run_config, verbose, weights)
         else:
             with torch.random.fork_rng(devices=[]):  # the same initial weights in every run; global RNG untouched
                 torch.manual_seed(BUILTIN_INIT_SEED)
@@ -305,7 +340,8 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             prediction = getattr(getattr(model, "config", None), "prediction", "eps")
             loaded = LoadedModel(model, NoiseSchedule.linear(), normalize_prediction(prediction), text)
     if checkpoint is not None and run_config is None:
-        state = _strip_wrappers(loaded.model, load_state_dict(checkpoint, verbose), checkpoint, verbose)
+        state, loaded.weights = load_weights(checkpoint, weights, verbose)
+        state = _strip_wrappers(loaded.model, state, checkpoint, verbose)
         _check_finite_weights(loaded.model, state, checkpoint)
         _check_shapes(loaded.model, state, checkpoint)
         missing, unexpected = loaded.model.load_state_dict(state, strict=False)
@@ -313,6 +349,9 @@ def load_model(spec: str, checkpoint: Optional[str | Path] = None, *, device: st
             raise ValueError(
                 f"checkpoint {str(checkpoint)!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+    if weights is not None and loaded.weights == "init":
+        raise ValueError(f"--weights {weights}: {text} has no trained weights to choose from (no checkpoint, not a "
+                         "training run folder); drop --weights, or pass --checkpoint FILE")
     loaded.model.to(device)
     return loaded
 

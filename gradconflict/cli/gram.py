@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._weights import add_weights_flag, report_weights
+
 __all__ = ["add_parser", "run"]
 
 
@@ -18,13 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cosine.csv, losses.csv, pairs.csv and cosine.png into --out.",
     )
     p.add_argument("--model", required=True, help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
-    p.add_argument("--checkpoint", default=None, help="state dict (.pt or .safetensors) to load into the model")
+    p.add_argument("--checkpoint", default=None,
+                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
+    add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K (default 10)")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
     p.add_argument("--per-task", type=int, default=8, help="samples per task (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the batch (x0, t, noise); the same on every device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch (x0, t, noise), and of torch while your "
+                   "build function runs (its initial weights); the same on every device")
     p.add_argument("--method", choices=["fused", "loop"], default="fused", help="fused (default) or the per-task loop reference")
     p.add_argument("--loss-space", choices=["x0", "eps", "v"], default="x0", help="units of each task's loss (default x0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -50,16 +55,23 @@ def run(args: argparse.Namespace) -> int:
     from ..plots import matrix_heatmap, write_csv
     from ..track import file_source
     from ..models import MODEL_NAMES
-    from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data
+    from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data, resolve_checkpoint
 
     from ..distributed import is_main, local_device, shard
 
     device = local_device(args.device)
-    loaded = load_model(args.model, args.checkpoint, device=device, verbose=is_main())
+    loaded = load_model(args.model, args.checkpoint, device=device, verbose=is_main(), weights=args.weights,
+                        seed=args.seed)
     if args.checkpoint is None and str(args.model) in MODEL_NAMES and is_main():
         print(f"gradconflict gram: note: no --checkpoint, so this is the Gram of an untrained {args.model} (random "
               f"init, seed {BUILTIN_INIT_SEED}); for trained weights pass --checkpoint FILE (.pt / .safetensors) or "
               "--model RUN_FOLDER", file=sys.stderr)
+    elif is_main() and loaded.weights == "init":
+        print(f"gradconflict gram: note: no --checkpoint: {args.model} was called with torch seeded from --seed "
+              f"{args.seed}, so its initial weights (and this Gram) are the same in every run with this seed",
+              file=sys.stderr)
+    if is_main():
+        report_weights("gram", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
     data, size = model_data(model, args.data, args.image_size)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
@@ -84,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / "gram_config.json", {
         **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
         "model_source": loaded.source, "data_name": data.name, "image_size": size,
-        "checkpoint_content": None if args.checkpoint is None else file_source(args.checkpoint).split(" ")[0],
+        "weights": loaded.weights, "weights_requested": args.weights,
+        "checkpoint_content": None if args.checkpoint is None else file_source(resolve_checkpoint(args.checkpoint)).split(" ")[0],
     })
     matrix_heatmap(
         res.cosine_frame(), out / "cosine.png",

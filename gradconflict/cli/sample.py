@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._weights import add_weights_flag, report_weights
+
 __all__ = ["add_parser", "run"]
 
 
@@ -25,7 +27,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eta", type=float, default=0.0,
                    help="DDIM stochasticity in [0, 1] (0 = deterministic, 1 = DDPM-like); ddim only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-ema", action="store_true", help="the same as --weights raw")
+    add_weights_flag(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=run)
 
@@ -52,11 +55,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the run and write the grid."""
-    from ..train import load_trained, sample_grid_png
+    from .._loading import load_trained_weights
+    from ..train import sample_grid_png
 
     check_args(args)
+    if args.no_ema and args.weights == "ema":
+        raise ValueError("--no-ema and --weights ema contradict each other: pass one of them")
     out = output_path(args.out)
-    model, schedule, prediction = load_trained(args.run, ema=not args.no_ema, device=args.device)
+    model, schedule, prediction, kind = load_trained_weights(args.run, "raw" if args.no_ema else args.weights,
+                                                             device=args.device)
+    report_weights("sample", kind, args.run)
     if args.steps > schedule.T:
         raise ValueError(f"--steps {args.steps} exceeds the run's T = {schedule.T} timesteps; "
                          f"use --steps {schedule.T} or fewer")

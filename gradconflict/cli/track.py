@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..track.config import TrackConfig
+from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
 
 __all__ = ["add_parser", "run"]
 
@@ -23,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "an interrupted run resumes (checkpoints already done are skipped).",
     )
     p.add_argument("--model", required=True, help="built-in name, training run folder, or path/file.py:function")
-    p.add_argument("--checkpoints", nargs="+", required=True, help="state dicts (.pt / .safetensors), in training order")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="state dicts (.pt / .safetensors, or training run folders: their weights), in training order")
+    add_weights_flag(p)
     p.add_argument("--steps", nargs="+", type=int, default=None, help="training step of each checkpoint (default 0, 1, 2, ...)")
     p.add_argument("--data", default="mnist", help="dataset name or path")
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the model's)")
@@ -52,11 +55,12 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
     data's content); when those match this run's exactly, record them the current way, so that the folder resumes
     as it did before (and is checked by content from now on)."""
     path = out / "track_config.json"
-    if not path.is_file() or legacy == inputs:
+    if not path.is_file() or all(legacy[k] == inputs[k] for k in legacy):
         return
     recorded = json.loads(path.read_text())
-    if recorded.get("inputs") == legacy:
-        write_json(path, {**recorded, "inputs": inputs})
+    held = recorded.get("inputs")
+    if isinstance(held, dict) and {k: held.get(k) for k in legacy} == legacy and set(held) - set(legacy) <= {"weights", "_names"}:
+        write_json(path, {**recorded, "inputs": {**held, **{k: inputs[k] for k in legacy}}})
         print(f"note: {out} recorded its data by name (an older gradconflict); it is now recorded by content",
               file=sys.stderr)
 
@@ -64,7 +68,7 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
-    from ..spec import conditional, forward_hint, load_model, model_data, spec_identity
+    from ..spec import conditional, forward_hint, load_model, model_data, resolve_checkpoint, spec_identity
     from ..track import file_source, track_models
     from .._io import fingerprint
 
@@ -72,23 +76,32 @@ def run(args: argparse.Namespace) -> int:
     if len(steps) != len(args.checkpoints):
         raise ValueError(f"got {len(steps)} --steps for {len(args.checkpoints)} --checkpoints; give one step each")
     device = local_device(args.device)
-    first = load_model(args.model, args.checkpoints[0], device=device, verbose=is_main())  # notes the run's config once
+    out = Path(args.out)
+    stamp = out / "track_config.json"
+    # a folder tracked before --weights existed used the raw weights of training checkpoints: it resumes with them
+    weights = weights_for_folder(stamp, ("inputs",), args.weights, "raw")
+    first = load_model(args.model, args.checkpoints[0], device=device, verbose=is_main(), weights=weights,
+                       seed=args.seed)  # notes the run's config once
+    if is_main():
+        report_weights("track", first.weights, "each checkpoint")
     data, size = model_data(first.model, args.data, args.image_size)
+    weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
 
     def loader(path: str):
-        return lambda: load_model(args.model, path, device=device, verbose=False).model
+        return lambda: load_model(args.model, path, device=device, verbose=False, weights=weights, seed=args.seed).model
 
     cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
                       strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast,
                       ugd_steps=args.ugd_steps, ugd_lr=args.ugd_lr)
-    out = Path(args.out)
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
     # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
     # spec by its absolute path (the same file given relative or absolute is the same model)
-    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images, data.labels]), "image_size": size}
+    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images, data.labels]), "image_size": size,
+              "weights": first.weights, "_names": {"data": str(args.data)}}  # _names: shown in a refusal, not compared
     if is_main():
+        record_legacy_weights(stamp, ("inputs",), first.weights, "raw")
         _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)
-    sources = {int(s): file_source(c) for s, c in zip(steps, args.checkpoints)}
+    sources = {int(s): file_source(resolve_checkpoint(c)) for s, c in zip(steps, args.checkpoints)}
     with forward_hint(first.model, size, args.image_size):
         result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
                               first.prediction, cfg, labels=data.labels,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
+
 __all__ = ["add_parser", "run"]
 
 
@@ -20,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
-    p.add_argument("--checkpoint", default=None, help="state dict (.pt or .safetensors) to load into the model")
+    p.add_argument("--checkpoint", default=None,
+                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
+    add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
@@ -56,7 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from ..transfer.plot import describe_setup
 
     device = local_device(args.device)
-    loaded = load_model(args.model, args.checkpoint, device=device)
+    stamp = Path(args.out) / "transfer_resume.json"
+    # a folder written before --weights existed: a run folder given as --model used its EMA weights, a training
+    # checkpoint given as --checkpoint its raw ones; it resumes with those
+    old = "ema" if args.checkpoint is None and Path(args.model).is_dir() else "raw"
+    loaded = load_model(args.model, args.checkpoint, device=device, weights=weights_for_folder(stamp, (), args.weights, old),
+                        seed=args.seed, verbose=is_main())
+    if is_main():
+        report_weights("transfer", loaded.weights, args.checkpoint or args.model)
+        record_legacy_weights(stamp, (), loaded.weights, old)
     model, schedule = loaded.model, loaded.schedule
     model.eval()
     data, _ = model_data(model, args.data, args.image_size, limit=args.data_limit)
@@ -69,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
                          progress=not args.quiet)
     # each finished seed is kept in --out: an interrupted run continues with the next seed when rerun
     result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=loaded.prediction,
-                          resume_dir=Path(args.out))
+                          resume_dir=Path(args.out), identity_extra={
+                              "weights": loaded.weights,
+                              "_names": {"data": str(args.data), "model": f"{loaded.source}, {loaded.weights} weights"}})
     if not is_main():
         return 0
     out = Path(args.out)

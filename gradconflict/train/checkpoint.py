@@ -36,10 +36,15 @@ __all__ = [
     "save_weights",
     "make_schedule",
     "load_trained",
+    "NoEMAWeights",
 ]
 
 CHECKPOINT_FORMAT = "gradconflict-train-v1"
 EMA_PREFIX = "ema."
+
+
+class NoEMAWeights(ValueError):
+    """A weights file asked for its EMA weights holds none (``save_weights`` without ``ema_state``)."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -93,14 +98,16 @@ def weights_metadata(path: str | Path) -> dict[str, str]:
 def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     from safetensors.torch import load_file
 
-    meta = weights_metadata(path)
+    from .._loading import read_safetensors
+
+    meta = read_safetensors(path, lambda: weights_metadata(path))
     if "config" not in meta or "model_spec" not in meta:
         raise ValueError(f"{path} has no gradconflict metadata (config, model_spec); was it written by gradconflict train?")
-    tensors = load_file(str(path))
+    tensors = read_safetensors(path, lambda: load_file(str(path)))
     if ema:
         weights = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
         if not weights:
-            raise ValueError(f"{path} holds no EMA weights; load it with ema=False")
+            raise NoEMAWeights(f"{path} holds no EMA weights; load it with ema=False")
     else:
         weights = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
     return weights, json.loads(meta["config"]), json.loads(meta["model_spec"])

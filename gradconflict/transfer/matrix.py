@@ -169,11 +169,14 @@ def _first_order(model: nn.Module, streams: Sequence[BatchStream], eval_set: Eva
 
 def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: TransferConfig, *,
                  schedule: NoiseSchedule, prediction: Optional[str] = None,
-                 resume_dir: Optional[Union[str, Path]] = None) -> TransferResult:
+                 resume_dir: Optional[Union[str, Path]] = None,
+                 identity_extra: Optional[dict[str, Any]] = None) -> TransferResult:
     """The transfer matrix of ``model`` for ``config`` (see the module docstring and ``transfer_matrix``).
 
     ``resume_dir``: keep the rows of each finished seed there (``resume.py``), and skip the seeds already
-    there when the run is started again with the same model, data and config."""
+    there when the run is started again with the same model, data and config. ``identity_extra``: more of what
+    the rows depend on, recorded there too (e.g. ``{"weights": "ema"}``; a ``_names`` dict names values in a
+    refusal, e.g. ``{"data": "mnist"}``)."""
     start = time.perf_counter()
     check_samples_independent(model)
     if prediction is None:
@@ -203,7 +206,7 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
         skip = {"progress", "seeds", "seed", "batched", "eval_chunk"}
         identity = {**{k: v for k, v in config.to_dict().items() if k not in skip}, "bins": list(map(int, bins.edges)),
                     "T": schedule.T, "prediction": prediction, "model": fingerprint(theta0.values()),
-                    "data": fingerprint([images, use_labels])}
+                    "data": fingerprint([images, use_labels]), **(identity_extra or {})}
         log = SeedLog(resume_dir, identity)
         previous, done = log.finished(seeds)
         if previous is not None:
