@@ -181,7 +181,7 @@ def tiny_run():
             return build_model("dit-tiny", hidden_size=16, depth=1, num_heads=2, image_size=8)
         return make
 
-    kwargs = dict(iters=3, burn_in=2, eval_per_task=8, seed=3)
+    kwargs = dict(iters=3, burn_in=2, warmup=3, eval_per_task=8, seed=3)
     frame = c2_online([(0, load(0)), (50, load(1))], images, schedule, "eps", bins, **kwargs)
     again = c2_online(lambda: [(0, load(0)()), (50, load(1)())], images, schedule, "eps", bins, **kwargs)
     return frame, again, (images, schedule, bins)

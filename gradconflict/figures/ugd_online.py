@@ -66,7 +66,8 @@ def fig3_online_weights(frame: pd.DataFrame, out: str | Path, subtitle: str = ""
     top.set_xlabel("checkpoint (training step)", fontsize=8)
     a = frame.attrs
     setting = (f" ({a['per_task']} samples per bin, {a['ugd_steps']} Adam steps of lr {a['ugd_lr']:g} per "
-               f"iteration, lam = {a['lam']:g} x trace(G)/K)") if {"per_task", "ugd_steps", "ugd_lr", "lam"} <= set(a) else ""
+               f"iteration, lam = {a['lam']:g} x trace(G)/K)")
+    setting = setting if {"per_task", "ugd_steps", "ugd_lr", "lam"} <= set(a) else ""
     suptitle(fig, f"Fig. 3 - online UGD weights per timestep bin over training iterations, beside the exact optima"
                   f"{subtitle}\n{setting.strip()}")
     save_figure(fig, out.with_suffix(".png"))
