@@ -155,7 +155,9 @@ def test_cvxpy_method_matches_direct_cvxpy(K, rank, lam, seed):
     res = solve(G, lam, "cvxpy")
     _, f_ref = reference(G, lam)
     s = np.max(np.diag(G)) + lam
-    assert res.converged and abs(res.objective - f_ref) <= 1e-7 * s
+    # f* = 0 (lam = 0, rank deficient): only the rounding floor can certify, and Clarabel at 1e-12 stops ~3x above
+    # it (#15: converged is the gap rule, not the backend's status)
+    assert (res.converged or f_ref <= 1e-12 * s) and abs(res.objective - f_ref) <= 1e-7 * s
     assert_kkt(G, lam, res.weights, tol=1e-5, wtol=1e-5)
 
 

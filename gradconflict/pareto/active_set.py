@@ -57,7 +57,9 @@ Two phases, both finite:
 Sign decisions use the absolute thresholds ``1e-13`` on the normalized
 problem.  The result is accepted as ``converged`` when its duality gap
 ``2 (mu - min_i g_i) <= tol * mu`` (default ``1e-9``: the objective to a
-relative accuracy of 1e-9; :func:`.objective.gap_tolerance`).
+relative accuracy of 1e-9; :func:`.objective.gap_tolerance`); the
+``converged`` that :func:`..solve` reports is its one rule for every method
+(:func:`.objective.certify`).
 """
 
 from __future__ import annotations

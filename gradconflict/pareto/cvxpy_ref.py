@@ -14,8 +14,14 @@ Clarabel's own defaults (1e-8 on the normalized objective) the reference is
 off by up to ~1e-4 relative on ill-conditioned problems.
 
 The returned weights are clipped at 0 and renormalized (interior-point
-solutions carry ~1e-10 negative entries), ``iterations`` is the solver's
-iteration count and ``converged`` is ``status == "optimal"``.  CVXPY is
+solutions carry ~1e-10 negative entries) and ``iterations`` is the solver's
+iteration count.  ``converged`` is ``status == "optimal"`` here, but
+:func:`gradconflict.pareto.solve` does not report it: it applies the one rule
+of every method, ``gap <= max(tol * f, floor)`` (option ``tol``, default
+1e-8; :func:`..objective.certify`).  The backend's tolerances are absolute on
+the normalized objective ``f / s``: on a Gram whose diagonal spans many
+decades ``f / s`` can be ~1e-9, and an "optimal" status then leaves
+``gap / f ~ 1e-4`` (#15).  CVXPY is
 imported lazily so that the rest of the package works without it.
 """
 
@@ -33,6 +39,7 @@ def cvxpy_solve(
     *,
     solver: str = "CLARABEL",
     verbose: bool = False,
+    tol: float = 1e-8,
     **solver_options: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Solve each normalized problem in the (n, K, K) stack ``Q`` with CVXPY.
@@ -42,6 +49,8 @@ def cvxpy_solve(
         solver: any CVXPY QP-capable solver name (``"CLARABEL"``, ``"OSQP"``,
             ``"SCS"``, ...).
         verbose: forwarded to ``Problem.solve``.
+        tol: relative duality gap for ``converged`` in :func:`gradconflict.pareto.solve` (not passed to
+            the backend; unused here).
         **solver_options: forwarded to ``Problem.solve`` (e.g. tolerances).
 
     Returns:

@@ -22,8 +22,9 @@ Variants (``variant=``):
 Stopping rule: the duality gap ``2 (w^T g - min_i g_i) <= tol * f(w)``
 (:func:`..objective.gap_tolerance`), which certifies the objective to a
 relative accuracy ``(f - f*) / f <= tol``.  Default ``tol = 1e-8``,
-``max_iter = 10_000``; a problem that hits ``max_iter`` reports
-``converged = False``.
+``max_iter = 10_000``; a problem that hits ``max_iter`` returns
+``converged = False`` (the ``converged`` that :func:`..solve` reports is its
+one rule for every method, :func:`.objective.certify`).
 """
 
 from __future__ import annotations

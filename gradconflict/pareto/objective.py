@@ -8,7 +8,9 @@ By convexity ``f(w) - f* <= gap(w)``.
 
 The solvers stop on :func:`gap_tolerance`: ``gap <= tol * f(w)``, which certifies the objective to a relative
 accuracy ``(f - f*) / f <= tol`` however widely G's diagonal is spread (an x0-unit Gram's can span ten decades,
-and a tolerance relative to the largest entry would then mean nothing at the optimum).
+and a tolerance relative to the largest entry would then mean nothing at the optimum), down to a floor at the
+rounding level of G.  :func:`certify` applies that rule from the original G to every method's answer after it
+returns: one ``converged`` rule for all methods (#15).
 """
 
 from __future__ import annotations
@@ -51,6 +53,61 @@ def gap_tolerance(Q: np.ndarray, W: np.ndarray, g: np.ndarray, tol: float, *, d:
     dw = np.einsum("ni,ni->n", d, W)
     b = dw * (dw + d[np.arange(len(f)), j])
     return np.maximum(tol * f, ROUNDING * Q.shape[-1] * b)
+
+
+def rounding_floor(W: np.ndarray, g: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Rounding level of the computed duality gap ``2 (f - min_i g_i)`` at weights ``W`` (n, K), with
+    ``g = (G + lam I) w`` and ``d = sqrt(diag G + lam)`` (both (n, K))::
+
+        floor = 4 K eps D (d^T w + d_N),   D = max_j w_j * sum_{j in S} d_j.
+
+    A float64 solve on the support ``S = {j: w_j > 2 K eps max w}`` (smaller weights are zero at this
+    level) gives weights accurate to about ``2 K eps max_j w_j`` each: normwise, not relative to each weight
+    (a weight of 1e-2 next to one of 0.98 is known to ~eps, not to 1e-2 eps).  With ``|G_ij| <= d_i d_j``
+    each computed ``g_i`` is then uncertain by ``r_i = 2 K eps d_i D`` and ``f = w^T g`` by
+    ``2 K eps D (d^T w)``, and the smallest ``g_i`` may be that of any task in
+    ``N = {i: g_i - r_i <= min_k (g_k + r_k)}``; ``d_N = max_{i in N} d_i``.  A gap below the floor is
+    what an optimum has at the rounding level of G (e.g. ``f* = 0`` at lam = 0 on a rank-deficient G);
+    large-norm tasks off the support and far from the minimum do not widen it, so a loose answer on a Gram
+    whose diagonal spans ten decades is not covered (on the K = 30 such Gram of the tests, with lam =
+    1e-6 trace / K, the floor at the optimum is ~3e-8 f, far below the gap of CVXPY's "optimal" answer there,
+    ~1e-4 f; a tol below the floor is certified only to the floor).  The floor is homogeneous in the scale of G.
+    """
+    unit = 0.5 * ROUNDING * W.shape[-1]  # 2 K eps
+    w_max = W.max(axis=1)
+    D = w_max * np.where(W > unit * w_max[:, None], d, 0.0).sum(axis=1)
+    r = unit * d * D[:, None]  # uncertainty of each computed g_i
+    tied = g - r <= (g + r).min(axis=1, keepdims=True)  # tasks whose gradient may be the smallest
+    d_tied = np.where(tied, d, 0.0).max(axis=1)
+    return 2.0 * unit * D * (np.einsum("ni,ni->n", d, W) + d_tied)
+
+
+def certify(Gs: np.ndarray, W: np.ndarray, lam: float, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one ``converged`` rule of :func:`gradconflict.pareto.solve`, applied to any weights after a solver.
+
+    For a float64 stack ``Gs`` (n, K, K) of the ORIGINAL (validated) Gram matrices and weights ``W`` (n, K),
+    with ``g = (G + lam I) w``::
+
+        f         = w^T g                              (the objective)
+        gap       = max(2 (f - min_i g_i), 0)          (= grad^T w - min_i grad_i, grad = 2 g)
+        converged = gap <= max(tol * f, floor)         (floor = 0 when tol <= 0)
+
+    ``gap <= tol * f`` certifies ``(f - f*) / f <= tol``.  ``floor = 4 K eps D (d^T w + d_N)``,
+    ``d = sqrt(diag G + lam)`` (:func:`rounding_floor`), is the rounding level of the gap: it certifies an
+    optimum at the rounding level of G (e.g. ``f* = 0`` at lam = 0), while an answer that ``tol`` rejects for
+    more than rounding (a backend at loose tolerances) is not certified, whatever its own status says.  The
+    methods' own stopping test (:func:`gap_tolerance`, on the scaled copy) also passes, so an answer a method
+    accepts is certified.  Returns ``(f, gap, converged)``, each (n,).
+    """
+    g = np.matmul(Gs, W[:, :, None])[:, :, 0] + lam * W  # BLAS; einsum does not use it here
+    f = np.einsum("ni,ni->n", W, g)
+    gap2 = 2.0 * (f - g.min(axis=1))
+    if tol <= 0:
+        return f, np.maximum(gap2, 0.0), gap2 <= 0
+    d = np.sqrt(np.maximum(np.einsum("nii->ni", Gs) + lam, 0.0))
+    # gap_tolerance: the methods' own stopping test (a floor not above this one but for dust weights)
+    ok = gap2 <= np.maximum(gap_tolerance(Gs, W, g, tol, d=d, f=f), rounding_floor(W, g, d))
+    return f, np.maximum(gap2, 0.0), ok
 
 
 def sqrt_diagonal(Q: np.ndarray) -> np.ndarray:

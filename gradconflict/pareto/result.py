@@ -30,12 +30,19 @@ class ParetoResult:
         gap: Frank-Wolfe duality gap ``grad^T w - min_i grad_i`` with
             ``grad = 2 (G + lam I) w``; ``0 <= f(w) - f* <= gap``.
         iterations: iterations (or optimizer steps) taken per problem.
-        converged: whether the method's stopping rule was met.
+        converged: whether ``gap <= max(tol * objective, floor)`` (the method's
+            ``tol``; ``floor`` the rounding level of the computed gap), checked
+            in float64 from the original G after the method returned, the
+            same rule for every method (:func:`..objective.certify`).
         seconds: wall time of the whole :func:`solve` call (validation
             included), shared by all problems of a batch.
         method: the method that produced the result.
         lam: the ridge coefficient.
         batched: whether the input was a stack of Gram matrices.
+        hint: ``""`` when every problem converged, else one line saying how
+            far it is from ``tol`` and what to change (e.g. ``"raise steps
+            (now 1000) or lr (now 0.05), or use method='auto' (exact)"``);
+            made for a command line to print after ``converged: False``.
     """
 
     weights: np.ndarray
@@ -47,6 +54,7 @@ class ParetoResult:
     method: str
     lam: float = 0.0
     batched: bool = field(default=False)
+    hint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("weights", "objective", "gap", "iterations", "converged"):
@@ -98,3 +106,36 @@ class ParetoResult:
             f"{conv}, iterations={self.iterations if not self.batched else '...'}, "
             f"seconds={self.seconds:.3g})"
         )
+
+
+def convergence_hint(method: str, run: dict[str, Any], converged: np.ndarray, gap: np.ndarray,
+                     objective: np.ndarray, iterations: np.ndarray, K: int) -> str:
+    """One line for :attr:`ParetoResult.hint`: ``""`` if every problem converged, else how far the worst one is
+    from ``tol`` (its ``gap / objective``) and what to change, with the values it ran with (``run``: the
+    method's options, defaults included)."""
+    failed = ~np.asarray(converged, dtype=bool)
+    if not failed.any():
+        return ""
+    gap, objective = np.asarray(gap, dtype=float)[failed], np.asarray(objective, dtype=float)[failed]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        worst = int(np.argmax(np.where(objective > 0, gap / objective, np.inf)))  # the farthest from tol
+    tol = float(run.get("tol", 0.0))
+    n = failed.size
+    head = "not converged" if n == 1 else f"{int(failed.sum())} of {n} problems not converged, the worst"
+    head += f" (gap {gap[worst]:.2e} > tol x objective = {tol:g} x {objective[worst]:.3g})"
+    if method == "ugd":
+        todo = f"raise steps (now {run.get('steps')}) or lr (now {run.get('lr'):g})"
+    elif method == "frank_wolfe":
+        todo = f"raise max_iter (now {run.get('max_iter')})"
+        if run.get("variant") == "vanilla":
+            todo += " or use variant='away'"
+    elif method == "cvxpy":
+        todo = ("tighten the backend's tolerances (absolute, on f / max_i (G_ii + lam); e.g. tol_gap_abs="
+                "tol_gap_rel=tol_feas=1e-15 for CLARABEL)")
+    else:
+        cap = run.get("max_iter") or max(100, 10 * K)
+        if np.max(np.asarray(iterations)[failed], initial=0) >= cap:
+            return f"{head}: raise max_iter (now {cap})"
+        return f"{head}: the exact solve lost accuracy on an ill-conditioned G; try a small ridge lam > 0 or " \
+               "method='frank_wolfe'"
+    return f"{head}: {todo}, or use method='auto' (exact)"

@@ -2,10 +2,16 @@
 
 Every method works on the normalized matrix ``Q = (G + lam I) / s`` with
 ``s = max_i (G_ii + lam)`` (``s = 1`` when that is 0), which makes the
-largest value of the objective on the simplex equal to 1.  Every method's
-``tol`` is relative to the objective: converged means ``gap <= tol * f(w)``
-(:func:`.objective.gap_tolerance`), so ``(f - f*) / f <= tol``.  Objective
-and gap are reported on the original scale.
+largest value of the objective on the simplex equal to 1.
+
+One ``converged`` rule for every method (#15): after the method returns, the
+objective, the duality gap and ``converged`` are recomputed in float64 from
+the original G by :func:`.objective.certify`: ``gap <= max(tol * f, floor)``,
+so ``(f - f*) / f <= tol``, where ``floor`` is the rounding level of the
+computed gap (an optimum at the rounding level of G, e.g. ``f* = 0``, is
+certified).  ``tol`` is the method's option (defaults: ``auto`` 1e-9, the
+others 1e-8).  The method's own verdict (e.g. a CVXPY backend's status) is not
+used.  A result that is not converged carries a one-line ``hint``.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from ._validate import METHODS, as_gram_factored, check_lam, check_method, check
 from .active_set import active_set
 from .cvxpy_ref import cvxpy_solve
 from .frank_wolfe import frank_wolfe
-from .result import ParetoResult
-from .ugd import ugd
+from .objective import certify
+from .result import ParetoResult, convergence_hint
+from .ugd import DEFAULT_LR, ugd
 
 SOLVERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
     "auto": active_set,
@@ -30,6 +37,8 @@ SOLVERS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
     "ugd": ugd,
     "cvxpy": cvxpy_solve,
 }
+
+_DEFINED = dict(SOLVERS)  # the methods as defined, for their option defaults (SOLVERS may be wrapped)
 
 
 def _options(method: str, options: dict[str, Any]) -> None:
@@ -40,6 +49,18 @@ def _options(method: str, options: dict[str, Any]) -> None:
     for name in options:
         if name not in valid:
             raise ValueError(f"unknown option {name!r} for method {method!r}; valid options: {', '.join(valid)}")
+
+
+def settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a method runs with: its signature's defaults updated with ``options`` (ugd's ``lr=None``
+    resolved to its optimizer's default)."""
+    params = inspect.signature(_DEFINED[method]).parameters
+    out = {name: p.default for name, p in params.items()
+           if p.default is not inspect.Parameter.empty and not name.startswith("_")}
+    out.update({k: v for k, v in options.items() if not k.startswith("_")})
+    if method == "ugd" and out.get("lr") is None:
+        out["lr"] = DEFAULT_LR.get(out.get("optimizer", "adam"))
+    return out
 
 
 def normalize(Gs: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +100,13 @@ def solve(
             "CLARABEL"`` and solver keywords).
         check_psd: run the O(K^3) PSD check (default True).  Skipping it
             saves one Cholesky factorization of G.
-        **options: method options; ``tol`` is a relative accuracy of the objective (``gap <= tol * f(w)``).
+        **options: method options; ``tol`` is a relative accuracy of the objective (``gap <= tol * f(w)``,
+            for every method; for ``"cvxpy"`` it only decides ``converged``, the backend's own tolerances
+            are solver keywords).
+
+    ``converged`` follows one rule for every method, checked after it returns
+    (:func:`.objective.certify`): ``gap <= max(tol * f, floor)`` from the
+    original G in float64, ``floor`` the rounding level of the computed gap.
 
     Returns:
         :class:`ParetoResult`; scalars for a single problem, arrays of length
@@ -97,6 +124,7 @@ def solve(
         if w0.ndim == 2 and w0.shape[0] != n:
             raise ValueError(f"w0 holds {w0.shape[0]} vectors but G holds {n} matrices; pass (K,) or (n, K)")
         options["w0"] = w0
+    G_original = Gs.copy()  # the certificate is computed from G itself, not from the scaled copy the methods see
     Q, scale = normalize(Gs, lam_f)
     if method == "auto" and any(f is not None for f in factors):
         # the PSD check found G = L^T L + S (low rank): Q = B^T B + alpha I + S / s
@@ -107,17 +135,16 @@ def solve(
     if method == "auto":
         options["_ridge"] = lam_f / scale
     with blas_threads(K if method == "auto" else 0):  # many small BLAS calls: few threads (_threads.py)
-        W, iters, conv = SOLVERS[method](Q, **options)
-    g = np.matmul(Q, W[:, :, None])[:, :, 0]  # BLAS; einsum does not use it here
-    f_n = np.einsum("ni,ni->n", W, g)
-    objective = scale * f_n
-    gap = scale * np.maximum(2.0 * (f_n - g.min(axis=1)), 0.0)
+        W, iters, _ = SOLVERS[method](Q, **options)  # the method's own verdict is not used (one rule, below)
+    run = settings(method, options)
+    objective, gap, conv = certify(G_original, W, lam_f, float(run["tol"]))
+    hint = convergence_hint(method, run, conv, gap, objective, iters, K)
     seconds = time.perf_counter() - t0
     if batched:
-        return ParetoResult(W, objective, gap, iters, conv, seconds, method, lam_f, True)
+        return ParetoResult(W, objective, gap, iters, conv, seconds, method, lam_f, True, hint)
     return ParetoResult(
-        W[0], float(objective[0]), float(gap[0]), int(iters[0]), bool(conv[0]), seconds, method, lam_f, False
+        W[0], float(objective[0]), float(gap[0]), int(iters[0]), bool(conv[0]), seconds, method, lam_f, False, hint
     )
 
 
-__all__ = ["METHODS", "SOLVERS", "normalize", "solve"]
+__all__ = ["METHODS", "SOLVERS", "normalize", "settings", "solve"]

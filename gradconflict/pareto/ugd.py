@@ -22,8 +22,9 @@ Stopping: a problem stops (its ``beta`` is frozen) as soon as its duality
 gap ``2 (f - min_i g_i) <= tol * f`` (relative accuracy of the objective,
 :func:`.objective.gap_tolerance`; default ``1e-8``);
 ``iterations`` is the number of optimizer steps it took and ``converged``
-is that test at the end.  The softmax never produces exact zeros, so
-sparse optima are only reached asymptotically.
+is that test at the end (the ``converged`` that :func:`..solve` reports is
+its one rule for every method, :func:`.objective.certify`).  The softmax
+never produces exact zeros, so sparse optima are only reached asymptotically.
 """
 
 from __future__ import annotations
