@@ -81,3 +81,15 @@ def test_c6_reports_steps_and_wallclock() -> None:
     row, pairs = claim_c6(evals, references=("min_snr:5",))
     assert pairs["speedup"].iloc[0] == pytest.approx(2.0)
     assert pairs["wallclock_speedup"].iloc[0] == pytest.approx(0.8)
+
+
+def test_c5_needs_a_ranking_better_than_chance_and_three_models() -> None:
+    from gradconflict.comparison.claims import _permutation_p
+
+    assert _permutation_p([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1 / 24)  # one of 24 orders is perfect
+    assert _permutation_p([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(1.0)
+    steps = np.array([100.0, 200.0])
+    curves = {k: [np.full(2, v + 0.01 * s) for s in range(2)] for k, v in {"a": 1.0, "b": 2.0, "c": 3.0}.items()}
+    extra = {k: {"pareto_ratio": r, "diag_ratio": 1.0} for k, r in {"a": 1.1, "b": 1.2, "c": 1.3}.items()}
+    row, _ = claim_c5(_evals(curves, steps, extra))
+    assert row["n_models"] == 2 and row["verdict"] == "undecided" and "only 2 model" in row["notes"]

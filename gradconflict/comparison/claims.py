@@ -12,8 +12,10 @@ initial weights and data order, so seeds are resampled jointly), 2000 resamples,
 * **C5** (not in the paper): a fixed strategy's Pareto ratio (its objective over the exact optimum on held-out
   Grams of its own runs, mean over evaluations and seeds) ranks the strategies as their convergence does
   (``auc``: the seed-mean metric averaged over evaluation steps; lower = faster). Spearman rho between ratio and
-  auc, beside the diagonal-only null (G replaced by diag(G)). Holds when rho's interval lies above 0 and the
-  interval of rho - rho_null lies above 0.
+  auc, beside the diagonal-only null (G replaced by diag(G)). Holds when rho's interval lies above 0, the
+  interval of rho - rho_null lies above 0, and an exact permutation test over the strategies gives p < 0.05 (with
+  few strategies a seed bootstrap alone cannot show that a ranking is better than chance).
+* With fewer than 3 models per weighting every verdict is "undecided".
 * **C6** (not in the paper): ``pareto_fit`` and ``pareto_online`` against Min-SNR-5 and ``learned_uncertainty``,
   speedups in steps and in wall-clock (steps x seconds per step).
 """
@@ -81,7 +83,12 @@ def _pair(curves: dict, a: str, b: str) -> dict:
     return {"a": a, "b": b, "speedup": value, "stderr": se, "ci_low": lo, "ci_high": hi, "n_models": n}
 
 
-def _verdict(lows: Sequence[float], highs: Sequence[float], bar: float) -> str:
+MIN_MODELS = 3  # fewer independently trained models: every verdict is "undecided"
+
+
+def _verdict(lows: Sequence[float], highs: Sequence[float], bar: float, n_models: int = MIN_MODELS) -> str:
+    if n_models < MIN_MODELS:
+        return "undecided"
     if all(np.isfinite(lo) and lo > bar for lo in lows):
         return "holds"
     if any(np.isfinite(hi) and hi < bar for hi in highs):
@@ -98,12 +105,17 @@ def claim_c4(evals: pd.DataFrame, metric: str = "fd_mnist", a: str = "min_snr:5"
         raise ValueError(f"C4 needs runs of {missing}; add them to the comparison's weightings")
     pairs = pd.DataFrame([_pair(curves, a, b) for b in baselines]).assign(metric=metric)
     worst = pairs.loc[pairs["speedup"].idxmin()]
-    row = {"claim": f"C4 ({metric})", "verdict": _verdict(pairs["ci_low"], pairs["ci_high"], 1.0),
+    n = int(pairs["n_models"].min())
+    row = {"claim": f"C4 ({metric})", "verdict": _verdict(pairs["ci_low"], pairs["ci_high"], 1.0, n),
            "statistic": float(worst["speedup"]), "stderr": float(worst["stderr"]), "n_models": int(pairs["n_models"].min()),
            "unit": "independently trained model (seed)",
            "notes": "; ".join(f"{a} vs {r.b}: {r.speedup:.2f}x [{r.ci_low:.2f}, {r.ci_high:.2f}]" for r in pairs.itertuples())
-           + f"; statistic = the smallest speedup (vs {worst['b']})"}
+           + f"; statistic = the smallest speedup (vs {worst['b']})" + _few(n)}
     return row, pairs
+
+
+def _few(n: int) -> str:
+    return f"; only {n} model(s) per weighting: undecided by rule (>= {MIN_MODELS} needed)" if n < MIN_MODELS else ""
 
 
 def _auc(curve: np.ndarray) -> float:
@@ -136,11 +148,20 @@ def claim_c5(evals: pd.DataFrame, metric: str = "fd_mnist") -> tuple[dict, pd.Da
                           "pareto_ratio": [float(np.nanmean(ratio[k][:n])) for k in names],
                           "diag_ratio": [float(np.nanmean(null[k][:n])) for k in names],
                           f"auc_{metric}": [_auc(curves[k][1][:n]) for k in names]})
-    verdict = "holds" if (lo > 0 and dlo > 0) else ("refuted" if hi < 0 else "undecided")
+    # the strategies are few: the chance that a random ranking correlates this well (exact permutation test)
+    auc_all = [_auc(curves[k][1][:n]) for k in names]
+    p_value = _permutation_p(list(table["pareto_ratio"]), auc_all)
+    if n < MIN_MODELS:
+        verdict = "undecided"
+    elif lo > 0 and dlo > 0 and p_value < 0.05:
+        verdict = "holds"
+    else:
+        verdict = "refuted" if hi < 0 else "undecided"
     row = {"claim": f"C5 ({metric})", "verdict": verdict, "statistic": rho, "stderr": se, "n_models": n,
            "unit": "independently trained model (seed)",
-           "notes": f"Spearman(ratio, auc) = {rho:.2f} [{lo:.2f}, {hi:.2f}] over {len(names)} strategies; diagonal-only "
-                    f"null {rho_null:.2f}; rho - null in [{dlo:.2f}, {dhi:.2f}]"}
+           "notes": f"Spearman(ratio, auc) = {rho:.2f} [{lo:.2f}, {hi:.2f}] over {len(names)} strategies (permutation "
+                    f"p = {p_value:.3g}); diagonal-only null {rho_null:.2f}; rho - null in [{dlo:.2f}, {dhi:.2f}]"
+                    + _few(n)}
     return row, table
 
 
@@ -161,12 +182,29 @@ def claim_c6(evals: pd.DataFrame, metric: str = "fd_mnist", candidates: Sequence
             pair["wallclock_speedup"] = pair["speedup"] * float(seconds[r] / seconds[c])
             rows.append(pair)
     pairs = pd.DataFrame(rows).assign(metric=metric)
-    row = {"claim": f"C6 ({metric})", "verdict": _verdict(pairs["ci_low"], pairs["ci_high"], 1.0 - 1e-12),
+    n = int(pairs["n_models"].min())
+    row = {"claim": f"C6 ({metric})", "verdict": _verdict(pairs["ci_low"], pairs["ci_high"], 1.0 - 1e-12, n),
            "statistic": float(pairs["speedup"].min()), "stderr": float(pairs.loc[pairs["speedup"].idxmin(), "stderr"]),
            "n_models": int(pairs["n_models"].min()), "unit": "independently trained model (seed)",
            "notes": "; ".join(f"{p.a} vs {p.b}: {p.speedup:.2f}x in steps [{p.ci_low:.2f}, {p.ci_high:.2f}], "
-                              f"{p.wallclock_speedup:.2f}x in wall-clock" for p in pairs.itertuples())}
+                              f"{p.wallclock_speedup:.2f}x in wall-clock" for p in pairs.itertuples()) + _few(n)}
     return row, pairs
+
+
+def _permutation_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """One-sided p-value of Spearman(x, y) >= observed under random orderings of y (exact up to 8 items, else
+    20,000 random permutations)."""
+    from itertools import permutations
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    observed = spearmanr(x, y).statistic
+    if len(y) <= 8:
+        draws = [list(p) for p in permutations(y)]
+    else:
+        rng = np.random.default_rng(0)
+        draws = [rng.permutation(y) for _ in range(20_000)]
+    values = np.array([spearmanr(x, d).statistic for d in draws])
+    return float(np.mean(values >= observed - 1e-12))
 
 
 def convergence_table(evals: pd.DataFrame, metric: str = "fd_mnist") -> pd.DataFrame:
