@@ -9,15 +9,16 @@ from typing import Any, Optional
 
 from ..train import TrainConfig
 
-__all__ = ["CompareConfig", "preset", "PRESETS", "DEFAULT_WEIGHTINGS", "run_name"]
+__all__ = ["CompareConfig", "preset", "PRESETS", "DEFAULT_WEIGHTINGS", "FIT", "run_name"]
 
 # the paper's four (constant, SNR, Max-SNR-1, Min-SNR-5), Min-SNR's gamma ablation, two smooth variants, and
 # the weightings only this toolkit offers (an exact Pareto optimum recomputed online, the paper's UGD online)
 # beside the adaptive weighting a user would pick instead (learned uncertainty)
 DEFAULT_WEIGHTINGS: tuple[str, ...] = (
     "constant", "snr", "max_snr:1", "min_snr:1", "min_snr:5", "min_snr:20", "soft_min_snr:5", "p2",
-    "pareto_online:10", "ugd_online:1", "learned_uncertainty",
+    "pareto_fit", "pareto_online:10", "ugd_online:10", "learned_uncertainty",
 )
+FIT = "pareto_fit"  # fitted to the exact optimum recorded on the pilot run (``CompareConfig.pilot``, seed 0)
 
 PRESETS: tuple[str, ...] = ("toy", "quick", "standard", "gpu")
 
@@ -37,7 +38,10 @@ class CompareConfig:
     * ``train_images``: the first N images train; the rest of the dataset is held out for every metric (the
       embedded MNIST has 5000, interleaved by class, so both parts are balanced).
     * ``weightings``: specs of ``weighting.by_name`` (fixed) or of the adaptive weightings
-      (``pareto_online:M``, ``ugd_online:M``, ``learned_uncertainty``, ``pareto_fit:FILE``).
+      (``pareto_online:M``, ``ugd_online:M``, ``learned_uncertainty``, ``pareto_fit:FILE``). Plain ``pareto_fit``
+      is fitted to the exact Pareto weights that the evaluations of the ``pilot`` weighting's seed-0 run recorded
+      (held-out Grams at every evaluation step, ridge ``lam``): that run trains first, the fit is written to
+      ``OUT/pareto_fit_weights.csv``, then the ``pareto_fit`` runs train.
     * ``seeds``: independently trained models per weighting (the replication unit); seed s is shared across
       weightings (same initial weights and data order: a paired design).
     * ``steps``, ``eval_every``: training length and the evaluation cadence (an evaluation at every multiple of
@@ -75,6 +79,7 @@ class CompareConfig:
     device: str = "cpu"
     cpu_threads: Optional[int] = 1
     jobs: int = 1
+    pilot: str = "min_snr:5"
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,8 +103,12 @@ class CompareConfig:
         if self.fd and (self.fd_samples < 128 or self.fd_draws < 2):
             raise ValueError(f"FD-MNIST needs fd_samples >= 128 (twice its 64 features) and fd_draws >= 2, got "
                              f"{self.fd_samples} and {self.fd_draws}")
+        if FIT in self.weightings and self.pilot not in self.weightings:
+            raise ValueError(f"pareto_fit is fitted on the pilot run of {self.pilot!r}, which is not among the "
+                             f"weightings {list(self.weightings)}; add it, or set pilot to one of them")
         for weighting in self.weightings:  # fail early on an unknown spec: every run would fail anyway
-            self.train_config(weighting, 0)
+            if weighting != FIT:
+                self.train_config(weighting, 0)
 
     @property
     def fd(self) -> bool:
@@ -112,8 +121,14 @@ class CompareConfig:
         steps = list(range(self.eval_every, self.steps + 1, self.eval_every))
         return steps if steps[-1] == self.steps else [*steps, self.steps]
 
-    def train_config(self, weighting: str, seed: int, steps: Optional[int] = None) -> TrainConfig:
-        """The ``TrainConfig`` of one run (up to ``steps``, default the comparison's length)."""
+    def train_config(self, weighting: str, seed: int, steps: Optional[int] = None,
+                     fit_file: Optional[str] = None) -> TrainConfig:
+        """The ``TrainConfig`` of one run (up to ``steps``, default the comparison's length); ``pareto_fit`` needs
+        the pilot's weights file ``fit_file``."""
+        if weighting == FIT:
+            if fit_file is None:
+                raise ValueError("pareto_fit needs the pilot run's Pareto weights (fit_file)")
+            weighting = f"{FIT}:{fit_file}"
         return TrainConfig(
             data=self.data, model=self.model, weighting=weighting, prediction=self.prediction, schedule=self.schedule,
             steps=steps or self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,

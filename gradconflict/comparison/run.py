@@ -32,7 +32,7 @@ from .._io import record_identity, write_csv, write_json
 from ..data import load_dataset
 from ..train import train
 from ..train.checkpoint import load_trained
-from .config import CompareConfig, run_name
+from .config import FIT, CompareConfig, run_name
 from .evaluate import HeldOut, evaluate
 
 __all__ = ["compare", "run_one", "load_compare", "held_out_images"]
@@ -66,9 +66,27 @@ def _without(frame: pd.DataFrame, step: int) -> pd.DataFrame:
     return frame[frame["step"] != step] if len(frame) else frame
 
 
+def fit_file(out: str | Path) -> Path:
+    """Where ``pareto_fit``'s target weights (the pilot run's exact optima) are written."""
+    return Path(out).resolve() / "pareto_fit_weights.csv"
+
+
+def write_fit_file(config: CompareConfig, out: str | Path) -> Path:
+    """Write ``pareto_fit_weights.csv`` from the pilot run's recorded optima (once: a rerun keeps the file, so
+    the pareto_fit runs resume with the weighting they started with)."""
+    path = fit_file(out)
+    if not path.is_file():
+        source = Path(out) / "runs" / run_name(config.pilot, 0) / "eval_weights.csv"
+        if not source.is_file():
+            raise ValueError(f"pareto_fit needs the pilot run's {source}; train the pilot ({config.pilot}, seed 0) first")
+        write_csv(pd.read_csv(source), path)
+    return path
+
+
 def run_one(config: CompareConfig, weighting: str, seed: int, out: str | Path, *, held_out: Optional[HeldOut] = None,
             progress: bool = False) -> pd.DataFrame:
-    """Train and evaluate one run (resuming what ``out/runs/<name>`` holds); returns its ``evals.csv`` table."""
+    """Train and evaluate one run (resuming what ``out/runs/<name>`` holds); returns its ``evals.csv`` table.
+    A ``pareto_fit`` run needs the pilot's weights file (:func:`write_fit_file`)."""
     folder = Path(out) / "runs" / run_name(weighting, seed)
     evals, per_bin = _read(folder / "evals.csv"), _read(folder / "eval_losses.csv")
     optima = _read(folder / "eval_weights.csv")
@@ -78,7 +96,8 @@ def run_one(config: CompareConfig, weighting: str, seed: int, out: str | Path, *
         return evals
     held_out = held_out or _held_out(config)
     for step in todo:
-        log = train(config.train_config(weighting, seed, steps=step), folder, progress=progress)
+        fit = str(fit_file(out)) if weighting == FIT else None
+        log = train(config.train_config(weighting, seed, steps=step, fit_file=fit), folder, progress=progress)
         model, schedule, prediction = load_trained(folder, ema=config.weights == "ema", device=config.device)
         row, bins, optimum = evaluate(model, schedule, prediction, held_out, config, weighting, step)
         seconds = log["seconds"].astype(float).to_numpy()
@@ -123,6 +142,32 @@ def load_compare(out: str | Path, config: Optional[CompareConfig] = None) -> tup
     return _collect(config, out)
 
 
+def _parallel(config: CompareConfig, out: Path, runs: list, fitted: list, bar: Any) -> None:
+    """The runs in ``config.jobs`` processes (spawned, one BLAS thread each); the pareto_fit runs are submitted as
+    soon as the pilot (the first of ``runs``) is done."""
+    _held_out(config)  # trains and caches the FD-MNIST classifier once, before the workers read it
+    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    os.environ.update({k: str(config.cpu_threads or 1) for k in env})  # inherited by the spawned workers
+    try:
+        with ProcessPoolExecutor(config.jobs, mp_context=mp.get_context("spawn")) as pool:
+            pending = {pool.submit(_worker, (config, w, s, str(out))): (w, s) for w, s in runs}
+            while pending:
+                done = next(as_completed(pending))
+                weighting, seed = pending.pop(done)
+                done.result()
+                if fitted and (weighting, seed) == runs[0]:
+                    write_fit_file(config, out)
+                    pending.update({pool.submit(_worker, (config, w, s, str(out))): (w, s) for w, s in fitted})
+                bar.set_postfix_str(run_name(weighting, seed))
+                bar.update(1)
+    finally:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def compare(config: CompareConfig, out: str | Path, *, progress: bool = True) -> pd.DataFrame:
     """Run (or resume) every (weighting, seed) of ``config`` in ``out``; returns the tidy evaluations.
 
@@ -134,34 +179,22 @@ def compare(config: CompareConfig, out: str | Path, *, progress: bool = True) ->
     record_identity(out / "compare_identity.json", config.identity(), "a comparison with other settings",
                     "use another --out, or the settings it was made with (--weightings, --seeds and --steps may change)")
     write_json(out / "compare_config.json", config.to_dict())
-    runs = [(w, s) for s in range(config.seeds) for w in config.weightings]
-    bar = tqdm(total=len(runs), disable=not progress, desc="compare runs", dynamic_ncols=True)
+    # the pilot first (pareto_fit is fitted to its optima), the pareto_fit runs once it is done
+    first = [(config.pilot, 0)] if FIT in config.weightings else []
+    runs = first + [(w, s) for s in range(config.seeds) for w in config.weightings if w != FIT and (w, s) not in first]
+    fitted = [(FIT, s) for s in range(config.seeds)] if FIT in config.weightings else []
+    bar = tqdm(total=len(runs) + len(fitted), disable=not progress, desc="compare runs", dynamic_ncols=True)
     try:
         if config.jobs == 1:
             held_out = _held_out(config)
-            for weighting, seed in runs:
+            for i, (weighting, seed) in enumerate(runs + fitted):
+                if fitted and i == len(runs):
+                    write_fit_file(config, out)
                 bar.set_postfix_str(run_name(weighting, seed))
                 run_one(config, weighting, seed, out, held_out=held_out, progress=progress)
                 bar.update(1)
         else:
-            _held_out(config)  # trains and caches the FD-MNIST classifier once, before the workers read it
-            env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-            threads = str(config.cpu_threads or 1)
-            os.environ.update({k: threads for k in env})  # one BLAS thread per worker (inherited at spawn)
-            try:
-                context = mp.get_context("spawn")
-                with ProcessPoolExecutor(config.jobs, mp_context=context) as pool:
-                    futures = [pool.submit(_worker, (config, w, s, str(out))) for w, s in runs]
-                    for future in as_completed(futures):
-                        weighting, seed = future.result()
-                        bar.set_postfix_str(run_name(weighting, seed))
-                        bar.update(1)
-            finally:
-                for key, value in env.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            _parallel(config, out, runs, fitted, bar)
     finally:
         bar.close()
     evals, per_bin = _collect(config, out)
