@@ -26,7 +26,8 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--data", default=d.data, help="mnist | digits | synthetic | path to .npy/.npz/image folder")
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5")
+    p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5, or adaptive: pareto_online:10, "
+                   "ugd_online:1, learned_uncertainty, pareto_fit:PATH.csv (gradconflict.adaptive)")
     p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")
     p.add_argument("--schedule", default=d.schedule, choices=list(SCHEDULES), help="noise schedule")
     p.add_argument("--T", type=int, default=d.T, help="number of diffusion timesteps")

@@ -6,7 +6,8 @@ Files in a run directory:
 * ``checkpoint.pt``: ``torch.save`` of a dict with ``format``, ``step``, ``config``, ``model_spec``, ``model``,
   ``ema``, ``optimizer``, ``rng`` (the data/timestep/noise ``torch.Generator`` state and the global CPU RNG)
   ``data_order`` (current permutation and position) and ``history`` (the log.csv / losses.csv columns up to
-  ``step``, so that a resume never depends on the CSVs); loadable with ``weights_only=True``;
+  ``step``, so that a resume never depends on the CSVs) and ``weighting`` (the ``AdaptiveWeighting``'s
+  state: online Pareto weights, a learned weighting's network; empty for fixed ones); loadable with ``weights_only=True``;
 * ``model.safetensors``: model weights plus EMA weights under the prefix ``ema.``; the metadata holds
   ``config`` and ``model_spec`` as JSON, so it is self-contained;
 * ``log.csv`` (per step) and ``losses.csv`` (per bin), see ``gradconflict.train.loop``.

@@ -33,7 +33,9 @@ class TrainConfig:
     * ``model``: a name in ``gradconflict.models.MODEL_NAMES``; ``model_overrides``: config fields to change
       (``in_channels``/``image_size``/``prediction`` follow the data and ``prediction`` automatically);
       ``conditional``: give the model the dataset's class labels.
-    * ``weighting``: a ``weighting.by_name`` spec (e.g. "min_snr:5"); ``prediction``: "eps" | "x0" | "v".
+    * ``weighting``: a ``weighting.by_name`` spec (e.g. "min_snr:5") or an adaptive one of
+      ``gradconflict.adaptive.by_name`` ("pareto_online:10", "ugd_online:1", "learned_uncertainty",
+      "pareto_fit:PATH.csv"); ``prediction``: "eps" | "x0" | "v".
     * ``schedule``: "linear" | "cosine", ``T`` timesteps.
     * optimisation: AdamW with ``lr`` (per step), ``weight_decay``, ``betas``, linear warm-up over
       ``warmup_steps`` steps then a constant rate (so extending ``steps`` never changes earlier steps),
@@ -101,9 +103,9 @@ class TrainConfig:
             raise ValueError(f"betas must be two finite numbers in [0, 1), got {self.betas!r}; use e.g. (0.9, 0.999)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        from ..weighting import by_name
+        from ..adaptive import check_spec
 
-        by_name(self.weighting)  # fail early on an unknown weighting
+        check_spec(self.weighting)  # fail early on an unknown weighting (fixed or adaptive spec)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

@@ -6,6 +6,12 @@ Loss of one sample (x0, t ~ U{0..T-1}, eps ~ N(0, I)), with ``x_t = alpha_t x0 +
     loss_i = w(SNR_t) * err_i                                   (w = strategy.weight(snr, target=prediction))
     loss   = mean_i loss_i
 
+``config.weighting`` is any ``gradconflict.adaptive.by_name`` spec: for a fixed one the loss is exactly the
+above; ``strategy.step(model, x0, step=...)`` runs before each step's forward (online Pareto / UGD weights,
+which leave the model's grads, mode and the global RNG as found) and ``loss = strategy.loss(err, t, ...)``
+(``learned_uncertainty``: ``mean(err / exp(u) + u)``, its parameters in a second AdamW group without weight
+decay). The strategy's state is checkpointed (``weighting``), so resume stays bit-exact.
+
 The per-bin log (``losses.csv``) holds the *unweighted* loss in x0 units, ``err_i / c(SNR_t)`` with
 ``c = 1`` (x0), ``SNR`` (eps), ``SNR + 1`` (v), averaged over the samples of each timestep bin in each
 logging window. All randomness (data order, timesteps, noise) comes from one CPU ``torch.Generator``
@@ -41,7 +47,8 @@ from ..models import build_model, model_spec
 from ..schedule import NoiseSchedule
 from ..engine.loss import per_sample_losses
 from ..targets import loss_factor
-from ..weighting import WeightingStrategy, by_name
+from ..weighting import WeightingStrategy
+from ..adaptive import AdaptiveWeighting, by_name as weighting_by_name
 from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
 from .config import TrainConfig
@@ -187,6 +194,26 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
     return dataset, model
 
 
+def _strategy(config: TrainConfig, bins: TimestepBins, schedule: NoiseSchedule, device: torch.device) -> AdaptiveWeighting:
+    """The run's weighting (``adaptive.by_name``): online ones draw from their own generator seeded by the run's
+    seed, compute their Gram with the run's prediction type and, under bf16, the same autocast."""
+    use_bf16 = config.bf16 and device.type == "cuda"
+    options = {"prediction": config.prediction, "autocast_dtype": torch.bfloat16 if use_bf16 else None}
+    name = config.weighting.strip().lower().replace("-", "_")
+    online = name.startswith(("pareto_online", "ugd_online"))
+    return weighting_by_name(config.weighting, bins=bins, schedule=schedule, seed=config.seed,
+                             **(options if online else {})).to(device)
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, strategy: AdaptiveWeighting) -> torch.optim.Optimizer:
+    """AdamW over the model; a learned weighting's parameters form a second group without weight decay."""
+    kw = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    extra = strategy.parameters()
+    if not extra:
+        return torch.optim.AdamW(model.parameters(), **kw)
+    return torch.optim.AdamW([{"params": list(model.parameters())}, {"params": extra, "weight_decay": 0.0}], **kw)
+
+
 def _device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -225,9 +252,9 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
                          f"fingerprint {state['data']} on disk vs {data_id}); use another output directory, or the "
                          "data the run started with")
     schedule = make_schedule(config.schedule, config.T)
-    strategy = by_name(config.weighting)
     bins = TimestepBins.uniform(config.T, config.bins)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    strategy = _strategy(config, bins, schedule, device)
+    optimizer = _optimizer(config, model, strategy)
     ema = EMA(model, config.ema_decay)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = EpochSampler(len(dataset), generator)
@@ -239,6 +266,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         generator.set_state(state["rng"]["generator"].cpu())
         torch.set_rng_state(state["rng"]["torch_cpu"].cpu())
         sampler.load_state_dict(state["data_order"])
+        strategy.load_state_dict(state.get("weighting", {}))
         step = int(state["step"])
     if state is not None and "history" in state:  # the logs as of the checkpoint, whatever the CSVs hold
         step_log = _frame_from_state(state["history"]["log"])
@@ -294,7 +322,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
                 "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
-                "data_order": sampler.state_dict(), "data": data_id,
+                "data_order": sampler.state_dict(), "data": data_id, "weighting": strategy.state_dict(),
                 "history": {"log": _frame_to_state(frame), "losses": _frame_to_state(bin_frame if bin_frame is not None else pd.DataFrame())},
             })
         write_csv(frame, out / "log.csv")
@@ -316,13 +344,13 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
             noise = torch.randn((config.batch_size, *images.shape[1:]), generator=generator)
             x0, t, noise = images[idx.to(device)], t.to(device), noise.to(device)
             y = labels[idx.to(device)] if config.conditional else None
+            strategy.step(model, x0, step=step, model_kwargs=None if y is None else {"y": y})  # online weights
             lr = _lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
                 err = prediction_error(model, x0, t, schedule, config.prediction, noise, y)
-            weight = strategy.weight(schedule.snr(t), target=config.prediction).to(device=err.device, dtype=err.dtype)
-            loss = (weight * err).mean()
+            loss = strategy.loss(err, t, schedule=schedule, prediction=config.prediction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip = config.grad_clip if config.grad_clip else float("inf")  # 0 / None: no clipping
