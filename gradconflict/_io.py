@@ -211,7 +211,12 @@ def _make_folders(folder: Path) -> list[Path]:
         except FileNotFoundError:  # a folder on the way was removed meanwhile (its maker left): not ours either
             break
         made.append(f)
-    folder.mkdir(parents=True, exist_ok=True)  # (a folder on the way removed meanwhile: make it, not ours)
+    for _ in range(_LOCK_TRIES):  # (a folder on the way removed meanwhile: make it, not ours)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            break
+        except FileExistsError:  # made by another process and removed by it between mkdir's two looks: again
+            continue
     return made[::-1]
 
 
