@@ -32,3 +32,16 @@ def test_the_own_weighting_example_runs_as_written(tmp_path: Path) -> None:
     assert "sqrt_snr_over_1p" in run.stdout and "pareto_optimum" in run.stdout
     for name in ("fig4_pareto_objective.png", "fig3_ugd_weights.png", "track_objectives.csv"):
         assert (tmp_path / "runs" / "mine" / name).stat().st_size > 0
+
+
+def test_the_own_loop_pareto_weights_example_runs_as_written(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")  # the example's data: sklearn's 8x8 digits
+    code = _section_code("Pareto weights in your own training loop")
+    assert "weighting.step(model" in code and "weighting.loss(" in code
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    weights = [float(v) for v in re.findall(r"[0-9.eE+-]+", run.stdout.replace("[", " ").replace("]", " "))]
+    assert len(weights) == 10 and abs(sum(weights) - 1) < 1e-6 and min(weights) >= 0
