@@ -143,21 +143,25 @@ def load_compare(out: str | Path, config: Optional[CompareConfig] = None) -> tup
 
 
 def _parallel(config: CompareConfig, out: Path, runs: list, fitted: list, bar: Any) -> None:
-    """The runs in ``config.jobs`` processes (spawned, one BLAS thread each); the pareto_fit runs are submitted as
-    soon as the pilot (the first of ``runs``) is done."""
+    """The runs in ``config.jobs`` processes (spawned, one BLAS thread each), at most ``jobs`` submitted at a time
+    so that the pareto_fit runs go next as soon as the pilot (the first of ``runs``) is done."""
     _held_out(config)  # trains and caches the FD-MNIST classifier once, before the workers read it
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     os.environ.update({k: str(config.cpu_threads or 1) for k in env})  # inherited by the spawned workers
+    queue = list(runs)
     try:
         with ProcessPoolExecutor(config.jobs, mp_context=mp.get_context("spawn")) as pool:
-            pending = {pool.submit(_worker, (config, w, s, str(out))): (w, s) for w, s in runs}
-            while pending:
-                done = next(as_completed(pending))
-                weighting, seed = pending.pop(done)
+            running: dict = {}
+            while queue or running:
+                while queue and len(running) < config.jobs:
+                    w, s = queue.pop(0)
+                    running[pool.submit(_worker, (config, w, s, str(out)))] = (w, s)
+                done = next(as_completed(running))
+                weighting, seed = running.pop(done)
                 done.result()
                 if fitted and (weighting, seed) == runs[0]:
                     write_fit_file(config, out)
-                    pending.update({pool.submit(_worker, (config, w, s, str(out))): (w, s) for w, s in fitted})
+                    queue = list(fitted) + queue
                 bar.set_postfix_str(run_name(weighting, seed))
                 bar.update(1)
     finally:
@@ -181,17 +185,21 @@ def compare(config: CompareConfig, out: str | Path, *, progress: bool = True) ->
     write_json(out / "compare_config.json", config.to_dict())
     # the pilot first (pareto_fit is fitted to its optima), the pareto_fit runs once it is done
     first = [(config.pilot, 0)] if FIT in config.weightings else []
-    runs = first + [(w, s) for s in range(config.seeds) for w in config.weightings if w != FIT and (w, s) not in first]
+    # weighting by weighting (all seeds of one before the next), so a comparison stopped early has whole weightings
+    runs = first + [(w, s) for w in config.weightings for s in range(config.seeds) if w != FIT and (w, s) not in first]
     fitted = [(FIT, s) for s in range(config.seeds)] if FIT in config.weightings else []
     bar = tqdm(total=len(runs) + len(fitted), disable=not progress, desc="compare runs", dynamic_ncols=True)
     try:
         if config.jobs == 1:
             held_out = _held_out(config)
-            for i, (weighting, seed) in enumerate(runs + fitted):
-                if fitted and i == len(runs):
-                    write_fit_file(config, out)
+            queue = list(runs)
+            while queue:
+                weighting, seed = queue.pop(0)
                 bar.set_postfix_str(run_name(weighting, seed))
                 run_one(config, weighting, seed, out, held_out=held_out, progress=progress)
+                if fitted and (weighting, seed) == runs[0]:  # the pilot is done: the pareto_fit runs go next
+                    write_fit_file(config, out)
+                    queue = list(fitted) + queue
                 bar.update(1)
         else:
             _parallel(config, out, runs, fitted, bar)
