@@ -11,7 +11,8 @@ from .targets import PREDICTIONS
 
 __version__ = "0.1.0"
 
-_LAZY = {"compare": ("comparison", "compare"), "CompareConfig": ("comparison", "CompareConfig")}
+_LAZY = {"compare": ("comparison", "compare"), "CompareConfig": ("comparison", "CompareConfig"),
+         "Monitor": ("monitor", "Monitor")}
 
 
 def __getattr__(name: str):  # PEP 562: the training workflows load on first use, not with ``import gradconflict``
@@ -26,6 +27,7 @@ def __getattr__(name: str):  # PEP 562: the training workflows load on first use
 
 __all__ = [
     "CompareConfig",
+    "Monitor",
     "NoiseSchedule",
     "TaskGradients",
     "PREDICTIONS",
