@@ -80,3 +80,63 @@ def test_bins_cli_refuses_bad_sizes(tmp_path: Path, capsys, flags, match) -> Non
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert f"gradconflict bins: error: {match}" in capsys.readouterr().err
+
+
+def _bins_file(path: Path, edges) -> Path:
+    bins = gc.TimestepBins.from_edges(edges, 1000)
+    bins.to_frame().rename(columns={"task": "bin"}).to_csv(path, index=False)
+    return path
+
+
+def test_gram_bins_file_uses_the_file_bins(tmp_path: Path, capsys) -> None:
+    spec = _write_spec(tmp_path)
+    path = _bins_file(tmp_path / "bins.csv", [0, 100, 600, 1000])
+    out = tmp_path / "g"
+    assert main(["gram", "--model", f"{spec}:build", "--data", "synthetic", "--image-size", "8", "--bins-file",
+                 str(path), "--per-task", "2", "--seed", "5", "--out", str(out)]) == 0
+    gram = pd.read_csv(out / "gram.csv", index_col=0)
+    assert list(gram.columns) == ["0-99", "100-599", "600-999"]
+    from gradconflict.data import load_dataset
+    from gradconflict.engine import sample_task_batch
+    from gradconflict.spec import load_model
+
+    bins = gc.TimestepBins.from_edges([0, 100, 600, 1000], 1000)
+    b = sample_task_batch(load_dataset("synthetic", image_size=8).images, bins, 2, 5)
+    ref = gc.task_gram(load_model(f"{spec}:build").model, b.x0, b.t, bins, schedule=gc.NoiseSchedule.cosine(),
+                       prediction="v", noise=b.noise, method="loop")
+    np.testing.assert_allclose(gram.to_numpy(), ref.gram.numpy(), rtol=1e-4, atol=1e-12)
+    assert json.loads((out / "gram_config.json").read_text())["bins"] == 3
+    capsys.readouterr()
+    short = tmp_path / "short.csv"
+    pd.DataFrame({"bin": [0, 1], "t_low": [0, 100], "t_high": [99, 499]}).to_csv(short, index=False)
+    for file, flags, match in [(path, ["--binning", "log_snr"], "--bins-file and --binning log_snr both choose"),
+                               (path, ["--bins", "4"], "--bins 4 but --bins-file"),
+                               (short, [], "the bins end at t = 499 but the model's schedule has T = 1000")]:
+        assert main(["gram", "--model", f"{spec}:build", "--data", "synthetic", "--image-size", "8", "--bins-file",
+                     str(file), *flags, "--out", str(tmp_path / "x")]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_track_bins_file_uses_the_file_bins(tmp_path: Path) -> None:
+    import torch
+
+    from gradconflict.spec import load_model
+    from gradconflict.track import TrackConfig, make_bins
+
+    cfg = TrackConfig(bins=3, edges=(0, 100, 600, 1000))
+    np.testing.assert_array_equal(make_bins(gc.NoiseSchedule.cosine(), cfg).edges, [0, 100, 600, 1000])
+    assert "edges" not in TrackConfig().to_dict()  # folders recorded without edges keep their identity
+    with pytest.raises(ValueError, match="edges hold 3 bins but bins = 10"):
+        TrackConfig(edges=(0, 100, 600, 1000))
+    spec = _write_spec(tmp_path)
+    ck = tmp_path / "w.pt"
+    torch.save(load_model(f"{spec}:build").model.state_dict(), ck)
+    path = _bins_file(tmp_path / "bins.csv", [0, 100, 600, 1000])
+    out = tmp_path / "t"
+    assert main(["track", "--model", f"{spec}:build", "--checkpoints", str(ck), "--data", "synthetic", "--image-size",
+                 "8", "--bins-file", str(path), "--per-task", "2", "--resamples", "1", "--strategies", "constant",
+                 "--ugd-steps", "20", "--out", str(out)]) == 0
+    record = json.loads((out / "track_config.json").read_text())
+    assert record["edges"] == [0, 100, 600, 1000] and record["bins"] == 3  # a rerun with other bins is refused
+    grams = np.load(out / "track_grams.npz")
+    assert all(grams[k].shape[-1] == 3 for k in grams.files if grams[k].ndim >= 2)
