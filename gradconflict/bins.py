@@ -66,6 +66,32 @@ class TimestepBins:
         return cls(np.asarray(edges), T)
 
     @classmethod
+    def from_gram(cls, G_fine: Any, fine_bins: "TimestepBins", K: int, *, affinity: str = "cosine",
+                  min_width: int = 1) -> "TimestepBins":
+        """K contiguous bins clustered from the M x M Gram ``G_fine`` of the M bins ``fine_bins``: the merges of
+        adjacent fine bins that maximise ``sum_k (1/|I_k|) sum_{i,j in I_k} A_ij`` (diagonal included), with ``A``
+        the cosines ("cosine") or the Gram itself ("gram"), i.e. k-means of the (unit) task gradients restricted
+        to contiguous intervals; each bin holds at least ``min_width`` fine bins. Exact DP, O(K M^2); see
+        ``gradconflict.clustering``. The edges are edges of ``fine_bins``."""
+        from .clustering import affinity_matrix, cluster_intervals
+
+        A = affinity_matrix(G_fine, affinity)  # type: ignore[arg-type]
+        if A.shape[0] != fine_bins.K:
+            raise ValueError(f"the fine Gram is {A.shape[0]} x {A.shape[0]} but fine_bins has M = {fine_bins.K} "
+                             "bins; pass the bins the Gram was computed with")
+        cuts, _ = cluster_intervals(A, K, min_width)
+        return cls(fine_bins.edges[cuts], fine_bins.T)
+
+    @classmethod
+    def from_csv(cls, path: Any, T: Optional[int] = None) -> "TimestepBins":
+        """Bins read from a CSV with one row per bin and columns ``t_low``, ``t_high`` (inclusive), as
+        ``gradconflict bins`` writes (``bins.csv``); contiguous from t = 0, ending at ``T - 1`` when T is given."""
+        from .clustering import read_bins_csv
+
+        edges, T = read_bins_csv(path, T)
+        return cls(edges, T)
+
+    @classmethod
     def log_snr_uniform(cls, schedule: NoiseSchedule, K: int) -> "TimestepBins":
         """K bins covering 0..T-1 whose log-SNR ranges are as equally wide as the discrete schedule allows.
 

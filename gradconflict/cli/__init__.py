@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser"]
 
 # subcommand modules, each exposing add_parser(subparsers); a module that is missing is skipped
-_SUBCOMMANDS = ("reproduce", "gram", "solve", "track", "transfer", "train", "sample", "compare")
+_SUBCOMMANDS = ("reproduce", "gram", "solve", "track", "transfer", "train", "sample", "compare", "bins")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K (default 10)")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
+    p.add_argument("--bins-file", default=None,
+                   help="bins from a CSV (t_low, t_high per row, as `gradconflict bins` writes DIR/bins.csv) instead "
+                        "of --bins/--binning; they must cover the model's 0..T-1")
     p.add_argument("--per-task", type=int, default=8, help="samples per task (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch (x0, t, noise), and of torch while your "
                    "build function runs (its initial weights); the same on every device")
@@ -43,6 +46,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "per pair of groups (about 2/M of the batch each, the same Gram; default 1: one pass)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler=run)
+
+
+def bins_from_file(args: argparse.Namespace, T: int):
+    """The ``TimestepBins`` of ``--bins-file`` (checked to cover 0..T-1); refuses a --binning other than uniform or
+    a --bins other than the default 10 that disagrees with the file, and records the file's K in ``args.bins``."""
+    from ..bins import TimestepBins
+
+    if args.binning != "uniform":
+        raise ValueError(f"--bins-file and --binning {args.binning} both choose the bins; give one of them")
+    bins = TimestepBins.from_csv(args.bins_file, T)
+    if args.bins not in (10, bins.K):
+        raise ValueError(f"--bins {args.bins} but --bins-file {args.bins_file} holds {bins.K} bins; drop --bins")
+    args.bins = bins.K
+    return bins
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         report_weights("gram", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
     data, size = model_data(model, args.data, args.image_size)
-    bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
+    if args.bins_file is not None:
+        bins = bins_from_file(args, schedule.T)
+    else:
+        bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels,
                               conditional=conditional(model, data.labels, verbose=is_main()))
     # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union

@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="mnist", help="dataset name or path")
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the model's)")
     p.add_argument("--bins", type=int, default=10, help="timestep bins K")
+    p.add_argument("--bins-file", default=None,
+                   help="bins from a CSV (t_low, t_high per row, as `gradconflict bins` writes DIR/bins.csv) instead "
+                        "of --bins; they must cover the model's 0..T-1")
     p.add_argument("--per-task", type=int, default=8, help="samples per bin per batch")
     p.add_argument("--resamples", type=int, default=3, help="independent batches per checkpoint")
     p.add_argument("--lam", type=float, default=0.1, help="regularizer relative to trace(G)/K (default 0.1)")
@@ -90,7 +93,15 @@ def run(args: argparse.Namespace) -> int:
     def loader(path: str):
         return lambda: load_model(args.model, path, device=device, verbose=False, weights=weights, seed=args.seed).model
 
-    cfg = TrackConfig(bins=args.bins, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
+    edges = None
+    if args.bins_file is not None:
+        from ..bins import TimestepBins
+
+        edges = tuple(TimestepBins.from_csv(args.bins_file, first.schedule.T).edges.tolist())
+        if args.bins not in (10, len(edges) - 1):
+            raise ValueError(f"--bins {args.bins} but --bins-file {args.bins_file} holds {len(edges) - 1} bins; drop --bins")
+        args.bins = len(edges) - 1
+    cfg = TrackConfig(bins=args.bins, edges=edges, per_task=args.per_task, resamples=args.resamples, lam=args.lam,
                       strategies=tuple(args.strategies), seed=args.seed, autocast=args.autocast,
                       ugd_steps=args.ugd_steps, ugd_lr=args.ugd_lr)
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused

@@ -27,6 +27,8 @@ class TrackConfig:
       at 1,000 it stopped 1.5% away, which is larger than what C2 compares it with.
     * ``strategies``: ``weighting.by_name`` specs scored against the optimum.
     * ``loss_space``: units of each task's loss ("x0", as in the paper's analysis).
+    * ``edges``: explicit K + 1 timestep edges (e.g. clustered bins, ``TimestepBins.from_gram`` /
+      ``gradconflict bins``); when set they replace ``binning`` and ``bins`` must be K.
     * ``autocast``: "none" (default), "bf16" or "fp16": the model runs under ``torch.autocast`` in that dtype
       when its Grams are computed (``task_gram(autocast_dtype=...)``; e.g. bf16 on a GPU).
     """
@@ -44,6 +46,7 @@ class TrackConfig:
     loss_space: str = "x0"
     seed: int = 0
     autocast: str = "none"
+    edges: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         self.solvers = tuple(self.solvers)
@@ -54,6 +57,10 @@ class TrackConfig:
             raise ValueError(f"lam must be >= 0 (relative to trace(G)/K), got {self.lam}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+        if self.edges is not None:
+            self.edges = tuple(int(e) for e in self.edges)
+            if len(self.edges) - 1 != self.bins:
+                raise ValueError(f"edges hold {len(self.edges) - 1} bins but bins = {self.bins}; pass bins=len(edges) - 1")
         if self.binning not in ("uniform", "log_snr"):
             raise ValueError(f"binning must be 'uniform' or 'log_snr', got {self.binning!r}")
         from ..pareto import METHODS
@@ -67,6 +74,10 @@ class TrackConfig:
         out["solvers"], out["strategies"] = list(self.solvers), list(self.strategies)
         if self.autocast == "none":  # added later: left out at its default, so folders recorded before still match
             del out["autocast"]
+        if self.edges is None:  # likewise: explicit edges are recorded only when given
+            del out["edges"]
+        else:
+            out["edges"] = list(self.edges)
         return out
 
     @property

@@ -49,7 +49,9 @@ class TrackResult:
 
 
 def make_bins(schedule: NoiseSchedule, config: TrackConfig) -> TimestepBins:
-    """The tracking run's K bins: uniform in t, or uniform in log-SNR (``config.binning``)."""
+    """The tracking run's K bins: ``config.edges`` when given, else uniform in t or in log-SNR (``config.binning``)."""
+    if config.edges is not None:
+        return TimestepBins.from_edges(config.edges, schedule.T)
     if config.binning == "uniform":
         return TimestepBins.uniform(schedule.T, config.bins)
     return TimestepBins.log_snr_uniform(schedule, config.bins)
