@@ -29,6 +29,7 @@ class ReproduceConfig:
       names), each with its own Grams of every final model (``track.per_task`` x ``track.resamples``);
       ``own_space``: also the Grams in the model's own loss space (uniform bins, K = ``track.bins``).
     * ``held_out``: images after the training images used for the per-bin "has it learned" check (0: off).
+    * ``c2``: keyword arguments of ``c2.c2_online`` (online UGD through each model's tracked checkpoints).
     """
 
     name: str
@@ -45,6 +46,7 @@ class ReproduceConfig:
     binnings: tuple[str, ...] = ()
     own_space: bool = False
     held_out: int = 0
+    c2: dict[str, Any] = field(default_factory=dict)  # c2.c2_online settings (per_task, iters, burn_in, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
@@ -79,6 +81,8 @@ class ReproduceConfig:
             return {"train": train, "transfer": self.transfer_runs()[stage[len("transfer-"):]], "bins": self.transfer_bins}
         if stage.startswith("grams-") or stage == "learned":
             return {"train": train, "track": self.track.to_dict(), "held_out": self.held_out, "stage": stage}
+        if stage == "c2":
+            return {"train": train, "every": self.every, "c2": self.c2, "lam": self.track.lam}
         return asdict(self)
 
 
@@ -105,6 +109,7 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             binnings=("log_snr_K4",),
             own_space=True,
             held_out=16,
+            c2=dict(per_task=1, iters=2, burn_in=1, eval_per_task=2),
         )
     if kind == "quick":
         return ReproduceConfig(
