@@ -116,10 +116,11 @@ def from_checkpoint(checkpoint: str, data_name: Optional[str], config: Reproduce
 def from_reproduction(config: ReproduceConfig, out: Path, progress: bool) -> Path:
     """Fig. 2 of the cached reproduction run (shared with ``gradconflict reproduce``); returns the PNG path."""
     reproduce(config, out, progress=progress, only=[NAME])
-    cached = out / "runs" / f"reproduce-{config.name}" / "transfer.csv"  # the pipeline's transfer stage
+    primary, run = next(iter(config.transfer_runs().items()))
+    cached = out / "runs" / f"reproduce-{config.name}" / "seed0" / f"transfer-{primary}.csv"  # model 0's transfer stage
     if cached.is_file():
         bins = TimestepBins.uniform(config.train.T, config.transfer_bins)
-        print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**config.transfer)))
+        print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**run)))
     return out / "figures" / f"{NAME}.png"
 
 
