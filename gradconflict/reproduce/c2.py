@@ -6,7 +6,8 @@ a few Adam steps on ``beta`` for the regularized Pareto objective
 
     f(w) = w^T (G + lam_abs I) w,   lam_abs = lam trace(G) / K              (1)
 
-with ``d f / d beta = J^T (2 (G + lam_abs I) w)``, ``J = diag(w) - w w^T`` (= ``2 w * (g - f)``, ``g = (G + lam_abs I) w``).
+with ``d f / d beta = J^T (2 (G + lam_abs I) w)``, ``J = diag(w) - w w^T``
+(= ``2 w * (g - f)``, ``g = (G + lam_abs I) w``).
 :func:`ugd_online_step` is that step: warm-started from the previous iteration's ``beta`` and Adam moments
 (persistent optimizer state, like an ``nn.Parameter`` with its own Adam; ``reset_moments=True`` restarts the moments
 every iteration, which equals ``pareto.ugd(Q, steps, beta0=beta, tol=0)``), on ``Q = (G + lam_abs I) / s``,
@@ -127,7 +128,8 @@ def _gram(model: nn.Module, images: torch.Tensor, bins: Any, schedule: Any, pred
           seed: int, labels: Optional[torch.Tensor], conditional: bool, device: Any) -> np.ndarray:
     batch = sample_task_batch(images, bins, per_task, seed, labels=labels, conditional=conditional)
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    batch = batch.to(torch.device(device), p.dtype if p is not None and p.dtype in (torch.float32, torch.float64) else None)
+    dtype = p.dtype if p is not None and p.dtype in (torch.float32, torch.float64) else None
+    batch = batch.to(torch.device(device), dtype)
     res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=prediction, loss_space="x0",
                     noise=batch.noise, model_kwargs=batch.model_kwargs)
     return res.gram.numpy().astype(np.float64)
@@ -135,13 +137,16 @@ def _gram(model: nn.Module, images: torch.Tensor, bins: Any, schedule: Any, pred
 
 def c2_online(models: Union[Iterable[tuple[int, ModelAt]], Callable[[], Iterable[tuple[int, ModelAt]]]],
               images: torch.Tensor, schedule: Any, prediction: str, bins: Any, *, per_task: int = 2, iters: int = 8,
-              burn_in: int = 16, ugd_steps: int = 5, ugd_lr: float = 0.05, lam: float = 0.1, eval_per_task: int = 64,
+              burn_in: int = 16, warmup: int = 64, ugd_steps: int = 5, ugd_lr: float = 0.05, lam: float = 0.1,
+              eval_per_task: int = 64,
               reset_moments: bool = False, seed: int = 0, labels: Optional[torch.Tensor] = None,
               conditional: bool = False, device: Any = "cpu", progress: bool = False) -> pd.DataFrame:
     """Online UGD through the checkpoints of ONE training run, beside the exact optima, with regrets (2).
 
     ``models``: ``(step, model)`` pairs in training order (a model or a zero-argument function that loads it), or a
-    function returning them. At each checkpoint: ``burn_in`` unrecorded iterations, then ``iters`` recorded ones;
+    function returning them. At each checkpoint: ``burn_in`` unrecorded iterations (``warmup + burn_in`` at the
+    first, so that the recorded iterations show UGD's steady state, not its transient from uniform weights; a
+    trainer has run many iterations before any checkpoint), then ``iters`` recorded ones;
     an iteration draws its own batch of ``per_task`` samples per bin (``sample_task_batch``; seed from
     ``(seed, step, iteration)``), computes its Gram (``task_gram``, x0 units) and ``lam_abs = lam trace(G) / K``,
     and takes ``ugd_steps`` online UGD steps (:func:`ugd_online_step`, learning rate ``ugd_lr``). The state starts
@@ -155,9 +160,9 @@ def c2_online(models: Union[Iterable[tuple[int, ModelAt]], Callable[[], Iterable
     per iteration, regret 0), ``exact_big_prev`` (the previous checkpoint's reference: an exact solve once per
     checkpoint; absent at the first) and ``uniform`` (1/K). Settings are in ``frame.attrs``.
     """
-    if per_task < 1 or eval_per_task < 1 or iters < 2 or burn_in < 0:
-        raise ValueError(f"need per_task >= 1, eval_per_task >= 1, iters >= 2 (movement needs two iterations) and "
-                         f"burn_in >= 0; got {per_task}, {eval_per_task}, {iters}, {burn_in}")
+    if per_task < 1 or eval_per_task < 1 or iters < 2 or burn_in < 0 or warmup < 0:
+        raise ValueError(f"need per_task >= 1, eval_per_task >= 1, iters >= 2 (movement needs two iterations), "
+                         f"burn_in >= 0 and warmup >= 0; got {per_task}, {eval_per_task}, {iters}, {burn_in}, {warmup}")
     if not (np.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite relative regularizer >= 0 (x trace(G)/K), got {lam!r}")
     items = list(models() if callable(models) else models)
@@ -169,8 +174,10 @@ def c2_online(models: Union[Iterable[tuple[int, ModelAt]], Callable[[], Iterable
     uniform = np.full(K, 1.0 / K)
     rows: list[dict] = []
     prev_big: Optional[np.ndarray] = None
-    bar = tqdm(total=len(items) * (burn_in + iters), desc="C2 online UGD", disable=not progress, dynamic_ncols=True)
-    for step, model_at in items:
+    bar = tqdm(total=len(items) * (burn_in + iters) + warmup, desc="C2 online UGD", disable=not progress,
+               dynamic_ncols=True)
+    for c, (step, model_at) in enumerate(items):
+        skip = burn_in + (warmup if c == 0 else 0)
         model = model_at if isinstance(model_at, nn.Module) else model_at()
         model.to(device)
         args = (images, bins, schedule, prediction)
@@ -178,12 +185,12 @@ def c2_online(models: Union[Iterable[tuple[int, ModelAt]], Callable[[], Iterable
         lam_big = float(lam * np.trace(G_big) / K)
         best = solve(G_big, lam_big, method="auto")
         w_big, f_star = np.asarray(best.weights, dtype=np.float64), float(best.objective)
-        for i in range(burn_in + iters):
+        for i in range(skip + iters):
             G = _gram(model, *args, per_task, _seed(seed, step, 0, i), labels, conditional, device)
             lam_abs = float(lam * np.trace(G) / K)
             w_ugd, state = ugd_online_step(G, lam_abs, state, steps=ugd_steps, lr=ugd_lr, reset_moments=reset_moments)
             bar.update(1)
-            if i < burn_in:
+            if i < skip:
                 continue
             vectors = {"ugd_online": w_ugd, "exact_small": np.asarray(solve(G, lam_abs, method="auto").weights),
                        "exact_big": w_big, "uniform": uniform}
@@ -191,12 +198,13 @@ def c2_online(models: Union[Iterable[tuple[int, ModelAt]], Callable[[], Iterable
                 vectors["exact_big_prev"] = prev_big
             for source, w in vectors.items():
                 r = pareto_regret(G_big, lam_big, w, f_star)
-                rows += [dict(step=int(step), iter=i - burn_in, source=source, bin=k, weight=float(w[k]), regret=r)
+                rows += [dict(step=int(step), iter=i - skip, source=source, bin=k, weight=float(w[k]), regret=r)
                          for k in range(K)]
         prev_big = w_big
     bar.close()
     frame = pd.DataFrame(rows)
     frame.attrs.update(lam=float(lam), per_task=int(per_task), iters=int(iters), burn_in=int(burn_in),
+                       warmup=int(warmup),
                        ugd_steps=int(ugd_steps), ugd_lr=float(ugd_lr), eval_per_task=int(eval_per_task),
                        reset_moments=bool(reset_moments), seed=int(seed))
     return frame
@@ -302,8 +310,8 @@ def claim_c2_models(per_model: Sequence[dict], lam: Optional[float] = None) -> d
     fmt = lambda x: f"{x['mean']:.4g} +- {x['se']:.2g} [{x['lo']:.4g}, {x['hi']:.4g}]"  # noqa: E731
     pct = lambda x: f"{100 * x['mean']:.2f}% +- {100 * x['se']:.2g}%"  # noqa: E731
     lam = per_model[0].get("lam", float("nan")) if lam is None else float(lam)
-    setting = ", ".join(f"{k} {per_model[0][k]}" for k in ("per_task", "ugd_steps", "ugd_lr", "iters", "burn_in",
-                                                             "eval_per_task", "reset_moments") if k in per_model[0])
+    keys = ("per_task", "ugd_steps", "ugd_lr", "iters", "burn_in", "warmup", "eval_per_task", "reset_moments")
+    setting = ", ".join(f"{k} {per_model[0][k]}" for k in keys if k in per_model[0])
     notes = [f"consecutive-iteration L1 at a fixed checkpoint: online UGD {fmt(s['l1_ugd'])}, exact optimum of the "
              f"same small batches (sampling noise) {fmt(s['l1_exact_small'])}; excess (UGD's own dynamics) "
              f"{fmt(s['l1_excess'])} ({verdict}); mean +- se over models [95% t-interval]",
