@@ -16,7 +16,7 @@ from gradconflict.reproduce import claim_c1, claim_c2, claim_c3
 from gradconflict.reproduce.claims import c3_lambda_sensitivity
 
 FIGURES = ["fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "lambda_sweep", "conflict_vs_distance",
-           "cosine_final", "c3_lam_path", "c3_gamma_sweep", "fig2_transfer_sgd"]
+           "cosine_final", "c3_lam_path", "c3_gamma_sweep", "fig2_transfer_sgd", "fig3_online_weights"]
 COMPARE_ROW = "C4 (loss_x0),holds,2.5,0.3,3,independently trained model (training seed),,kept from compare"
 COMPARE_SECTION = "<!-- compare:begin -->\n## Convergence under each weighting (C4-C6)\nkept\n<!-- compare:end -->"
 

@@ -109,7 +109,7 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             binnings=("log_snr_K4",),
             own_space=True,
             held_out=16,
-            c2=dict(per_task=1, iters=2, burn_in=1, eval_per_task=2),
+            c2=dict(per_task=1, iters=2, burn_in=1, warmup=1, eval_per_task=2),
         )
     if kind == "quick":
         return ReproduceConfig(
@@ -119,6 +119,7 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             track=TrackConfig(bins=10, per_task=8, resamples=3, ugd_steps=10000),
             every=200,
             transfer=dict(steps=50, lr=1e-4, eval_samples=128, seeds=3, batch_size=32),
+            transfer_loss="training",
             transfer_bins=10,
             cpu_threads=1,
         )

@@ -2,7 +2,7 @@
 
 Reads each model's cached stage outputs (``runs/reproduce-<name>/seed<s>/``: the tracking Grams, the transfer runs,
 the control Grams, the online C2 frame, the held-out check) and writes, into ``figures/``: ``c1_models.csv`` (C1's
-numbers per model and transfer run), ``c3_lam_path.png/.csv`` (C3's primary figure), ``c3_gamma_sweep.png/.csv``,
+numbers per model and transfer run), ``fig3_online_weights.png/.csv`` (C2, model 0), ``c3_lam_path.png/.csv`` (C3's primary figure), ``c3_gamma_sweep.png/.csv``,
 ``c3_binning.csv`` (C3 under each binning and loss space), ``c2_models.csv`` and ``learned.csv``.
 """
 
@@ -46,7 +46,8 @@ def _c1_rows(config: ReproduceConfig, cache: Path, figures: Path, grams: list[li
     return rows, pd.concat(tables, ignore_index=True)
 
 
-def _c2_row(config: ReproduceConfig, cache: Path) -> tuple[dict, pd.DataFrame]:
+def _c2_row(config: ReproduceConfig, cache: Path, figures: Path) -> tuple[dict, pd.DataFrame]:
+    from ..figures.ugd_online import fig3_online_weights
     from .c2 import c2_statistics, claim_c2_models
 
     per_model = []
@@ -55,6 +56,12 @@ def _c2_row(config: ReproduceConfig, cache: Path) -> tuple[dict, pd.DataFrame]:
         attrs = cache / f"seed{s}" / "c2_online.attrs.json"
         frame.attrs.update(json.loads(attrs.read_text()) if attrs.is_file() else {})
         per_model.append(c2_statistics(frame))
+        if s == 0:
+            tc = config.train
+            fig3_online_weights(frame, figures / "fig3_online_weights",
+                                subtitle=f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, trained with "
+                                         f"{tc.weighting} weighting (model 0 of {config.seeds}); lam = "
+                                         f"{config.track.lam} x trace(G)/K, x0 units")
     table = pd.DataFrame([{"model": m, **{k: v for k, v in d.items() if np.isscalar(v)}} for m, d in enumerate(per_model)])
     return claim_c2_models(per_model, lam=config.track.lam), table
 
@@ -69,7 +76,7 @@ def claims_over_models(config: ReproduceConfig, cache: Path, figures: Path, sche
     last_steps = [max(st for st, _ in t.grams) for t in tracks]
     c1_rows, c1_frame = _c1_rows(config, cache, figures, grams, schedule, last_steps, config.track.resamples)
     write_csv(c1_frame, figures / "c1_models.csv")
-    c2_row, c2_frame = _c2_row(config, cache)
+    c2_row, c2_frame = _c2_row(config, cache, figures)
     write_csv(c2_frame, figures / "c2_models.csv")
 
     controls = c3_controls(grams, bins, schedule, PAPER_STRATEGIES, progress=progress)
