@@ -189,3 +189,22 @@ def test_fewer_steps_or_another_cadence_retrain_instead_of_reusing_the_longer_ru
     reproduce(cadence, tmp_path, progress=False, only=["fig4_pareto_objective"])
     steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "seed0" / "track" / "track" / "track_objectives.csv")["step"]
     assert sorted(steps.unique()) == [2, 4, 6]
+
+
+def test_a_cached_run_of_the_single_model_layout_becomes_model_0(tmp_path: Path, capsys) -> None:
+    """Earlier versions cached one model in runs/reproduce-<preset>/track: it is moved to seed0/ and reused."""
+    from gradconflict.reproduce import preset, reproduce
+
+    base = preset("toy")
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    runs = tmp_path / "runs" / "reproduce-toy"
+    snapshot = (runs / "seed0" / "track" / "snapshots" / "step3.safetensors").read_bytes()
+    (runs / "seed0" / "track").rename(runs / "track")
+    for f in (runs / "seed0").iterdir():
+        f.unlink()
+    (runs / "seed0").rmdir()
+    capsys.readouterr()
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    assert "moved the cached run" in capsys.readouterr().out
+    assert not (runs / "track").exists()
+    assert (runs / "seed0" / "track" / "snapshots" / "step3.safetensors").read_bytes() == snapshot

@@ -1,7 +1,8 @@
 """The main job: train, track the Pareto problem, measure cross-bin transfer, draw every figure, write REPORT.md.
 
-Stages are cached in ``out/runs/reproduce-<preset>/``: each finished stage leaves ``<stage>.done.json`` with
-the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
+Stages are cached per independently trained model in ``out/runs/reproduce-<preset>/seed<s>/`` (training seed
+``train.seed + s``; see :mod:`.models` for the stages after tracking): each finished stage leaves
+``<stage>.done.json`` with the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
 stages resume from their last checkpoint when interrupted. A changed training config removes the cached
 training run, its snapshots and the tracking results; a changed tracking config only the tracking results.
 """
@@ -161,6 +162,12 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     figures = out / "figures"
     cache.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
+    legacy = cache / "track"  # the single-model layout of earlier versions: it is model 0's
+    if is_main() and legacy.is_dir() and not (cache / "seed0").exists():
+        (cache / "seed0").mkdir()
+        legacy.rename(cache / "seed0" / "track")
+        log(f"[track] moved the cached run {legacy} to {cache / 'seed0' / 'track'} (model 0)")
+    barrier()
     seeds = range(config.seeds) if only is None else range(1)
     for s in seeds:
         _model_stages(config, s, cache / f"seed{s}", progress=progress, log=log, need_transfer=need_transfer,

@@ -1,7 +1,7 @@
 """Claims C1-C3 over the independently trained models of ``gradconflict reproduce``, with their controls and figures.
 
-Reads each model's cached stage outputs (``runs/reproduce-<name>/seed<s>/``: the tracking Grams, the transfer runs,
-the control Grams, the online C2 frame, the held-out check) and writes, into ``figures/``: ``c1_models.csv`` (C1's
+Reads each model's cached stage outputs (``runs/reproduce-<name>/seed<s>/``: the tracking Grams, the transfer
+runs, the control Grams, the online C2 frame, the held-out check) and writes, into ``figures/``: ``c1_models.csv`` (C1's
 numbers per model and transfer run), ``fig3_online_weights.png/.csv`` (C2, model 0), ``c3_lam_path.png/.csv`` (C3's primary figure), ``c3_gamma_sweep.png/.csv``,
 ``c3_binning.csv`` (C3 under each binning and loss space), ``c2_models.csv`` and ``learned.csv``.
 """
