@@ -27,17 +27,26 @@ class Zero(nn.Module):
         return x * 0 + self.p * 0
 
 
-def test_a_model_that_predicts_zero_noise_has_not_learned_and_its_loss_is_one_over_snr() -> None:
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_a_model_that_predicts_zero_has_not_learned(prediction: str) -> None:
+    """y_hat = 0 has loss E||y||^2, the baseline itself: ratio about 1 in every bin; for eps its x0 loss is
+    (1/SNR_t) mean(eps^2), about the bin's mean 1/SNR."""
     torch.manual_seed(0)
     x0 = torch.rand(32, 1, 4, 4) * 2 - 1
     bins = gc.TimestepBins.uniform(1000, 5)
-    table = learned_table(Zero(), x0, SCHEDULE, "eps", bins, per_bin=400, seed=1)
-    snr = SCHEDULE.snr(np.arange(1000))
-    inv = np.array([np.mean(1 / snr[lo:hi]) for lo, hi in zip(bins.lows, bins.highs)])
-    np.testing.assert_allclose(table["baseline"], np.minimum(float((x0.double() ** 2).mean()), inv), rtol=1e-12)
-    # eps_hat = 0 has x0 loss (1/SNR_t) mean(eps^2): per bin about its mean 1/SNR (400 draws, unit-variance noise)
-    np.testing.assert_allclose(table["loss_x0"], inv, rtol=0.35)
-    assert not table["learned"].any() and (table["ratio"] > 0.5).all()
+    table = learned_table(Zero(), x0, SCHEDULE, prediction, bins, per_bin=400, seed=1)
+    a = np.array(SCHEDULE.alphas_cumprod)
+    power = float((x0.double() ** 2).mean())
+    expected = {"eps": np.ones(5), "x0": np.full(5, power),
+                "v": [np.mean(a[lo:hi] + (1 - a[lo:hi]) * power) for lo, hi in zip(bins.lows, bins.highs)]}[prediction]
+    np.testing.assert_allclose(table["baseline"], expected, rtol=1e-12)
+    np.testing.assert_allclose(table["ratio"], 1.0, rtol=0.25)  # 400 draws of unit-variance noise per bin
+    assert not table["learned"].any()
+    if prediction == "eps":
+        snr = SCHEDULE.snr(np.arange(1000))
+        inv = np.array([np.mean(1 / snr[lo:hi]) for lo, hi in zip(bins.lows, bins.highs)])
+        np.testing.assert_allclose(table["loss_x0"], inv, rtol=0.35)
+        np.testing.assert_allclose(table["ratio_x0_zero"], table["loss_x0"] / power, rtol=1e-12)
 
 
 def _frame(M: np.ndarray, L: np.ndarray) -> pd.DataFrame:

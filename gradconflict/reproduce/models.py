@@ -24,7 +24,7 @@ from .c1 import c1_statistics
 
 __all__ = ["control_variants", "control_grams", "learned_table", "c1_of_model", "LEARNED_FACTOR"]
 
-LEARNED_FACTOR = 0.5  # a bin "learned" when its held-out x0 loss is below half the better trivial predictor's
+LEARNED_FACTOR = 0.5  # a bin is "learned" when its held-out loss is below half of predicting zero (model's units)
 
 
 def control_variants(config: Any, schedule: Any) -> dict[str, tuple[TimestepBins, str]]:
@@ -60,20 +60,26 @@ def control_grams(model: torch.nn.Module, images: torch.Tensor, schedule: Any, p
 
 def learned_table(model: torch.nn.Module, held_out: torch.Tensor, schedule: Any, prediction: str, bins: TimestepBins,
                   per_bin: int = 64, seed: int = 0) -> pd.DataFrame:
-    """Held-out per-bin loss (x0 units) against the better of the two trivial predictors: ``x0_hat = 0`` (loss
-    ``E||x0||^2``, mean over elements) and ``eps_hat = 0`` (``x0_hat = x_t / alpha_t``: loss ``1 / SNR_t``, the
-    bin's mean). Columns of ``metrics.held_out_losses`` plus ``baseline`` and ``ratio`` = loss_x0 / baseline
-    (< ``LEARNED_FACTOR`` in every bin: the model has learned), ``learned``."""
+    """Held-out per-bin loss against predicting zero in the model's own units (``y_hat = 0``: loss ``E||y||^2``
+    per element, the bin's mean): 1 for eps, ``E x0^2`` for x0, ``alpha_t^2 + sigma_t^2 E x0^2`` for v.
+
+    Columns of ``metrics.held_out_losses`` plus ``baseline`` (that loss, the model's units), ``ratio`` =
+    loss_model / baseline (< ``LEARNED_FACTOR``: the bin is learned), ``learned`` and, for reference,
+    ``ratio_x0_zero`` = loss_x0 / E x0^2 (against ``x0_hat = 0``: an eps model's x0 error is amplified by
+    1 / SNR at high noise, so this one can exceed 1 there for a model that has learned)."""
     from ..metrics import held_out_losses
+    from ..targets import normalize_prediction
 
     table = held_out_losses(model, held_out, schedule=schedule, prediction=prediction, bins=bins, per_bin=per_bin,
                             generator=torch.Generator().manual_seed(seed))
-    zero_x0 = float(held_out.double().pow(2).mean())
-    snr = schedule.snr(np.arange(schedule.T))
-    inv_snr = np.array([np.mean(1.0 / np.maximum(snr[lo:hi], 1e-12)) for lo, hi in zip(bins.lows, bins.highs)])
-    table["baseline"] = np.minimum(zero_x0, inv_snr)
-    table["ratio"] = table["loss_x0"] / table["baseline"]
+    x0_power = float(held_out.double().pow(2).mean())
+    a = np.asarray(schedule.alphas_cumprod, dtype=np.float64)  # alpha_t^2
+    per_t = {"eps": np.ones_like(a), "x0": np.full_like(a, x0_power), "v": a + (1.0 - a) * x0_power}
+    zero = per_t[normalize_prediction(prediction)]
+    table["baseline"] = [float(np.mean(zero[lo:hi])) for lo, hi in zip(bins.lows, bins.highs)]
+    table["ratio"] = table["loss_model"] / table["baseline"]
     table["learned"] = table["ratio"] < LEARNED_FACTOR
+    table["ratio_x0_zero"] = table["loss_x0"] / x0_power
     return table
 
 

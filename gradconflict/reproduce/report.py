@@ -134,8 +134,9 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
         per = learned.groupby("model").agg(worst_ratio=("ratio", "max"), bins_learned=("learned", "sum"),
                                            bins=("learned", "size"), held_out=("held_out", "first")).reset_index()
         lines += ["", "## Did the models learn?", "",
-                  f"Held-out loss per bin (x0 units) divided by the better trivial predictor's (x0_hat = 0 or eps_hat = "
-                  f"0); a bin counts as learned below {extras['learned_factor']}. `learned.csv` has every bin; "
+                  f"Held-out loss per bin in the model's own units divided by that of predicting zero (eps_hat = 0 for "
+                  f"an eps model: loss 1); a bin counts as learned below {extras['learned_factor']}. `learned.csv` "
+                  "has every bin (and `ratio_x0_zero`, against x0_hat = 0 in x0 units); "
                   "`samples.png` shows model 0's DDIM samples. `held_out` False: the images were training images.", "",
                   *_table(per)]
     binning = extras["binning"]
