@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                      help="one tiny DiT on 16x16 MNIST, about 4-5 minutes on 2 CPU cores (default); one model: "
+                      help="one tiny DiT on 16x16 MNIST, about 6 minutes on 2 CPU cores (default); one model: "
                            "every verdict stays undecided")
     size.add_argument("--standard", dest="preset", action="store_const", const="standard",
                       help="the committed figures: 3 unet-tiny models on 16x16 MNIST, transfer with AdamW and SGD in "

@@ -87,7 +87,7 @@ class ReproduceConfig:
 
 
 def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
-    """"quick": one tiny DiT on 16x16 MNIST, about 4-5 minutes on 2 CPU cores (one model: verdicts stay
+    """"quick": one tiny DiT on 16x16 MNIST, about 6 minutes on 2 CPU cores (one model: verdicts stay
     undecided); "standard": the committed figures, 3 unet-tiny models on 16x16 MNIST (<= 90 minutes on 2 CPU
     cores), transfer with AdamW and SGD in the training loss, C3's binning and loss-space controls; "full":
     DiT-S/2-like at 32x32 on a GPU; "toy": seconds, 2 models, for tests."""
