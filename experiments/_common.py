@@ -10,7 +10,7 @@ from typing import NoReturn, Optional, Sequence
 from gradconflict.reproduce import preset
 from gradconflict.reproduce.pipeline import reproduce
 
-PRESETS = ("quick", "full", "toy")
+PRESETS = ("quick", "standard", "full", "toy")
 
 
 @dataclass
@@ -30,9 +30,11 @@ def figure_parser(doc: Optional[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--preset", choices=PRESETS,
-                      help="quick: tiny DiT on 16x16 MNIST, minutes on a CPU (default); full: DiT-S/2-like at 32x32, "
-                           "for a GPU; toy: seconds, a smoke test")
+                      help="quick: tiny DiT on 16x16 MNIST, minutes on a CPU (default); standard: 3 unet-tiny models "
+                           "(the committed figures); full: DiT-S/2-like at 32x32, for a GPU; toy: seconds, a smoke test")
     size.add_argument("--quick", dest="preset", action="store_const", const="quick", help="same as --preset quick")
+    size.add_argument("--standard", dest="preset", action="store_const", const="standard",
+                      help="same as --preset standard")
     size.add_argument("--full", dest="preset", action="store_const", const="full", help="same as --preset full")
     size.add_argument("--toy", dest="preset", action="store_const", const="toy", help="same as --preset toy")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -125,10 +125,11 @@ def from_reproduction(config: ReproduceConfig, out: Path, progress: bool) -> Pat
     reproduce(config, out, progress=progress, only=[NAME])
     print("weights: the raw final weights of the reproduction run (its transfer stage fine-tunes from a point of "
           "the optimiser's trajectory)")
-    cached = out / "runs" / f"reproduce-{config.name}" / "transfer.csv"  # the pipeline's transfer stage
+    primary, run = next(iter(config.transfer_runs().items()))
+    cached = out / "runs" / f"reproduce-{config.name}" / "seed0" / f"transfer-{primary}.csv"  # model 0's transfer stage
     if cached.is_file():
         bins = TimestepBins.uniform(config.train.T, config.transfer_bins)
-        print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**config.transfer)))
+        print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**run)))
     return out / "figures" / f"{NAME}.png"
 
 

@@ -89,7 +89,7 @@ def test_fig2_writes_under_out_and_shares_the_reproduce_cache(tmp_path: Path, ca
     # the same stages as `gradconflict reproduce --toy`: nothing is trained or fine-tuned again
     assert cli_main(["reproduce", "--toy", "--out", str(out), "--no-progress", "--only", "fig2_transfer"]) == 0
     log = capsys.readouterr().out
-    assert "[track] cached" in log and "[transfer] cached" in log
+    assert "[seed0/track] cached" in log and "[seed0/transfer-adamw] cached" in log
 
 
 def test_fig2_checkpoint_uses_the_data_of_its_training_run(fig2: ModuleType, digits_run: Path, tmp_path: Path,

@@ -1,4 +1,5 @@
-"""`gradconflict reproduce --toy`: every output exists and parses, REPORT.md agrees with claims.csv, stages cache."""
+"""`gradconflict reproduce --toy` (2 models): every output exists and parses, REPORT.md agrees with claims.csv (one
+row per claim, CLAIM_COLUMNS, verdicts over models), the compare rows and section are kept, stages cache per model."""
 
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ import pandas as pd
 import pytest
 
 from gradconflict.cli import main
+from gradconflict.comparison.report import CLAIM_COLUMNS
 from gradconflict.reproduce import claim_c1, claim_c2, claim_c3
 from gradconflict.reproduce.claims import c3_lambda_sensitivity
 
 FIGURES = ["fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "lambda_sweep", "conflict_vs_distance",
-           "cosine_final"]
+           "cosine_final", "c3_lam_path", "c3_gamma_sweep", "fig2_transfer_sgd", "fig3_online_weights"]
+COMPARE_ROW = "C4 (loss_x0),holds,2.5,0.3,3,independently trained model (training seed),,kept from compare"
+COMPARE_SECTION = "<!-- compare:begin -->\n## Convergence under each weighting (C4-C6)\nkept\n<!-- compare:end -->"
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repro")
+    fig = out / "figures"
+    fig.mkdir()  # what `gradconflict compare` wrote before: its rows and report section must survive
+    (fig / "claims.csv").write_text("claim,verdict,statistic,stderr,n_models,unit,lam_rule,notes\n" + COMPARE_ROW + "\n")
+    (fig / "REPORT.md").write_text("# Report\n\n" + COMPARE_SECTION + "\n")
     assert main(["reproduce", "--toy", "--out", str(out), "--no-progress"]) == 0
     return out
 
@@ -33,30 +41,46 @@ def test_every_figure_and_csv_exists_and_parses(toy_run: Path) -> None:
         assert len(frame) > 0, name
     assert (fig / "samples.png").stat().st_size > 0
     claims = pd.read_csv(fig / "claims.csv")
-    assert list(claims["claim"]) == ["C1", "C2", "C3"]
+    assert tuple(claims.columns) == CLAIM_COLUMNS
+    assert list(claims["claim"]) == ["C1", "C2", "C3", "C1 (sgd)", "C4 (loss_x0)"]  # the compare row kept
+    assert (claims["n_models"].iloc[:4] == 2).all()
+    for name in ("c1_models", "c2_models", "c3_binning", "learned"):
+        assert len(pd.read_csv(fig / f"{name}.csv")) > 0, name
+    runs = toy_run / "runs" / "reproduce-toy"
+    for s in (0, 1):  # one cached folder per independently trained model
+        assert (runs / f"seed{s}" / "transfer-adamw.csv").is_file() and (runs / f"seed{s}" / "transfer-sgd.csv").is_file()
 
 
 def test_report_verdicts_agree_with_the_csvs(toy_run: Path) -> None:
     fig = toy_run / "figures"
     report = (fig / "REPORT.md").read_text()
     claims = pd.read_csv(fig / "claims.csv").set_index("claim")
-    for claim in ["C1", "C2", "C3"]:
-        row = re.search(rf"^\| {claim} \|.*$", report, flags=re.M).group(0)
-        verdict = "**holds**" in row and "**does not hold**" not in row
-        assert verdict == bool(claims.loc[claim, "holds"]), claim
-    # C3 recomputed from the figure's CSV: the strategy with the lowest mean ratio
-    stats = pd.read_csv(fig / "fig4_pareto_objective.csv")
-    strategies = stats[stats["kind"] == "strategy"].groupby("name")["ratio_mean"].mean()
-    assert (strategies.idxmin() == "min_snr_5") == bool(claims.loc["C3", "holds"])
-    # C1 recomputed from the transfer CSV (summary: one row per source and target bin and seed)
-    t = pd.read_csv(fig / "fig2_transfer.csv")
-    assert {"source", "target"} <= set(t.columns)
+    for claim in ["C1", "C2", "C3", "C1 (sgd)"]:
+        row = re.search(rf"^\| {re.escape(claim)} \|.*$", report, flags=re.M).group(0)
+        assert f"**{claims.loc[claim, 'verdict']}**" in row, claim
+        assert claims.loc[claim, "verdict"] == "undecided"  # 2 models: below the 3 a verdict needs
+    assert "no claim can be decided" in report and "docs/claims.md" in report
+    assert report.count("<!-- compare:begin -->") == 1 and "\nkept\n" in report  # compare's section kept
+    # C1's statistic recomputed from the per-model transfer CSVs: mean over models of the far cells' mean
+    far = []
+    for s in (0, 1):
+        t = pd.read_csv(toy_run / "runs" / "reproduce-toy" / f"seed{s}" / "transfer-adamw.csv")
+        t = t[t["source"] >= 0]
+        M = t.pivot_table(index="source", columns="target", values="transfer", aggfunc="mean").to_numpy()
+        i, j = np.indices(M.shape)
+        far.append(M[np.abs(i - j) >= 2].mean())
+    assert claims.loc["C1", "statistic"] == pytest.approx(np.mean(far), rel=1e-9)
+    assert claims.loc["C1", "stderr"] == pytest.approx(np.std(far, ddof=1) / np.sqrt(2), rel=1e-9)
+    # the C3 lam path's CSV holds every paper strategy at every lam of the grid
+    path = pd.read_csv(fig / "c3_lam_path.csv")
+    assert set(path["strategy"]) == {"constant", "snr", "max_snr_1", "min_snr_5"} and (path["n_models"] == 2).all()
 
 
 def test_rerun_uses_the_cache(toy_run: Path, capsys) -> None:
     assert main(["reproduce", "--toy", "--out", str(toy_run), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "[track] cached" in out and "[transfer] cached" in out
+    for stage in ("seed0/track", "seed1/track", "seed1/transfer-adamw", "seed1/transfer-sgd", "seed1/c2"):
+        assert f"[{stage}] cached" in out, stage
 
 
 def test_claim_c1_and_c3_on_constructed_inputs() -> None:
@@ -128,7 +152,7 @@ def test_a_changed_config_reruns_what_depends_on_it(tmp_path: Path, capsys) -> N
 
     base = preset("toy")
     reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
-    track = tmp_path / "runs" / "reproduce-toy" / "track"
+    track = tmp_path / "runs" / "reproduce-toy" / "seed0" / "track"
     before = pd.read_csv(track / "track" / "track_objectives.csv")
     snapshot = (track / "snapshots" / "step3.safetensors").read_bytes()
     capsys.readouterr()
@@ -154,14 +178,33 @@ def test_fewer_steps_or_another_cadence_retrain_instead_of_reusing_the_longer_ru
 
     base = preset("toy")  # 6 steps, tracked every 3
     reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
-    run = tmp_path / "runs" / "reproduce-toy" / "track" / "run" / "model.safetensors"
+    run = tmp_path / "runs" / "reproduce-toy" / "seed0" / "track" / "run" / "model.safetensors"
     shorter = replace(base, train=replace(base.train, steps=3))
     reproduce(shorter, tmp_path, progress=False, only=["fig4_pareto_objective"])
     assert "the training config changed" in capsys.readouterr().out
     assert _trained_step(run) == 3  # retrained to the asked length, not the step-6 model
-    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "track" / "track" / "track_objectives.csv")["step"]
+    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "seed0" / "track" / "track" / "track_objectives.csv")["step"]
     assert sorted(steps.unique()) == [3]
     cadence = replace(base, every=2)  # checkpoints 2, 4, 6 of a run that has none of them yet
     reproduce(cadence, tmp_path, progress=False, only=["fig4_pareto_objective"])
-    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "track" / "track" / "track_objectives.csv")["step"]
+    steps = pd.read_csv(tmp_path / "runs" / "reproduce-toy" / "seed0" / "track" / "track" / "track_objectives.csv")["step"]
     assert sorted(steps.unique()) == [2, 4, 6]
+
+
+def test_a_cached_run_of_the_single_model_layout_becomes_model_0(tmp_path: Path, capsys) -> None:
+    """Earlier versions cached one model in runs/reproduce-<preset>/track: it is moved to seed0/ and reused."""
+    from gradconflict.reproduce import preset, reproduce
+
+    base = preset("toy")
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    runs = tmp_path / "runs" / "reproduce-toy"
+    snapshot = (runs / "seed0" / "track" / "snapshots" / "step3.safetensors").read_bytes()
+    (runs / "seed0" / "track").rename(runs / "track")
+    for f in (runs / "seed0").iterdir():
+        f.unlink()
+    (runs / "seed0").rmdir()
+    capsys.readouterr()
+    reproduce(base, tmp_path, progress=False, only=["fig4_pareto_objective"])
+    assert "moved the cached run" in capsys.readouterr().out
+    assert not (runs / "track").exists()
+    assert (runs / "seed0" / "track" / "snapshots" / "step3.safetensors").read_bytes() == snapshot

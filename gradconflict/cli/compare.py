@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> None:
     for name in PRESETS:
         group.add_argument(f"--{name}", dest="preset", action="store_const", const=name,
                            help={"toy": "seconds (tests)", "quick": "a smoke run of a few minutes (the default)",
-                                 "standard": "the committed figures (11 weightings x 3 seeds; resumable)",
+                                 "standard": "the committed figures (12 weightings x 3 seeds, 1250 steps; resumable)",
                                  "gpu": "the standard comparison sized for one GPU"}[name])
     p.set_defaults(preset="quick")
     p.add_argument("--out", required=True, help="comparison folder (runs/, evals.csv; resumed when it exists)")

@@ -1,7 +1,8 @@
 """The main job: train, track the Pareto problem, measure cross-bin transfer, draw every figure, write REPORT.md.
 
-Stages are cached in ``out/runs/reproduce-<preset>/``: each finished stage leaves ``<stage>.done.json`` with
-the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
+Stages are cached per independently trained model in ``out/runs/reproduce-<preset>/seed<s>/`` (training seed
+``train.seed + s``; see :mod:`.models` for the stages after tracking): each finished stage leaves
+``<stage>.done.json`` with the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
 stages resume from their last checkpoint when interrupted. A changed training config removes the cached
 training run, its snapshots and the tracking results; a changed tracking config only the tracking results.
 """
@@ -31,9 +32,8 @@ from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
 from ..transfer.matrix import result_from_frame
 from ..transfer.plot import plot_transfer
-from .claims import c3_lambda_sensitivity, claim_c1, claim_c2, claim_c3
 from .config import ReproduceConfig
-from .report import write_report
+from .report import write_replicated_report
 
 __all__ = ["FIGURE_NAMES", "reproduce"]
 
@@ -56,10 +56,100 @@ FIGURE_NAMES = ("fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "l
                 "cosine_final", "samples")
 
 
+def _model_stages(config: ReproduceConfig, seed: int, cache: Path, *, progress: bool, log: Callable[[str], None],
+                  need_transfer: bool, controls: bool) -> None:
+    """Train and track model ``seed`` in ``cache`` (``runs/reproduce-<name>/seed<s>``), then its transfer runs and,
+    with ``controls``, its C3 control Grams, its online C2 frame and its held-out check (each a cached stage)."""
+    tc = config.train_of(seed)
+    schedule = make_schedule(tc.schedule, tc.T)
+    track_dir = cache / "track"
+    tag = f"seed{seed}/"
+    say = lambda text: log(text.replace("[", "[" + tag, 1))  # noqa: E731
+    stale = stale_tracking(track_dir, tc, config.track, every=config.every) if is_main() else None
+    if stale is not None:  # a changed config reruns what depends on it: the cached results of the old one go
+        removed = track_dir if stale == "training" else track_dir / "track"
+        say(f"[track] the {stale} config changed: removing {removed} (results of the previous config)")
+        shutil.rmtree(removed)
+    barrier()
+    _stage(cache, "track", config.identity("track", seed),
+           lambda: track_training(tc, config.track, track_dir, every=config.every, progress=progress), say)
+    run_dir = track_dir / "run"
+    runs = config.transfer_runs()
+    data = None
+
+    def dataset() -> Any:
+        nonlocal data
+        if data is None:
+            data = load_dataset(tc.data, image_size=tc.image_size, limit=tc.data_limit)
+        return data
+
+    def transfer_stage(name: str) -> None:
+        model, _, prediction = load_trained(run_dir, ema=False, device=tc.device)  # a point of the trajectory, not the EMA
+        bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
+        cfg = TransferConfig(**{"progress": progress, **runs[name]})
+        # finished seeds survive an interruption; the folder is named by the stage's inputs, so a changed
+        # config starts a fresh one (and the stale ones are removed once this stage is done)
+        key = hashlib.sha256(json.dumps(config.identity(f"transfer-{name}", seed), sort_keys=True,
+                                        default=str).encode()).hexdigest()
+        partial = cache / f"transfer-{name}-seeds-{key[:12]}"
+        result = run_transfer(model, dataset(), bins, cfg, schedule=schedule, prediction=prediction, resume_dir=partial)
+        if is_main():
+            write_csv(result.frame, cache / f"transfer-{name}.csv")
+            for old in cache.glob(f"transfer-{name}-seeds-*"):
+                if old != partial:
+                    shutil.rmtree(old)
+
+    if need_transfer:
+        for name in runs:
+            _stage(cache, f"transfer-{name}", config.identity(f"transfer-{name}", seed),
+                   lambda name=name: transfer_stage(name), say)
+    if not controls:
+        return
+    from .models import control_grams, control_variants, learned_table, save_grams
+
+    for variant, (bins, space) in control_variants(config, schedule).items():
+        def grams_stage(bins: TimestepBins = bins, space: str = space, variant: str = variant) -> None:
+            model, _, prediction = load_trained(run_dir, ema=False, device=tc.device)
+            G = control_grams(model, dataset().images.to(tc.device), schedule, prediction, bins, space,
+                              config.track.per_task, config.track.resamples, seed)
+            if is_main():
+                save_grams(cache / f"grams-{variant}.npy", G)
+        _stage(cache, f"grams-{variant}", config.identity(f"grams-{variant}", seed), grams_stage, say)
+
+    def c2_stage() -> None:
+        from .c2 import c2_online
+
+        steps = sorted(int(p.stem[4:]) for p in (track_dir / "snapshots").glob("step*.safetensors"))
+        models = [(st, lambda st=st: load_trained(track_dir / "snapshots" / f"step{st}.safetensors", ema=False)[0])
+                  for st in steps]
+        prediction = load_trained(run_dir, ema=False)[2]
+        frame = c2_online(models, dataset().images, schedule, prediction, TimestepBins.uniform(schedule.T, config.track.bins),
+                          **{"lam": config.track.lam, "seed": seed, "progress": progress, **config.c2})
+        if is_main():
+            write_csv(frame, cache / "c2_online.csv")
+            write_text(cache / "c2_online.attrs.json", json.dumps(frame.attrs, default=str))
+
+    _stage(cache, "c2", config.identity("c2", seed), c2_stage, say)
+    if config.held_out > 0:
+        def learned_stage() -> None:
+            model, _, prediction = load_trained(run_dir, ema=True, device=tc.device)
+            limit = tc.data_limit
+            full = load_dataset(tc.data, image_size=tc.image_size,
+                                limit=None if limit is None else limit + config.held_out).images
+            held = full[limit:] if limit is not None and len(full) > limit else full[-config.held_out:]
+            table = learned_table(model, held.to(tc.device), schedule, prediction,
+                                  TimestepBins.uniform(schedule.T, config.track.bins), seed=seed)
+            table["held_out"] = bool(limit is not None and len(full) > limit)  # else: the last training images
+            if is_main():
+                write_csv(table, cache / "learned.csv")
+        _stage(cache, "learned", config.identity("learned", seed), learned_stage, say)
+
+
 def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool = True,
               log: Callable[[str], None] = print, only: Sequence[str] | None = None) -> pd.DataFrame | None:
-    """Run every stage of ``config``, draw the figures (``only`` a subset of ``FIGURE_NAMES``: then only the
-    stages they need run, and no report) and return the claims table. Figures go to ``out/figures``."""
+    """Run every stage of ``config`` for each of its ``seeds`` models, draw the figures (``only`` a subset of
+    ``FIGURE_NAMES``: then only the stages they need run, for model 0, and no report) and return the claims table
+    (``comparison.report.CLAIM_COLUMNS``; the model is the replication unit). Figures go to ``out/figures``."""
     wanted = set(FIGURE_NAMES if only is None else only)
     unknown = wanted - set(FIGURE_NAMES)
     if unknown:
@@ -72,47 +162,78 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     figures = out / "figures"
     cache.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
-    tc = config.train
-    schedule = make_schedule(tc.schedule, tc.T)
-    track_dir = cache / "track"
-
-    stale = stale_tracking(track_dir, tc, config.track, every=config.every) if is_main() else None
-    if stale is not None:  # a changed config reruns what depends on it: the cached results of the old one go
-        removed = track_dir if stale == "training" else track_dir / "track"
-        log(f"[track] the {stale} config changed: removing {removed} (results of the previous config)")
-        shutil.rmtree(removed)
+    legacy = cache / "track"  # the single-model layout of earlier versions: it is model 0's
+    if is_main() and legacy.is_dir() and not (cache / "seed0").exists():
+        (cache / "seed0").mkdir()
+        legacy.rename(cache / "seed0" / "track")
+        log(f"[track] moved the cached run {legacy} to {cache / 'seed0' / 'track'} (model 0)")
     barrier()
-    _stage(cache, "track", config.identity("track"),
-           lambda: track_training(tc, config.track, track_dir, every=config.every, progress=progress), log)
-    run_dir = track_dir / "run"
-    transfer_csv = cache / "transfer.csv"
-
-    def transfer_stage() -> None:
-        model, _, prediction = load_trained(run_dir, ema=False, device=tc.device)  # a point of the trajectory, not the EMA
-        data = load_dataset(tc.data, image_size=tc.image_size, limit=tc.data_limit)
-        bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
-        cfg = TransferConfig(**{"progress": progress, **config.transfer})
-        # finished seeds survive an interruption; the folder is named by the stage's inputs, so a changed
-        # config starts a fresh one (and the stale ones are removed once this stage is done)
-        key = hashlib.sha256(json.dumps(config.identity("transfer"), sort_keys=True, default=str).encode()).hexdigest()
-        partial = cache / f"transfer-seeds-{key[:12]}"
-        result = run_transfer(model, data, bins, cfg, schedule=schedule, prediction=prediction, resume_dir=partial)
-        if is_main():
-            write_csv(result.frame, transfer_csv)
-            for stale in cache.glob("transfer-seeds-*"):
-                if stale != partial:
-                    shutil.rmtree(stale)
-
-    if need_transfer:
-        _stage(cache, "transfer", config.identity("transfer"), transfer_stage, log)
-
-    # ---------------------------------------------------------------- figures (cheap: always redrawn, by rank 0)
+    seeds = range(config.seeds) if only is None else range(1)
+    for s in seeds:
+        _model_stages(config, s, cache / f"seed{s}", progress=progress, log=log, need_transfer=need_transfer,
+                      controls=only is None)
     if not is_main():
         return None
+    tc = config.train
+    schedule = make_schedule(tc.schedule, tc.T)
+    track_dir = cache / "seed0" / "track"
+    run_dir = track_dir / "run"
     track = load_track(track_dir / "track")
     bins = make_bins(schedule, config.track)
+    _draw_model0(config, wanted, figures, track, bins, schedule, run_dir)
+    if only is not None and not need_transfer:
+        return None
+    primary = next(iter(config.transfer_runs()))
+    transfer = _pooled_transfer(config, cache, primary, seeds, schedule)
+    if "fig2_transfer" in wanted:
+        _draw_transfer(config, transfer, figures / "fig2_transfer.png", primary)
+    if only is not None:
+        return None
+    for name in list(config.transfer_runs())[1:]:
+        _draw_transfer(config, _pooled_transfer(config, cache, name, seeds, schedule), figures / f"fig2_transfer_{name}.png",
+                       name)
+
+    # ---------------------------------------------------------------- claims over models and the report
+    from .replicated import claims_over_models
+
+    claims, extras = claims_over_models(config, cache, figures, schedule, bins, progress=progress)
+    write_csv(_with_compare_rows(claims, figures / "claims.csv"), figures / "claims.csv")
+    write_replicated_report(figures / "REPORT.md", config, claims, extras)
+    for _, c in claims.iterrows():
+        log(f"{c['claim']}: {c['verdict']} - statistic {c['statistic']:+.4g} +- {c['stderr']:.2g} over "
+            f"{c['n_models']} model(s)")
+    return claims
+
+
+def _pooled_transfer(config: ReproduceConfig, cache: Path, name: str, seeds: Sequence[int], schedule: Any) -> Any:
+    """The transfer run ``name`` of every model as one result: seeds renumbered ``1000 model + seed``, so the mean
+    and standard error run over models x seeds."""
+    frames = []
+    for s in seeds:
+        f = pd.read_csv(cache / f"seed{s}" / f"transfer-{name}.csv")
+        frames.append(f.assign(seed=1000 * s + f["seed"]))
+    return result_from_frame(pd.concat(frames, ignore_index=True), TimestepBins.uniform(schedule.T, config.transfer_bins),
+                             TransferConfig(**config.transfer_runs()[name]))
+
+
+def _draw_transfer(config: ReproduceConfig, transfer: Any, path: Path, name: str) -> None:
+    tc, run = config.train, config.transfer_runs()[name]
+    loss = ("the plain x0 loss" if run.get("loss_space", "x0") == "x0" and run.get("weighting") is None else
+            f"the training loss ({run.get('weighting')} weighting, {run.get('loss_space')} units)")
+    n_models = transfer.frame["seed"].floordiv(1000).nunique()
+    plot_transfer(transfer, path, title="Fig. 2 - fine-tune on one timestep bin, relative loss change of every bin",
+                  setup=f"{tc.model} ({tc.prediction}-prediction) on {tc.data} {tc.image_size}x{tc.image_size}, "
+                        f"{run.get('steps')} {run.get('optimizer', 'adamw')} steps at lr {run.get('lr')} in {loss}; "
+                        f"{n_models} models x {transfer.frame['seed'].nunique() // max(n_models, 1)} seeds")
+
+
+def _draw_model0(config: ReproduceConfig, wanted: set, figures: Path, track: Any, bins: Any, schedule: Any,
+                 run_dir: Path) -> None:
+    """The per-model figures, from model 0 (training seed ``train.seed``)."""
+    tc = config.train
     model_line = f"\n{tc.model} on {tc.data} {tc.image_size}x{tc.image_size}, {tc.prediction}-prediction, " \
-                 f"trained with {tc.weighting} weighting\nK = {bins.K} bins, {config.track.per_task} samples/bin"
+                 f"trained with {tc.weighting} weighting (model 0 of {config.seeds})\nK = {bins.K} bins, " \
+                 f"{config.track.per_task} samples/bin"
     setup = (f"{model_line}, {config.track.resamples} batches/checkpoint, lam = {config.track.lam} x trace(G)/K, "
              f"UGD {config.track.ugd_steps} Adam steps")
     if "fig3_ugd_weights" in wanted:
@@ -143,29 +264,6 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         sample_grid_png(model, schedule, prediction, figures / "samples.png", n=16, steps=config.sample_steps, seed=0,
                         title=f"DDIM samples ({config.sample_steps} steps, seed 0) of {tc.model} after {tc.steps} training "
                               f"steps on {tc.data} {tc.image_size}x{tc.image_size} (EMA weights, {prediction}-prediction)")
-    if only is not None and not need_transfer:
-        return None
-    transfer = result_from_frame(pd.read_csv(transfer_csv), TimestepBins.uniform(schedule.T, config.transfer_bins),
-                                 TransferConfig(**config.transfer))
-    if "fig2_transfer" in wanted:
-        plot_transfer(transfer, figures / "fig2_transfer.png",
-                      title="Fig. 2 - fine-tune on one timestep bin, relative loss change of every bin",
-                      setup=f"{tc.model} ({tc.prediction}-prediction) on {tc.data} {tc.image_size}x{tc.image_size}, "
-                            f"{config.transfer.get('steps')} AdamW steps at lr {config.transfer.get('lr')}, "
-                            f"{transfer.frame['seed'].nunique()} seeds")
-    if only is not None:
-        return None
-
-    # ---------------------------------------------------------------- claims and report
-    claims = pd.DataFrame([claim_c1(transfer.matrix, transfer.stderr), claim_c2(track.weights, objectives=track.objectives),
-                           claim_c3(track.objectives)])
-    write_csv(_with_compare_rows(claims, figures / "claims.csv"), figures / "claims.csv")
-    sensitivity = c3_lambda_sensitivity(track.weights, track.grams)
-    write_csv(sensitivity, figures / "c3_lambda_sensitivity.csv")
-    write_report(figures / "REPORT.md", config, claims, track, transfer, sensitivity)
-    for _, c in claims.iterrows():
-        log(f"{c['claim']}: {'holds' if c['holds'] else 'does not hold'} - {c['measured']}")
-    return claims
 
 
 def _with_compare_rows(claims: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -30,6 +30,11 @@ class TransferConfig:
     * ``batched``: fine-tune all copies as one vmapped computation (else one after the other).
     * ``first_order``: also compute the first-order prediction ``lr <g_i, grad L_j> / L_j`` (always on in
       lookahead mode); ``gram_method``: the ``task_gram`` method used for it.
+    * ``loss_space`` / ``weighting``: the loss the copies are fine-tuned in, restricted to the copy's bin:
+      ``w(SNR_t) * ||y - y_hat||^2`` with y in ``loss_space`` units ("x0", "eps" or "v") and ``w`` the
+      ``weighting.by_name`` spec's weight in those units (None: 1). The default (x0, None) is the paper's plain
+      x0 loss; pass the model's prediction and training weighting to fine-tune in the loss it was trained with.
+      The evaluated losses stay in x0 units. The first-order prediction assumes the x0 loss (refused otherwise).
     """
 
     steps: Optional[int] = None
@@ -50,6 +55,8 @@ class TransferConfig:
     gram_method: str = "fused"
     eval_chunk: int = 512
     progress: bool = True
+    loss_space: str = "x0"
+    weighting: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +87,15 @@ class TransferConfig:
             raise ValueError(f"AdamW needs betas in [0, 1) and eps > 0, got betas={self.betas}, eps={self.eps}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.seed_list()  # validate
+        from ..targets import normalize_prediction
+        from ..weighting import by_name
+
+        self.loss_space = normalize_prediction(self.loss_space, "loss_space")
+        if self.weighting is not None:
+            by_name(self.weighting)  # an unknown spec fails here, naming the known ones
+        if self.first_order and (self.loss_space != "x0" or self.weighting is not None):
+            raise ValueError("the first-order prediction lr G_ij / L_j assumes fine-tuning in the plain x0 loss; use "
+                             "loss_space='x0' and weighting=None with first_order=True or mode='lookahead'")
 
     def seed_list(self) -> list[int]:
         """The seeds as a list: ``seeds`` = R gives ``[seed, ..., seed + R - 1]``."""

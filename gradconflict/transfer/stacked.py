@@ -5,7 +5,8 @@ Copy c starts from the model's parameters theta_0 and takes ``steps`` optimiser 
     L_c(theta) = (1/B) sum_{b < B} l(theta; x0_b, t_b, eps_b),   t_b ~ U{low_c, ..., high_c - 1},
 
 with ``l`` the per-sample loss in x0 units (``engine.per_sample_losses``, data units squared), B the batch
-size. Only parameters with ``requires_grad`` are fine-tuned; frozen parameters and buffers are shared.
+size; with ``config.loss_space`` / ``config.weighting`` set, ``l = w(SNR_t) ||y - y_hat||^2`` in that space
+(``ScheduleTables.weight``: the weight by table look-up). Only parameters with ``requires_grad`` are fine-tuned; frozen parameters and buffers are shared.
 
 Batched (``finetune_stacked``): every trainable parameter becomes one leaf of shape ``(C, *p.shape)``; the
 C copies run through ``torch.func.vmap`` over ``functional_call``, each copy with its own minibatch, and
@@ -92,10 +93,25 @@ class ScheduleTables:
     """``alpha(t)``, ``sigma(t)`` by plain table look-up (float64): usable inside ``vmap``, where the range
     checks of ``NoiseSchedule`` (``int(t.max())``) cannot run. Timesteps are validated when drawn."""
 
-    def __init__(self, schedule: NoiseSchedule, device: torch.device) -> None:
+    def __init__(self, schedule: NoiseSchedule, device: torch.device, config: Optional[TransferConfig] = None) -> None:
         a = schedule.alphas_cumprod
         self._alpha = torch.from_numpy(np.sqrt(a)).to(device)
         self._sigma = torch.from_numpy(np.sqrt(1.0 - a)).to(device)
+        self.loss_space = "x0" if config is None else config.loss_space
+        self._weight = None
+        if config is not None and config.weighting is not None:
+            from ..weighting import by_name
+
+            snr = schedule.snr(np.arange(schedule.T))
+            self._weight = torch.from_numpy(np.asarray(by_name(config.weighting).weight(snr, target=self.loss_space),
+                                                       dtype=np.float64)).to(device)
+
+    def finetune_loss(self, call, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prediction: str,
+                      kw: dict) -> torch.Tensor:
+        """Mean fine-tuning loss of one batch: ``mean_b w(SNR_t_b) ||y_b - y_hat_b||^2`` in ``loss_space``."""
+        per = per_sample_losses(call, x0, t, noise, self, prediction=prediction, loss_space=self.loss_space,
+                                model_kwargs=kw)
+        return (per * self._weight[t].to(per.dtype)).mean() if self._weight is not None else per.mean()
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return self._alpha[t]
@@ -203,7 +219,7 @@ def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config
     losses = np.zeros((len(streams), config.steps))
     bar = tqdm(total=config.steps * len(streams), desc=desc, disable=not config.progress, leave=False, dynamic_ncols=True)
     device = trainable(model)[0][1].device
-    tables = ScheduleTables(schedule, device)  # as in the stacked path: no host synchronisation per step
+    tables = ScheduleTables(schedule, device, config)  # as in the stacked path: no host synchronisation per step
     block = _block_steps(streams[:1], config.steps)
     for c, stream in enumerate(streams):
         clone = copy.deepcopy(model).eval()
@@ -215,8 +231,7 @@ def finetune_sequential(model: nn.Module, streams: Sequence[BatchStream], config
             x0s, ts, noises, kws = stream.next_block(steps)  # the same draws as one next() per step
             for j in range(steps):
                 kw = {k: v[j] for k, v in kws.items()}
-                loss = per_sample_losses(clone, x0s[j], ts[j], noises[j], tables, prediction=prediction,
-                                         loss_space="x0", model_kwargs=kw).mean()
+                loss = tables.finetune_loss(clone, x0s[j], ts[j], noises[j], prediction, kw)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip is not None:
@@ -248,13 +263,13 @@ def finetune_stacked(model: nn.Module, streams: Sequence[BatchStream], config: T
     graphs = cuda_graphs_enabled(device, config.steps)  # capture the step after a warm-up (cudagraph.py)
     # capturable on every CUDA run, graphed or not (GRADCONFLICT_CUDA_GRAPHS=0), so both do the same arithmetic
     opt = _optimizer(list(leaves.values()), config, foreach=True, capturable=device.type == "cuda")
-    tables = ScheduleTables(schedule, device)
+    tables = ScheduleTables(schedule, device, config)
 
     def one_copy(params: dict, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kw: dict) -> torch.Tensor:
         def call(x: torch.Tensor, tt: torch.Tensor, **k: torch.Tensor) -> torch.Tensor:
             return functional_call(model, params, (x, tt), k)
 
-        return per_sample_losses(call, x0, t, noise, tables, prediction=prediction, loss_space="x0", model_kwargs=kw).mean()
+        return tables.finetune_loss(call, x0, t, noise, prediction, kw)
 
     batched_loss = vmap(one_copy, in_dims=(0, 0, 0, 0, 0))
     kernels = use_stacked_kernels(device)
