@@ -189,3 +189,53 @@ def test_tiny_sd15_unet_fused_gram_equals_per_task_loop(tiny_sd, route: str, mon
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert len(calls) == (n_convs if route == "taps" else 0)  # every conv of the UNet went the route asked for
     assert float(ref.diagonal().min()) > 0
+
+
+def test_saved_half_input_is_the_copy_autograd_saved() -> None:
+    """Under autocast the engine keeps the bf16 input autograd saved (same storage), equal to a fresh cast."""
+    from gradconflict.engine.rules import saved_half_input
+
+    g = torch.Generator().manual_seed(8)
+    cases = [(nn.Conv2d(4, 8, 3, padding=1), torch.randn(2, 4, 5, 5, generator=g)),
+             (nn.Conv2d(4, 8, 1), torch.randn(2, 4, 5, 5, generator=g)),
+             (nn.Linear(6, 5), torch.randn(3, 6, generator=g)),
+             (nn.Linear(6, 5), torch.randn(2, 7, 6, generator=g)),
+             (nn.Linear(6, 5, bias=False), torch.randn(2, 7, 6, generator=g))]
+    for module, x in cases:
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        saved = saved_half_input(x.detach(), out)
+        assert saved is not None and saved.shape == x.shape and saved.dtype == torch.bfloat16
+        torch.testing.assert_close(saved, x.detach().bfloat16(), rtol=0, atol=0)
+        # no copy: the tensor shares the storage autograd keeps for the backward pass
+        kept, node = set(), out.grad_fn
+        while node is not None:  # the product node and the views above it
+            for attr in ("_saved_input", "_saved_mat1", "_saved_self"):
+                t = getattr(node, attr, None)
+                if isinstance(t, torch.Tensor):
+                    kept.add(t.untyped_storage().data_ptr())
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert saved.untyped_storage().data_ptr() in kept
+    lin = nn.Linear(6, 5)
+    assert saved_half_input(torch.randn(3, 6), lin(torch.randn(3, 6, requires_grad=True))) is None  # no autocast
+
+
+def test_fused_under_autocast_with_and_without_the_saved_inputs_agree(tiny_sd, monkeypatch) -> None:
+    from gradconflict.engine import fused
+
+    model, x0, t, task, noise, text, _ = tiny_sd
+    model = model.float()
+    found = []
+    real = fused.saved_half_input
+    monkeypatch.setattr(fused, "saved_half_input", lambda x, out: found.append(real(x, out)) or found[-1])
+    kw = dict(schedule=SCHEDULE, noise=noise.float(), K=3, check=False, autocast_dtype=torch.bfloat16,
+              model_kwargs={"encoder_hidden_states": text.float()})
+    try:
+        with_saved = task_gram(model, x0.float(), t, task, **kw).gram
+        assert found and sum(f is not None for f in found) >= 0.9 * len(found)
+        monkeypatch.setattr(fused, "saved_half_input", lambda x, out: None)
+        recast = task_gram(model, x0.float(), t, task, **kw).gram
+    finally:
+        model.double()
+    assert float((with_saved - recast).norm() / recast.norm()) < 1e-6

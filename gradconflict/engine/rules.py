@@ -28,7 +28,7 @@ from .grouping import TaskIndex
 from .precision import HALF_DTYPES, half_bmm
 from .workspace import scratch
 
-__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for"]
+__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for", "saved_half_input"]
 
 Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[str, torch.Tensor]]
 RULES: dict[type, Rule] = {}
@@ -229,6 +229,45 @@ def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx:
 # rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
 # engine casts their input as the forward did before building the per-task gradients (precision.py)
 HALF_INPUT_RULES: set = {linear_rule, conv_rule}
+
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0")
+
+
+def saved_half_input(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+    """The half-precision copy of a Conv / Linear input ``x`` that autocast made and autograd saved for the
+    backward pass (``ConvolutionBackward0``'s input; ``AddmmBackward0`` / ``MmBackward0``'s first operand, under
+    the views that flatten tokens), reshaped to ``x``'s shape, or None when the graph holds no such tensor (or
+    no cast happened: ``x`` already has the output's dtype).
+
+    The fused engine keeps this tensor instead of casting ``x`` again: a second cast would hold a second
+    half-precision copy of every float32 layer input (a UNet's conv inputs come from float32 GroupNorm / SiLU)
+    until the backward pass reaches the layer.
+    """
+    fn = output.grad_fn
+    for _ in range(3):  # the product node, under at most two views
+        if fn is None:
+            return None
+        name = type(fn).__name__
+        if name not in _VIEWS:
+            break
+        nxt = fn.next_functions
+        fn = nxt[0][0] if len(nxt) == 1 else None
+    try:
+        if name == "ConvolutionBackward0":
+            saved = fn._saved_input
+        elif name == "AddmmBackward0":
+            saved = fn._saved_mat1
+        elif name == "MmBackward0":
+            saved = fn._saved_self
+        else:
+            return None
+    except (AttributeError, RuntimeError):  # renamed, or freed
+        return None
+    if (not isinstance(saved, torch.Tensor) or saved.dtype != output.dtype or saved.dtype == x.dtype  # a cast
+            or saved.numel() != x.numel()
+            or saved.shape[-1] != x.shape[-1] or saved.device != x.device):
+        return None
+    return saved.detach().reshape(x.shape)
 
 
 @register_rule(nn.LayerNorm)
