@@ -145,16 +145,20 @@ def torchjd_gram(model, b: Batch) -> torch.Tensor:
     return (M.T @ gs @ M).cpu()
 
 
-def fits(device: torch.device, model, b: Batch, probe: int = 2) -> int:
-    """Samples per pass that fit in 60% of the free GPU memory, from the peak of a ``probe``-sample step; the batch
-    size on the CPU."""
+def fits(device: torch.device, model, b: Batch, probes: tuple[int, int] = (2, 6)) -> int:
+    """Samples per pass that fit in 60% of the free GPU memory, from the peaks of two probe steps (the slope is the
+    memory per sample; the intercept the fixed part, e.g. the parameters' .grad); the batch size on the CPU."""
     if device.type != "cuda":
         return len(b.t)
     garbage.collect()
     torch.cuda.empty_cache()
-    _, peak, _ = timed(_probe_step(model, b, probe), device, 1)
+    lo, hi = probes
+    peak_lo = timed(_probe_step(model, b, lo), device, 1)[1]
+    peak_hi = timed(_probe_step(model, b, hi), device, 1)[1]
+    per_sample = max((peak_hi - peak_lo) / (hi - lo), 1e-3)
+    fixed = max(peak_lo - lo * per_sample, 0.0)
     free = torch.cuda.mem_get_info()[0] / 2**30
-    return max(1, int(0.6 * free / max(peak / probe, 1e-3)))
+    return max(1, int((0.6 * free - fixed) / per_sample))
 
 
 def _probe_step(model, b: Batch, probe: int) -> Callable[[], None]:
@@ -311,6 +315,7 @@ def main() -> None:
             b = Batch(model, *sizes[key], dev, amp)
             micro = fits(dev, model, b) if table.left() > 30 else len(b.t)  # samples per pass that fit the card
             chunks = 1 if micro >= len(b.t) else min(b.K, math.ceil(2 * len(b.t) / micro))
+            print(f"{key}: about {micro} samples per pass fit ({len(b.t)} in the batch): task_chunks={chunks}", flush=True)
             if args.smoke and key == "sd64":
                 micro, chunks = 2, 2  # the micro-batched step and the pair passes, at toy size
             route_rows(table, model, name, b, args.routes if key == "sd16" else best, args, reference=False,
