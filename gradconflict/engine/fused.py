@@ -20,7 +20,7 @@ from .checks import first_line
 from .fallback import fallback_grads, tensor_leaves
 from .grouping import TaskIndex
 from .precision import HALF_DTYPES, check_gram_precision, full_precision_reduction, layer_gram, tf32
-from .rules import FORWARD_EXTRAS, HALF_INPUT_RULES, ROW_CHUNKED, rule_for
+from .rules import FORWARD_EXTRAS, HALF_INPUT_RULES, ROW_CHUNKED, rule_for, saved_half_input
 from .workspace import Workspace, swap_workspace
 
 __all__ = ["FusedGram", "OPAQUE_MODULES"]
@@ -130,8 +130,13 @@ class FusedGram:
         if kind == "rule" and isinstance(output, torch.Tensor) and output.requires_grad:
             if output.dtype in HALF_DTYPES and self._plan[module][2] in HALF_INPUT_RULES and call.args:
                 # autocast ran this layer in half precision: keep the input as the forward cast it (the operand the
-                # rule uses, precision.py) rather than the float32 tensor, which autograd does not keep alive
-                call.args = (call.args[0].to(output.dtype), *call.args[1:])
+                # rule uses, precision.py) rather than the float32 tensor, which autograd does not keep alive; the
+                # very copy autograd saved when there is one (no second half-precision copy of the input)
+                x = call.args[0]
+                if x.dtype != output.dtype:
+                    saved = saved_half_input(x, output)
+                    x = saved if saved is not None else x.to(output.dtype)
+                call.args = (x, *call.args[1:])
             extra = FORWARD_EXTRAS.get(self._plan[module][2]) if FORWARD_EXTRAS else None
             if extra is not None:
                 call.extra = extra(module, call.args, output)

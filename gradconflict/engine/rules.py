@@ -23,11 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._env import env_choice
+from .conv_weight import taps_weight, to_conv_layout
 from .grouping import TaskIndex
 from .precision import HALF_DTYPES, half_bmm
 from .workspace import scratch
 
-__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for"]
+__all__ = ["RULES", "ROW_CHUNKED", "FORWARD_EXTRAS", "HALF_INPUT_RULES", "register_rule", "rule_for", "saved_half_input"]
 
 Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[str, torch.Tensor]]
 RULES: dict[type, Rule] = {}
@@ -159,23 +160,28 @@ def conv_rule(module: nn.Module, inputs: tuple, grad: torch.Tensor, idx: TaskInd
         grad = grad[:, rows]
         weight_shape = (grad.shape[1], *weight_shape[1:])
     K, c_out = idx.K, grad.shape[1]
-    grad = grad.to(dtype)
     # sums of products built in two stages (per sample, then per task) accumulate in float32 when the output is
     # half precision, so the result is rounded once, as one product rounds its float32 accumulator
     acc = torch.float32 if dtype in HALF_DTYPES else dtype
-    if _trainable(module, "weight") and _pointwise_bmm_ok(module, x, c_out, idx):
+    mode = conv_weight_mode()
+    if _trainable(module, "weight") and module.groups == 1 and mode == "taps":
+        # half-precision operands (autocast) stay half, multiplied with float32 accumulation (conv_weight.py)
+        xp, padding = _explicit_padding(module, x)
+        out["weight"] = taps_weight(module, xp, grad, idx, padding, dtype).reshape(K, *weight_shape)
+    elif _trainable(module, "weight") and _pointwise_bmm_ok(module, x, c_out, idx):
         out["weight"] = _pointwise_weight(x.to(acc), grad.to(acc), idx).reshape(K, *weight_shape).to(dtype)
-    elif _trainable(module, "weight") and x.ndim == 4 and module.groups == 1 and conv_weight_mode() == "unfold":
+    elif _trainable(module, "weight") and x.ndim == 4 and module.groups == 1 and mode == "unfold":
         xp, padding = _explicit_padding(module, x.to(dtype))
-        out["weight"] = _unfold_weight(module, xp, grad, idx, padding).reshape(K, *weight_shape)
+        out["weight"] = _unfold_weight(module, xp, grad.to(dtype), idx, padding).reshape(K, *weight_shape)
     elif _trainable(module, "weight"):
         xp, padding = _explicit_padding(module, x.to(dtype))
-        xg = _sample_major(xp, idx, "conv_input")  # (m, K*C, *S)
-        bg = _sample_major(grad, idx, "conv_grad")  # (m, K*c_out, *S_out)
+        xg = to_conv_layout(_sample_major(xp, idx, "conv_input"))  # (m, K*C, *S)
+        bg = to_conv_layout(_sample_major(grad.to(dtype), idx, "conv_grad"))  # (m, K*c_out, *S_out)
         shape = (K * c_out, *weight_shape[1:])
         dw = _CONV_WEIGHT_GRAD[x.ndim - 2](xg, shape, bg, module.stride, padding, module.dilation, K * module.groups)
         out["weight"] = dw.reshape(K, *weight_shape)
     if module.bias is not None and _trainable(module, "bias"):
+        # sum(dtype=acc) casts each element first, as grad.to(dtype) would (acc is dtype, or float32 for half)
         out["bias"] = idx.group(grad.reshape(grad.shape[0], c_out, -1).sum(-1, dtype=acc)).sum(1).to(dtype)
     return out
 
@@ -188,8 +194,10 @@ def conv_weight_mode() -> str:
     backward, K x groups channel groups) or ``"unfold"`` (im2col of the input, then one batched product per task,
     ``dW_k = sum_{i in k} B_i U(x_i)^T``: more memory, the input's kernel-size copy, but plain matmuls), from the
     environment variable ``GRADCONFLICT_CONV_WEIGHT``; both give the same numbers up to summation order. cuDNN's
-    grouped backward with many groups may be slow on a GPU: ``benchmarks/gpu_check.py`` times both."""
-    return env_choice("GRADCONFLICT_CONV_WEIGHT", "grouped", ("grouped", "unfold"))
+    grouped backward with many groups may be slow on a GPU: ``benchmarks/gpu_check.py`` times them. Or ``"taps"``:
+    one batched product per kernel tap over (tasks x positions), see ``conv_weight.py`` (groups = 1 convs of any
+    dimension; grouped convs keep the grouped backward)."""
+    return env_choice("GRADCONFLICT_CONV_WEIGHT", "grouped", ("grouped", "unfold", "taps"))
 
 
 UNFOLD_MAX_ELEMENTS = 1 << 26  # im2col elements built at once (a few tasks at a time): 256 MB in float32
@@ -221,6 +229,45 @@ def _unfold_weight(module: nn.Module, xp: torch.Tensor, grad: torch.Tensor, idx:
 # rules of layers that autocast runs in half precision: when their output gradient is half precision, the fused
 # engine casts their input as the forward did before building the per-task gradients (precision.py)
 HALF_INPUT_RULES: set = {linear_rule, conv_rule}
+
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0")
+
+
+def saved_half_input(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+    """The half-precision copy of a Conv / Linear input ``x`` that autocast made and autograd saved for the
+    backward pass (``ConvolutionBackward0``'s input; ``AddmmBackward0`` / ``MmBackward0``'s first operand, under
+    the views that flatten tokens), reshaped to ``x``'s shape, or None when the graph holds no such tensor (or
+    no cast happened: ``x`` already has the output's dtype).
+
+    The fused engine keeps this tensor instead of casting ``x`` again: a second cast would hold a second
+    half-precision copy of every float32 layer input (a UNet's conv inputs come from float32 GroupNorm / SiLU)
+    until the backward pass reaches the layer.
+    """
+    fn = output.grad_fn
+    for _ in range(3):  # the product node, under at most two views
+        if fn is None:
+            return None
+        name = type(fn).__name__
+        if name not in _VIEWS:
+            break
+        nxt = fn.next_functions
+        fn = nxt[0][0] if len(nxt) == 1 else None
+    try:
+        if name == "ConvolutionBackward0":
+            saved = fn._saved_input
+        elif name == "AddmmBackward0":
+            saved = fn._saved_mat1
+        elif name == "MmBackward0":
+            saved = fn._saved_self
+        else:
+            return None
+    except (AttributeError, RuntimeError):  # renamed, or freed
+        return None
+    if (not isinstance(saved, torch.Tensor) or saved.dtype != output.dtype or saved.dtype == x.dtype  # a cast
+            or saved.numel() != x.numel()
+            or saved.shape[-1] != x.shape[-1] or saved.device != x.device):
+        return None
+    return saved.detach().reshape(x.shape)
 
 
 @register_rule(nn.LayerNorm)
