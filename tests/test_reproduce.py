@@ -208,3 +208,12 @@ def test_a_cached_run_of_the_single_model_layout_becomes_model_0(tmp_path: Path,
     assert "moved the cached run" in capsys.readouterr().out
     assert not (runs / "track").exists()
     assert (runs / "seed0" / "track" / "snapshots" / "step3.safetensors").read_bytes() == snapshot
+
+
+def test_gpu_preset_is_the_standard_analysis_on_cuda() -> None:
+    from gradconflict.reproduce import preset
+
+    gpu, standard = preset("gpu"), preset("standard")
+    assert gpu.train.device == "cuda" and gpu.name == "gpu"
+    assert gpu.seeds == standard.seeds >= 3 and gpu.track == standard.track and gpu.train.model == standard.train.model
+    assert gpu.train.steps > standard.train.steps  # a GPU affords a longer run of the same model

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--standard", dest="preset", action="store_const", const="standard",
                       help="the committed figures: 3 unet-tiny models on 16x16 MNIST, transfer with AdamW and SGD in "
                            "the training loss, C3's binning controls (at most 90 minutes on 2 CPU cores)")
+    size.add_argument("--gpu", dest="preset", action="store_const", const="gpu",
+                      help="the standard analysis (3 unet-tiny models) sized for one GPU, about 8 minutes on an H100 "
+                           "(implies --device cuda)")
     size.add_argument("--full", dest="preset", action="store_const", const="full", help="DiT-S/2-like at 32x32, for a GPU")
     size.add_argument("--toy", dest="preset", action="store_const", const="toy", help="seconds; a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
@@ -143,6 +145,10 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             own_space=True,
             held_out=512,
         )
+    if kind == "gpu":  # issue #19 goal 4: the standard analysis sized for one H100 within 8 minutes (not yet timed)
+        base = preset("standard", device="cuda" if device == "cpu" else device)
+        base.train = dataclasses.replace(base.train, steps=6000, batch_size=128, checkpoint_every=1500)
+        return dataclasses.replace(base, name="gpu", every=1500, cpu_threads=None)
     if kind == "full":
         return ReproduceConfig(
             name="full",
@@ -153,4 +159,4 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             transfer=dict(steps=200, lr=1e-4, eval_samples=256, seeds=3, batch_size=64),
             transfer_bins=10,
         )
-    raise ValueError(f"unknown preset {kind!r}; use 'quick', 'standard', 'full' or 'toy'")
+    raise ValueError(f"unknown preset {kind!r}; use 'quick', 'standard', 'gpu', 'full' or 'toy'")
