@@ -51,10 +51,16 @@ class ImageDataset(Dataset):
     """Images ``(N, C, H, W)`` float32 (in ``[-1, 1]``, or latents as stored) with labels ``(N,)`` long (``-1`` = no label).
 
     ``dataset[i]`` is ``(image (C, H, W), label)``. ``num_classes`` = max label + 1 (0 when unlabelled).
+    ``conditioning``: per-sample tensors by name, each ``(N, ...)`` with row ``i`` belonging to image ``i`` (e.g.
+    ``encoder_hidden_states`` (N, L, D)); they go to the model as keyword arguments of that name
+    (``gradconflict.adapters.conditioning``).
     """
 
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, name: str = "images",
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None,
+                 conditioning: Optional[dict[str, torch.Tensor]] = None) -> None:
+        from ..adapters.conditioning import check_conditioning
+
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
         if images.shape[0] == 0:
@@ -68,6 +74,7 @@ class ImageDataset(Dataset):
         self.name = name
         self.class_names = list(class_names) if class_names is not None else None
         self.num_classes = int(labels.max()) + 1 if bool((labels >= 0).any()) else 0
+        self.conditioning = check_conditioning(conditioning or {}, n, name)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -207,21 +214,32 @@ def load_npz(path: str | Path, *, image_size: Optional[int] = 16, limit: Optiona
              scale: str = "auto") -> ImageDataset:
     """Images from the key ``images`` of an ``.npz`` archive, with integer ``labels`` (N,) if present.
 
-    ``scale`` as in :func:`load_npy`."""
+    ``labels`` may also be named ``class_labels``. Every other array is per-sample conditioning passed to the
+    model by its name (``ImageDataset.conditioning``; e.g. ``encoder_hidden_states`` (N, L, D),
+    ``encoder_attention_mask`` (N, L), ``added_cond_kwargs.text_embeds``): its first dimension must be N, and
+    ``limit`` keeps the same first rows of every array. ``scale`` as in :func:`load_npy` (images only)."""
+    from ..adapters.conditioning import LABEL_KEYS, check_conditioning
+
     _check_scale(scale)
     path = Path(path)
     with _load_array(path) as archive:
         if "images" not in archive.files:
             raise ValueError(f"{path} has no array named 'images' (keys: {archive.files}); save it with np.savez(path, images=..., labels=...)")
         arr = archive["images"]
-        labels = archive["labels"] if "labels" in archive.files else None
+        given = [k for k in LABEL_KEYS if k in archive.files]
+        if len(given) > 1:
+            raise ValueError(f"{path} holds both 'labels' and 'class_labels': they name the same class labels; keep one")
+        labels = archive[given[0]] if given else None
+        extra = {k: archive[k] for k in archive.files if k != "images" and k not in LABEL_KEYS}
     if arr.ndim < 1 or arr.shape[0] == 0:
         raise ValueError(f"{path}: 'images' holds no images (shape {arr.shape})")
     if labels is not None and labels.reshape(-1).shape[0] != arr.shape[0]:
-        raise ValueError(f"{path}: 'images' has {arr.shape[0]} entries but 'labels' has {labels.reshape(-1).shape[0]}")
+        raise ValueError(f"{path}: 'images' has {arr.shape[0]} entries but {given[0]!r} has {labels.reshape(-1).shape[0]}")
+    conditioning = check_conditioning(extra, arr.shape[0], str(path))  # checked on all N rows, then limited
     n = _limit(arr.shape[0], limit)
     y = None if labels is None else torch.from_numpy(np.asarray(labels).reshape(-1)[:n].astype(np.int64))
-    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path), scale=scale), y, name=path.stem)
+    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path), scale=scale), y, name=path.stem,
+                        conditioning={k: v[:n].contiguous() for k, v in conditioning.items()})
 
 
 def _read_image(path: Path) -> np.ndarray:
