@@ -1,0 +1,148 @@
+"""Per-sample conditioning in data files (text embeddings, attention masks) and the diffusers text-conditioned
+adapter: rows stay with their images, bad shapes are refused by name, and ``gradconflict gram`` on a saved
+UNet2DConditionModel equals an independent float64 autograd loop. Tiny random-weight models, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gradconflict.bins import TimestepBins
+from gradconflict.cli import main
+from gradconflict.data import load_dataset
+from gradconflict.engine import sample_task_batch
+
+F64 = torch.float64
+N, L, D = 6, 5, 8
+
+
+def _cond_npz(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Latents (N, 4, 8, 8) with std 1 (kept as stored), embeddings (N, L, D) and a mask (N, L) hiding a tail."""
+    rng = np.random.default_rng(seed)
+    arrays = {"images": (rng.standard_normal((N, 4, 8, 8)) * 1.5).astype(np.float32),
+              "encoder_hidden_states": rng.standard_normal((N, L, D)).astype(np.float32),
+              "encoder_attention_mask": (np.arange(L)[None, :] < rng.integers(2, L + 1, size=(N, 1))).astype(np.float32)}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_npz_conditioning_rows_follow_their_images(tmp_path: Path) -> None:
+    arrays = _cond_npz(tmp_path / "c.npz")
+    data = load_dataset(tmp_path / "c.npz", image_size=None, limit=4)
+    assert sorted(data.conditioning) == ["encoder_attention_mask", "encoder_hidden_states"]
+    np.testing.assert_array_equal(data.images.numpy(), arrays["images"][:4])  # latents: values as stored
+    np.testing.assert_array_equal(data.conditioning["encoder_hidden_states"].numpy(), arrays["encoder_hidden_states"][:4])
+    bins = TimestepBins.uniform(1000, 3)
+    batch = sample_task_batch(data.images, bins, 3, seed=7, conditioning=data.conditioning)
+    for x0, emb, mask in zip(batch.x0, batch.model_kwargs["encoder_hidden_states"], batch.model_kwargs["encoder_attention_mask"]):
+        i = int(np.argmin(((arrays["images"][:4] - x0.numpy()) ** 2).sum(axis=(1, 2, 3))))  # which image was drawn
+        np.testing.assert_array_equal(emb.numpy(), arrays["encoder_hidden_states"][i])
+        np.testing.assert_array_equal(mask.numpy(), arrays["encoder_attention_mask"][i])
+    shard = batch.shard(torch.tensor([4, 1]))
+    torch.testing.assert_close(shard.model_kwargs["encoder_hidden_states"], batch.model_kwargs["encoder_hidden_states"][[4, 1]])
+
+
+def test_class_labels_alias_and_refusals(tmp_path: Path) -> None:
+    images = np.zeros((3, 1, 4, 4), np.float32)
+    np.savez(tmp_path / "a.npz", images=images, class_labels=np.array([2, 0, 1]))
+    data = load_dataset(tmp_path / "a.npz", image_size=None)
+    assert data.labels.tolist() == [2, 0, 1] and data.conditioning == {}
+    np.savez(tmp_path / "both.npz", images=images, labels=np.arange(3), class_labels=np.arange(3))
+    with pytest.raises(ValueError, match="both 'labels' and 'class_labels'"):
+        load_dataset(tmp_path / "both.npz", image_size=None)
+    np.savez(tmp_path / "bad.npz", images=images, encoder_hidden_states=np.zeros((2, 5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"'encoder_hidden_states' has shape \(2, 5, 8\) but there are 3 images"):
+        load_dataset(tmp_path / "bad.npz", image_size=None, limit=2)  # checked before the limit
+    np.savez(tmp_path / "str.npz", images=images, prompt=np.array(["a", "b", "c"]))
+    with pytest.raises(ValueError, match="conditioning 'prompt' has dtype"):
+        load_dataset(tmp_path / "str.npz", image_size=None)
+
+
+def test_model_without_conditioning_refuses_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    np.savez(tmp_path / "c.npz", images=np.zeros((3, 1, 16, 16), np.float32), encoder_hidden_states=np.zeros((3, 2, 4)))
+    code = main(["gram", "--model", "dit-tiny", "--data", str(tmp_path / "c.npz"), "--bins", "2",
+                 "--per-task", "1", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "carries the conditioning ['encoder_hidden_states'] but the model does not take it" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- diffusers
+diffusers = pytest.importorskip("diffusers")
+
+
+def _text_unet_pipeline(root: Path) -> Path:
+    torch.manual_seed(0)
+    net = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=D, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    net.save_pretrained(root / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon").save_pretrained(root / "scheduler")
+    return root
+
+
+def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, per_task: int, seed: int,
+               emb: np.ndarray) -> np.ndarray:
+    """Independent float64 reference: diffusers' own net and alphas_cumprod, one autograd backward per task,
+    ``L_k = mean_{i in k} mean (eps_hat_i - eps_i)^2``, ``G = [<g_k, g_l>]``; the draw reproduced by the seed."""
+    net = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").to(F64).eval()
+    abar = diffusers.DDPMScheduler.from_pretrained(root / "scheduler").alphas_cumprod.to(F64)
+    images = torch.from_numpy(arrays["images"])
+    batch = sample_task_batch(images, bins, per_task, seed)
+    pick = [int(np.argmin(((arrays["images"] - x.numpy()) ** 2).sum(axis=(1, 2, 3)))) for x in batch.x0]
+    params = [p for p in net.parameters()]
+    grads = []
+    for k in range(bins.K):
+        sel = [i for i in range(batch.t.numel()) if int(batch.task[i]) == k]
+        x0, eps, t = batch.x0[sel].to(F64), batch.noise[sel].to(F64), batch.t[sel]
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        kw = {"encoder_hidden_states": torch.from_numpy(emb[[pick[i] for i in sel]]).to(F64)}
+        if "encoder_attention_mask" in arrays:
+            kw["encoder_attention_mask"] = torch.from_numpy(arrays["encoder_attention_mask"][[pick[i] for i in sel]]).to(F64)
+        out = net(x_t, t, **kw).sample
+        loss = (out - eps).pow(2).flatten(1).mean(1).mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    g = torch.stack(grads)
+    return (g @ g.T).numpy()
+
+
+def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path) -> None:
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    out = tmp_path / "out"
+    code = main(["gram", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--bins", "3",
+                 "--per-task", "2", "--loss-space", "eps", "--seed", "3", "--out", str(out)])
+    assert code == 0
+    got = pd.read_csv(out / "gram.csv", index_col=0).to_numpy()
+    want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    # the mask matters: without it the Gram differs (the masked tokens are attended to)
+    unmasked = _loop_gram(root, {k: v for k, v in arrays.items() if k != "encoder_attention_mask"},
+                          TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
+    assert np.abs(unmasked - want).max() > 1e-3 * np.abs(want).max()
+
+
+def test_null_conditioning_and_missing_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    np.savez(tmp_path / "plain.npz", images=arrays["images"])
+    common = ["gram", "--model", f"diffusers:{root}", "--data", str(tmp_path / "plain.npz"), "--bins", "2",
+              "--per-task", "1", "--loss-space", "eps", "--seed", "1"]
+    assert main([*common, "--out", str(tmp_path / "o")]) == 2
+    assert "--null-conditioning" in capsys.readouterr().err
+    assert main([*common, "--null-conditioning", "--null-length", "3", "--out", str(tmp_path / "zero")]) == 0
+    got = pd.read_csv(tmp_path / "zero" / "gram.csv", index_col=0).to_numpy()
+    plain = {"images": arrays["images"]}
+    want = _loop_gram(root, plain, TimestepBins.uniform(1000, 2), 1, 1, np.zeros((N, 3, D)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    given = np.random.default_rng(1).standard_normal((4, D)).astype(np.float32)
+    np.save(tmp_path / "empty_prompt.npy", given)
+    assert main([*common, "--null-conditioning", str(tmp_path / "empty_prompt.npy"), "--out", str(tmp_path / "g")]) == 0
+    got = pd.read_csv(tmp_path / "g" / "gram.csv", index_col=0).to_numpy()
+    want = _loop_gram(root, plain, TimestepBins.uniform(1000, 2), 1, 1, np.broadcast_to(given, (N, 4, D)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
