@@ -20,10 +20,10 @@ F64 = torch.float64
 N, L, D = 6, 5, 8
 
 
-def _cond_npz(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Latents (N, 4, 8, 8) with std 1 (kept as stored), embeddings (N, L, D) and a mask (N, L) hiding a tail."""
+def _cond_npz(path: Path, seed: int = 0, hw: tuple[int, int] = (8, 8)) -> dict[str, np.ndarray]:
+    """Latents (N, 4, H, W) with std 1.5 (kept as stored), embeddings (N, L, D) and a mask (N, L) hiding a tail."""
     rng = np.random.default_rng(seed)
-    arrays = {"images": (rng.standard_normal((N, 4, 8, 8)) * 1.5).astype(np.float32),
+    arrays = {"images": (rng.standard_normal((N, 4, *hw)) * 1.5).astype(np.float32),
               "encoder_hidden_states": rng.standard_normal((N, L, D)).astype(np.float32),
               "encoder_attention_mask": (np.arange(L)[None, :] < rng.integers(2, L + 1, size=(N, 1))).astype(np.float32)}
     np.savez(path, **arrays)
@@ -74,10 +74,10 @@ def test_model_without_conditioning_refuses_it(tmp_path: Path, capsys: pytest.Ca
 diffusers = pytest.importorskip("diffusers")
 
 
-def _text_unet_pipeline(root: Path) -> Path:
+def _text_unet_pipeline(root: Path, sample_size: object = 8) -> Path:
     torch.manual_seed(0)
     net = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, cross_attention_dim=D, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     net.save_pretrained(root / "unet")
@@ -111,9 +111,10 @@ def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, pe
     return (g @ g.T).numpy()
 
 
-def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path) -> None:
-    root = _text_unet_pipeline(tmp_path / "pipe")
-    arrays = _cond_npz(tmp_path / "cond.npz")
+@pytest.mark.parametrize("hw", [(8, 8), (8, 12)])  # (8, 12): non-square latents, as stored (issue #18 point 2)
+def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path, hw: tuple[int, int]) -> None:
+    root = _text_unet_pipeline(tmp_path / "pipe", hw[0] if hw[0] == hw[1] else list(hw))
+    arrays = _cond_npz(tmp_path / "cond.npz", hw=hw)
     out = tmp_path / "out"
     code = main(["gram", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--bins", "3",
                  "--per-task", "2", "--loss-space", "eps", "--seed", "3", "--out", str(out)])
@@ -121,6 +122,8 @@ def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path) -> None:
     got = pd.read_csv(out / "gram.csv", index_col=0).to_numpy()
     want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    if hw != (8, 8):
+        return
     # the mask matters: without it the Gram differs (the masked tokens are attended to)
     unmasked = _loop_gram(root, {k: v for k, v in arrays.items() if k != "encoder_attention_mask"},
                           TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._data_flags import add_scale_flag
 from ._weights import add_weights_flag, report_weights
 
 __all__ = ["add_parser", "run", "boundary_stability"]
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
+    add_scale_flag(p)
     p.add_argument("--fine", type=int, default=100, help="number of fine uniform bins M (default 100)")
     p.add_argument("--bins", type=int, default=10, help="number of clustered bins K (default 10)")
     p.add_argument("--affinity", choices=["cosine", "gram"], default="cosine",
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     report_weights("bins", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
     _check(args, schedule.T)
-    data, size = model_data(model, args.data, args.image_size)
+    data, size = model_data(model, args.data, args.image_size, scale=args.scale)
     fine = TimestepBins.uniform(schedule.T, args.fine)
     cond = conditional(model, data.labels, verbose=True)
     dtype = next(model.parameters()).dtype

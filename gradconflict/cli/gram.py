@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._conditioning import add_conditioning_flags
+from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, report_weights
 
 __all__ = ["add_parser", "run"]
@@ -25,7 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
     add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the data's images to this square size (default: none; data of another size than the "
+                        "model's is refused without it, and non-square images are never stretched)")
+    add_scale_flag(p)
     add_conditioning_flags(p)
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K (default 10)")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main():
         report_weights("gram", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
-    data, size = model_data(model, args.data, args.image_size)
+    data, size = model_data(model, args.data, args.image_size, scale=args.scale)
     if args.bins_file is not None:
         bins = bins_from_file(args, schedule.T)
     else:

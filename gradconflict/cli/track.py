@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..track.config import TrackConfig
+from ._data_flags import add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
 
 __all__ = ["add_parser", "run"]
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", nargs="+", type=int, default=None, help="training step of each checkpoint (default 0, 1, 2, ...)")
     p.add_argument("--data", default="mnist", help="dataset name or path")
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the model's)")
+    add_scale_flag(p)
     p.add_argument("--bins", type=int, default=10, help="timestep bins K")
     p.add_argument("--bins-file", default=None,
                    help="bins from a CSV (t_low, t_high per row, as `gradconflict bins` writes DIR/bins.csv) instead "
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed)  # notes the run's config once
     if is_main():
         report_weights("track", first.weights, "each checkpoint")
-    data, size = model_data(first.model, args.data, args.image_size)
+    data, size = model_data(first.model, args.data, args.image_size, scale=args.scale)
     weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
 
     def loader(path: str):

@@ -14,8 +14,9 @@ Every loader ends in ``images_to_tensor``, which returns channels-first float32 
     is kept exactly as it is, not clamped. The choice is logged at INFO level (``logging``);
   - ``"none"``: values are never changed (only cast to float32, bool to {0, 1}), not clamped;
   - ``"minmax"``: ``2 (x - min) / (max - min) - 1`` over the whole array (the old behaviour for floats).
-* size: bilinear ``F.interpolate`` with ``antialias=True`` to ``image_size x image_size`` pixels (non-square
-  images are stretched); data mapped to ``[-1, 1]`` are then clamped to ``[-1, 1]``.
+* size: bilinear ``F.interpolate`` with ``antialias=True`` to ``image_size x image_size`` pixels; non-square
+  images are refused rather than stretched (``image_size=None`` keeps any (H, W), e.g. non-square latents);
+  data mapped to ``[-1, 1]`` are then clamped to ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ def images_to_tensor(images: Any, image_size: Optional[int] = 16, *, source: str
     if image_size is not None:
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        h, w = x.shape[-2:]
+        if h != w and (h, w) != (image_size, image_size):
+            raise ValueError(f"{source}: the images are {h} x {w} (height x width): resizing them to {image_size} x "
+                             f"{image_size} would stretch them; crop or pad them to a square first, or keep their "
+                             "size (image_size=None; on the command line leave out --image-size)")
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     if unit:

@@ -313,7 +313,8 @@ def track_training(
     if dist.is_main():  # the snapshots stand for this training config: a changed one must not reuse them
         _check_config(out, train_config.identity(), "train_config.json", "a training run of another config")
     run_dir = out / "run"
-    data = load_dataset(train_config.data, image_size=train_config.image_size, limit=train_config.data_limit)
+    data = load_dataset(train_config.data, image_size=train_config.image_size, limit=train_config.data_limit,
+                        scale=train_config.scale)
     schedule = make_schedule(train_config.schedule, train_config.T)
     steps = list(range(every, train_config.steps + 1, every))
 

@@ -179,7 +179,7 @@ def _weights_step(path: Path) -> Optional[int]:
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
-    dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit)
+    dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit, scale=config.scale)
     if config.conditional and dataset.num_classes == 0:
         raise ValueError(f"conditional=True but dataset {dataset.name!r} has no labels")
     overrides = {

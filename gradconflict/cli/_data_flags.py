@@ -1,10 +1,19 @@
-"""``--null-conditioning`` / ``--null-length``: run a text-conditioned model unconditionally (shared by commands)."""
+"""Data flags shared by the commands that read data: ``--scale`` (value range) and ``--null-conditioning`` /
+``--null-length`` (run a text-conditioned model unconditionally)."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_conditioning_flags"]
+__all__ = ["add_conditioning_flags", "add_scale_flag"]
+
+
+def add_scale_flag(p: argparse.ArgumentParser) -> None:
+    """Add ``--scale {auto,none,minmax}``: how ``.npy`` / ``.npz`` values are mapped (``gradconflict.data``)."""
+    p.add_argument("--scale", choices=["auto", "none", "minmax"], default="auto",
+                   help="value range of .npy/.npz data: auto (default) maps images (uint8, [0, 1]) to [-1, 1] and keeps "
+                        "other floats such as latents exactly as stored; none never changes values; minmax rescales "
+                        "the whole array to [-1, 1]")
 
 
 def add_conditioning_flags(p: argparse.ArgumentParser) -> None:
