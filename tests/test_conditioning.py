@@ -86,10 +86,13 @@ def _text_unet_pipeline(root: Path, sample_size: object = 8) -> Path:
 
 
 def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, per_task: int, seed: int,
-               emb: np.ndarray) -> np.ndarray:
+               emb: np.ndarray, space: str = "eps", weights: Path | None = None) -> np.ndarray:
     """Independent float64 reference: diffusers' own net and alphas_cumprod, one autograd backward per task,
-    ``L_k = mean_{i in k} mean (eps_hat_i - eps_i)^2``, ``G = [<g_k, g_l>]``; the draw reproduced by the seed."""
+    ``L_k = mean_{i in k} mean (eps_hat_i - eps_i)^2`` (``space="x0"``: of ``x0_hat = (x_t - sqrt(1 - abar) eps_hat)
+    / sqrt(abar)`` against x0), ``G = [<g_k, g_l>]``; the draw reproduced by the seed."""
     net = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").to(F64).eval()
+    if weights is not None:
+        net.load_state_dict(torch.load(weights))
     abar = diffusers.DDPMScheduler.from_pretrained(root / "scheduler").alphas_cumprod.to(F64)
     images = torch.from_numpy(arrays["images"])
     batch = sample_task_batch(images, bins, per_task, seed)
@@ -105,7 +108,8 @@ def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, pe
         if "encoder_attention_mask" in arrays:
             kw["encoder_attention_mask"] = torch.from_numpy(arrays["encoder_attention_mask"][[pick[i] for i in sel]]).to(F64)
         out = net(x_t, t, **kw).sample
-        loss = (out - eps).pow(2).flatten(1).mean(1).mean()
+        err = out - eps if space == "eps" else (x_t - (1 - a).sqrt() * out) / a.sqrt() - x0
+        loss = err.pow(2).flatten(1).mean(1).mean()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     g = torch.stack(grads)
     return (g @ g.T).numpy()
@@ -149,3 +153,25 @@ def test_null_conditioning_and_missing_embeddings(tmp_path: Path, capsys: pytest
     got = pd.read_csv(tmp_path / "g" / "gram.csv", index_col=0).to_numpy()
     want = _loop_gram(root, plain, TimestepBins.uniform(1000, 2), 1, 1, np.broadcast_to(given, (N, 4, D)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_track_passes_the_conditioning(tmp_path: Path) -> None:
+    """``gradconflict track`` on two checkpoints of the text UNet: each step's Gram (x0 loss, seed of step s and
+    resample r: ``(seed * 1000003 + s) * 101 + r``) equals the float64 loop on those weights and embeddings."""
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    net = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.1)
+    torch.save(net.state_dict(), tmp_path / "b.pt")
+    out = tmp_path / "track"
+    assert main(["track", "--model", f"diffusers:{root}", "--checkpoints", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"),
+                 "--steps", "0", "1", "--data", str(tmp_path / "cond.npz"), "--bins", "2", "--per-task", "2",
+                 "--resamples", "1", "--ugd-steps", "2", "--out", str(out)]) == 0
+    grams = np.load(out / "track_grams.npz")
+    for step, weights in ((0, tmp_path / "a.pt"), (1, tmp_path / "b.pt")):
+        want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 2), 2, (0 * 1_000_003 + step) * 101,
+                          arrays["encoder_hidden_states"], space="x0", weights=weights)
+        np.testing.assert_allclose(grams[f"step{step}_r0"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
