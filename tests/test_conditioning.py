@@ -175,3 +175,23 @@ def test_track_passes_the_conditioning(tmp_path: Path) -> None:
         want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 2), 2, (0 * 1_000_003 + step) * 101,
                           arrays["encoder_hidden_states"], space="x0", weights=weights)
         np.testing.assert_allclose(grams[f"step{step}_r0"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_gram_under_torchrun_shards_the_conditioning(tmp_path: Path) -> None:
+    """Two gloo ranks each take their share of the samples with their own embeddings and masks: the Gram over the
+    union equals the float64 loop."""
+    import os
+    import subprocess
+    import sys
+
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    env = {**os.environ, "GRADCONFLICT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gradconflict",
+           "gram", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--bins", "3", "--per-task",
+           "2", "--loss-space", "eps", "--seed", "3", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = pd.read_csv(tmp_path / "out" / "gram.csv", index_col=0).to_numpy()
+    want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
