@@ -86,11 +86,15 @@ def _text_unet_pipeline(root: Path, sample_size: object = 8) -> Path:
 
 
 def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, per_task: int, seed: int,
-               emb: np.ndarray, space: str = "eps", weights: Path | None = None) -> np.ndarray:
+               emb: np.ndarray, space: str = "eps", weights: Path | None = None, sub: str = "unet") -> np.ndarray:
     """Independent float64 reference: diffusers' own net and alphas_cumprod, one autograd backward per task,
     ``L_k = mean_{i in k} mean (eps_hat_i - eps_i)^2`` (``space="x0"``: of ``x0_hat = (x_t - sqrt(1 - abar) eps_hat)
-    / sqrt(abar)`` against x0), ``G = [<g_k, g_l>]``; the draw reproduced by the seed."""
-    net = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").to(F64).eval()
+    / sqrt(abar)`` against x0), ``G = [<g_k, g_l>]``; the draw reproduced by the seed. A learned variance (2 C
+    output channels) keeps the first C. ``sub``: the model folder (its class from its config.json)."""
+    import json
+
+    cls = getattr(diffusers, json.loads((root / sub / "config.json").read_text())["_class_name"])
+    net = cls.from_pretrained(root / sub).to(F64).eval()
     if weights is not None:
         net.load_state_dict(torch.load(weights))
     abar = diffusers.DDPMScheduler.from_pretrained(root / "scheduler").alphas_cumprod.to(F64)
@@ -107,7 +111,9 @@ def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, pe
         kw = {"encoder_hidden_states": torch.from_numpy(emb[[pick[i] for i in sel]]).to(F64)}
         if "encoder_attention_mask" in arrays:
             kw["encoder_attention_mask"] = torch.from_numpy(arrays["encoder_attention_mask"][[pick[i] for i in sel]]).to(F64)
-        out = net(x_t, t, **kw).sample
+        if sub == "transformer":
+            kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        out = net(x_t, timestep=t, **kw).sample[:, : x0.shape[1]]
         err = out - eps if space == "eps" else (x_t - (1 - a).sqrt() * out) / a.sqrt() - x0
         loss = err.pow(2).flatten(1).mean(1).mean()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
@@ -195,3 +201,48 @@ def test_gram_under_torchrun_shards_the_conditioning(tmp_path: Path) -> None:
     got = pd.read_csv(tmp_path / "out" / "gram.csv", index_col=0).to_numpy()
     want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("cls", ["Transformer2DModel", "PixArtTransformer2DModel"])
+def test_gram_on_pixart_style_transformer_equals_float64_loop(tmp_path: Path, cls: str) -> None:
+    """A text-conditioned transformer (ada_norm_single, caption projection 6 -> 8, learned sigma) from
+    ``transformer/``: the embeddings' width D is the caption width; masks included."""
+    torch.manual_seed(0)
+    net = getattr(diffusers, cls)(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                  num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=8, caption_channels=6,
+                                  num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False)
+    root = tmp_path / "pipe"
+    net.save_pretrained(root / "transformer")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon").save_pretrained(root / "scheduler")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    arrays["encoder_hidden_states"] = np.random.default_rng(5).standard_normal((N, L, 6)).astype(np.float32)
+    np.savez(tmp_path / "cond.npz", **arrays)
+    assert main(["gram", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--bins", "2",
+                 "--per-task", "2", "--loss-space", "eps", "--seed", "4", "--out", str(tmp_path / "out")]) == 0
+    got = pd.read_csv(tmp_path / "out" / "gram.csv", index_col=0).to_numpy()
+    want = _loop_gram(root, arrays, TimestepBins.uniform(1000, 2), 2, 4, arrays["encoder_hidden_states"],
+                      sub="transformer")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_added_cond_kwargs_are_nested_and_names_checked_against_the_model() -> None:
+    from gradconflict.adapters import DiffusersModel
+    from gradconflict.adapters.conditioning import check_accepted, nest
+
+    a, b = torch.zeros(2, 3), torch.ones(2, 6)
+    assert nest({"added_cond_kwargs.text_embeds": a, "added_cond_kwargs.time_ids": b, "encoder_hidden_states": a}) == {
+        "added_cond_kwargs": {"text_embeds": a, "time_ids": b}, "encoder_hidden_states": a}
+    torch.manual_seed(0)
+    text = DiffusersModel(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        cross_attention_dim=D, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    assert text.config.cross_attention_dim == D
+    check_accepted(text, ["encoder_hidden_states", "encoder_attention_mask", "added_cond_kwargs.text_embeds"], "d")
+    plain = DiffusersModel(diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                                 up_block_types=("UpBlock2D", "UpBlock2D")))
+    assert plain.config.cross_attention_dim is None
+    with pytest.raises(ValueError, match=r"carries the conditioning \['encoder_hidden_states'\] but the model does not"):
+        check_accepted(plain, ["encoder_hidden_states"], "d")

@@ -1,9 +1,9 @@
 """Diffusers models as ``model(x_t, t, y=None, **conditioning) -> prediction shaped like x_t``, from a local folder.
 
-``DiffusersModel`` wraps a UNet2DModel, UNet2DConditionModel (Stable-Diffusion-style), DiTTransformer2DModel or
-Transformer2DModel (class- or text-conditioned, e.g. PixArt-style): it calls ``net(x_t, timestep=t,
-class_labels=y, encoder_hidden_states=..., encoder_attention_mask=..., added_cond_kwargs=...)`` with the
-conditioning it is given (``gradconflict.adapters.conditioning``), unwraps ``.sample`` and, for a learned variance
+``DiffusersModel`` wraps a UNet2DModel, UNet2DConditionModel (Stable-Diffusion-style), DiTTransformer2DModel,
+Transformer2DModel (class- or text-conditioned, e.g. PixArt-style) or PixArtTransformer2DModel: it calls
+``net(x_t, timestep=t, class_labels=y, encoder_hidden_states=..., encoder_attention_mask=..., added_cond_kwargs=...)``
+with the conditioning it is given (``gradconflict.adapters.conditioning``), unwraps ``.sample`` and, for a learned variance
 (``out_channels = 2 C``, output ``[prediction | variance]`` along channels), keeps the first ``C`` channels:
 the eps / x0 / v prediction. The variance half gets no gradient (the plain ``||y - y_hat||^2`` loss).
 
@@ -30,7 +30,8 @@ from .conditioning import nest
 
 __all__ = ["SUPPORTED_CLASSES", "DiffusersConfig", "DiffusersModel", "load_diffusers"]
 
-SUPPORTED_CLASSES: tuple[str, ...] = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+SUPPORTED_CLASSES: tuple[str, ...] = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                                      "PixArtTransformer2DModel")
 _NOT_CONDITIONING = ("self", "sample", "hidden_states", "timestep", "class_labels", "return_dict")
 MODEL_SUBFOLDERS: tuple[str, ...] = ("unet", "transformer")
 INSTALL_HINT = "pip install gradconflict[diffusers]"
@@ -100,7 +101,7 @@ class DiffusersModel(nn.Module):
             raise ValueError(f"{self.config.class_name} is text-conditioned (cross-attention, D = {dim}): give per-sample "
                              f"encoder_hidden_states (N, L, {dim}) in the data file, or run it unconditionally with "
                              "--null-conditioning")
-        if self.config.class_name == "Transformer2DModel" and self.model.config.get("norm_type") == "ada_norm_single":
+        if self.model.config.get("norm_type") == "ada_norm_single":
             kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})  # PixArt-style
         out = self.model(x_t, timestep=t, **kwargs)
         if hasattr(out, "sample"):
@@ -174,11 +175,12 @@ def _read_config(model: nn.Module) -> DiffusersConfig:
 
 def _text_dim(model: nn.Module) -> Optional[int]:
     """D of the ``encoder_hidden_states`` the model's cross-attention reads (None without cross-attention):
-    ``encoder_hid_dim`` when it projects them first, else ``cross_attention_dim`` (one value for all blocks)."""
+    ``encoder_hid_dim`` / ``caption_channels`` (PixArt) when it projects them first, else ``cross_attention_dim``
+    (one value for all blocks)."""
     if not any(getattr(m, "is_cross_attention", False) for m in model.modules()):
         return None
     cfg = model.config
-    dim = cfg.get("encoder_hid_dim") or cfg.get("cross_attention_dim")
+    dim = cfg.get("encoder_hid_dim") or cfg.get("caption_channels") or cfg.get("cross_attention_dim")
     if isinstance(dim, (tuple, list)):
         if len(set(dim)) != 1:
             raise ValueError(f"the model's blocks take text embeddings of different widths {list(dim)}; "
