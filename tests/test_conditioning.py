@@ -246,3 +246,52 @@ def test_added_cond_kwargs_are_nested_and_names_checked_against_the_model() -> N
     assert plain.config.cross_attention_dim is None
     with pytest.raises(ValueError, match=r"carries the conditioning \['encoder_hidden_states'\] but the model does not"):
         check_accepted(plain, ["encoder_hidden_states"], "d")
+
+
+def test_transfer_passes_the_conditioning(tmp_path: Path) -> None:
+    """``gradconflict transfer --mode lookahead`` (one SGD step per bin) on the text UNet: the losses before and after
+    equal a float64 reference: the documented draws (evaluation set by ``sample_task_batch``, each copy's batch:
+    image indices, t ~ U{low..high-1}, float64 noise from its seeded generator) with each image's embeddings."""
+    from gradconflict.transfer.matrix import _EVAL, _FT
+    from gradconflict.transfer.stacked import derive_seed, sources_of
+
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    lr, out = 0.05, tmp_path / "out"
+    assert main(["transfer", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--bins", "2",
+                 "--mode", "lookahead", "--lr", str(lr), "--batch-size", "2", "--eval-samples", "2", "--no-all",
+                 "--quiet", "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "transfer.csv")
+    net = diffusers.UNet2DConditionModel.from_pretrained(root / "unet").to(F64).eval()
+    abar = diffusers.DDPMScheduler.from_pretrained(root / "scheduler").alphas_cumprod.to(F64)
+    images = torch.from_numpy(arrays["images"]).to(F64)
+    emb, mask = (torch.from_numpy(arrays[k]).to(F64) for k in ("encoder_hidden_states", "encoder_attention_mask"))
+
+    def losses(params, idx, t, eps):  # per-sample x0-space loss of an eps model
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * images[idx] + (1 - a).sqrt() * eps
+        out = torch.func.functional_call(net, params, (x_t, t), {"encoder_hidden_states": emb[idx],
+                                                                 "encoder_attention_mask": mask[idx]}).sample
+        return ((x_t - (1 - a).sqrt() * out) / a.sqrt() - images[idx]).pow(2).flatten(1).mean(1)
+
+    bins = TimestepBins.uniform(1000, 2)
+    ev = sample_task_batch(images.float(), bins, 2, derive_seed(0, _EVAL))
+    ev_idx = torch.tensor([int(np.argmin(((arrays["images"] - x.numpy()) ** 2).sum(axis=(1, 2, 3)))) for x in ev.x0])
+    theta0 = {k: v.detach() for k, v in net.named_parameters()}
+
+    def per_bin(params):
+        l = losses(params, ev_idx, ev.t, ev.noise.to(F64))
+        return torch.stack([l[ev.task == j].mean() for j in range(2)])
+
+    before = per_bin(theta0)
+    for source in sources_of(bins, include_all=False):
+        g = torch.Generator().manual_seed(derive_seed(0, _FT, source.index + 1))
+        idx = torch.randint(0, N, (2,), generator=g)
+        t = torch.randint(source.low, source.high, (2,), generator=g)
+        eps = torch.randn((2, 4, 8, 8), generator=g, dtype=F64)
+        params = {k: v.clone().requires_grad_(True) for k, v in theta0.items()}
+        grads = torch.autograd.grad(losses(params, idx, t, eps).mean(), list(params.values()))
+        after = per_bin({k: v.detach() - lr * gk for (k, v), gk in zip(params.items(), grads)})
+        rows = frame[frame["source"] == source.index].sort_values("target")
+        np.testing.assert_allclose(rows["loss_before"], before.detach().numpy(), rtol=1e-5)
+        np.testing.assert_allclose(rows["loss_after"], after.detach().numpy(), rtol=1e-5)
