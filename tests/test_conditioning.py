@@ -71,7 +71,11 @@ def test_model_without_conditioning_refuses_it(tmp_path: Path, capsys: pytest.Ca
 
 
 # ----------------------------------------------------------------------------------------------- diffusers
-diffusers = pytest.importorskip("diffusers")
+try:
+    import diffusers
+except ImportError:  # the optional extra: gradconflict[diffusers]
+    diffusers = None
+needs_diffusers = pytest.mark.skipif(diffusers is None, reason="needs diffusers (pip install gradconflict[diffusers])")
 
 
 def _text_unet_pipeline(root: Path, sample_size: object = 8) -> Path:
@@ -121,6 +125,7 @@ def _loop_gram(root: Path, arrays: dict[str, np.ndarray], bins: TimestepBins, pe
     return (g @ g.T).numpy()
 
 
+@needs_diffusers
 @pytest.mark.parametrize("hw", [(8, 8), (8, 12)])  # (8, 12): non-square latents, as stored (issue #18 point 2)
 def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path, hw: tuple[int, int]) -> None:
     root = _text_unet_pipeline(tmp_path / "pipe", hw[0] if hw[0] == hw[1] else list(hw))
@@ -140,6 +145,7 @@ def test_gram_on_text_unet_equals_float64_loop(tmp_path: Path, hw: tuple[int, in
     assert np.abs(unmasked - want).max() > 1e-3 * np.abs(want).max()
 
 
+@needs_diffusers
 def test_null_conditioning_and_missing_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = _text_unet_pipeline(tmp_path / "pipe")
     arrays = _cond_npz(tmp_path / "cond.npz")
@@ -161,6 +167,7 @@ def test_null_conditioning_and_missing_embeddings(tmp_path: Path, capsys: pytest
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@needs_diffusers
 def test_track_passes_the_conditioning(tmp_path: Path) -> None:
     """``gradconflict track`` on two checkpoints of the text UNet: each step's Gram (x0 loss, seed of step s and
     resample r: ``(seed * 1000003 + s) * 101 + r``) equals the float64 loop on those weights and embeddings."""
@@ -183,6 +190,7 @@ def test_track_passes_the_conditioning(tmp_path: Path) -> None:
         np.testing.assert_allclose(grams[f"step{step}_r0"], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@needs_diffusers
 def test_gram_under_torchrun_shards_the_conditioning(tmp_path: Path) -> None:
     """Two gloo ranks each take their share of the samples with their own embeddings and masks: the Gram over the
     union equals the float64 loop."""
@@ -203,6 +211,7 @@ def test_gram_under_torchrun_shards_the_conditioning(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@needs_diffusers
 @pytest.mark.parametrize("cls", ["Transformer2DModel", "PixArtTransformer2DModel"])
 def test_gram_on_pixart_style_transformer_equals_float64_loop(tmp_path: Path, cls: str) -> None:
     """A text-conditioned transformer (ada_norm_single, caption projection 6 -> 8, learned sigma) from
@@ -225,6 +234,7 @@ def test_gram_on_pixart_style_transformer_equals_float64_loop(tmp_path: Path, cl
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@needs_diffusers
 def test_added_cond_kwargs_are_nested_and_names_checked_against_the_model() -> None:
     from gradconflict.adapters import DiffusersModel
     from gradconflict.adapters.conditioning import check_accepted, nest
@@ -248,6 +258,7 @@ def test_added_cond_kwargs_are_nested_and_names_checked_against_the_model() -> N
         check_accepted(plain, ["encoder_hidden_states"], "d")
 
 
+@needs_diffusers
 def test_transfer_passes_the_conditioning(tmp_path: Path) -> None:
     """``gradconflict transfer --mode lookahead`` (one SGD step per bin) on the text UNet: the losses before and after
     equal a float64 reference: the documented draws (evaluation set by ``sample_task_batch``, each copy's batch:
@@ -295,3 +306,12 @@ def test_transfer_passes_the_conditioning(tmp_path: Path) -> None:
         rows = frame[frame["source"] == source.index].sort_values("target")
         np.testing.assert_allclose(rows["loss_before"], before.detach().numpy(), rtol=1e-5)
         np.testing.assert_allclose(rows["loss_after"], after.detach().numpy(), rtol=1e-5)
+
+
+def test_train_refuses_conditioning_its_models_cannot_take(tmp_path: Path) -> None:
+    from gradconflict.train import TrainConfig, train
+
+    np.savez(tmp_path / "c.npz", images=np.zeros((4, 1, 8, 8), np.float32), encoder_hidden_states=np.zeros((4, 2, 3)))
+    config = TrainConfig(data=str(tmp_path / "c.npz"), image_size=8, steps=1, batch_size=2)
+    with pytest.raises(ValueError, match=r"carries the per-sample conditioning \['encoder_hidden_states'\]"):
+        train(config, tmp_path / "run", progress=False)
