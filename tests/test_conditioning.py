@@ -315,3 +315,16 @@ def test_train_refuses_conditioning_its_models_cannot_take(tmp_path: Path) -> No
     config = TrainConfig(data=str(tmp_path / "c.npz"), image_size=8, steps=1, batch_size=2)
     with pytest.raises(ValueError, match=r"carries the per-sample conditioning \['encoder_hidden_states'\]"):
         train(config, tmp_path / "run", progress=False)
+
+
+@needs_diffusers
+def test_bins_passes_the_conditioning(tmp_path: Path) -> None:
+    """``gradconflict bins`` on the text UNet: the fine cosine of one batch equals the float64 loop's."""
+    root = _text_unet_pipeline(tmp_path / "pipe")
+    arrays = _cond_npz(tmp_path / "cond.npz")
+    assert main(["bins", "--model", f"diffusers:{root}", "--data", str(tmp_path / "cond.npz"), "--fine", "3", "--bins", "2",
+                 "--batches", "1", "--per-task", "2", "--seed", "3", "--loss-space", "eps", "--out", str(tmp_path / "o")]) == 0
+    got = pd.read_csv(tmp_path / "o" / "fine_cosine.csv", index_col=0).to_numpy()
+    G = _loop_gram(root, arrays, TimestepBins.uniform(1000, 3), 2, 3, arrays["encoder_hidden_states"])
+    d = np.sqrt(np.diag(G))
+    np.testing.assert_allclose(got, G / np.outer(d, d), rtol=0, atol=1e-5)
