@@ -70,6 +70,27 @@ def test_model_without_conditioning_refuses_it(tmp_path: Path, capsys: pytest.Ca
     assert "carries the conditioning ['encoder_hidden_states'] but the model does not take it" in capsys.readouterr().err
 
 
+def test_image_folder_sidecar_rows_follow_their_files(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    names = ["cat/a.png", "cat/b.png", "dog/c.png", "top.png"]
+    pixels = {n: rng.integers(0, 256, (4, 4), dtype=np.uint8) for n in names}
+    for n, px in pixels.items():
+        (tmp_path / "imgs" / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(px).save(tmp_path / "imgs" / n)
+    order = ["dog/c.png", "top.png", "cat/b.png", "cat/a.png", "other.png"]  # any order; extra rows are fine
+    emb = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    np.savez(tmp_path / "imgs" / "conditioning.npz", files=np.array(order), encoder_hidden_states=emb)
+    data = load_dataset(tmp_path / "imgs", image_size=None)
+    for image, row in zip(data.images, data.conditioning["encoder_hidden_states"]):
+        n = next(n for n in names if np.allclose(image[0].numpy(), pixels[n] / 127.5 - 1, atol=1e-6))
+        np.testing.assert_array_equal(row.numpy(), emb[order.index(n)])
+    np.savez(tmp_path / "imgs" / "conditioning.npz", files=np.array(order[:3]), encoder_hidden_states=emb[:3])
+    with pytest.raises(ValueError, match=r"lists no conditioning for 1 image\(s\), e.g. \['cat/a.png'\]"):
+        load_dataset(tmp_path / "imgs", image_size=None)
+
+
 # ----------------------------------------------------------------------------------------------- diffusers
 try:
     import diffusers

@@ -273,7 +273,11 @@ def _palette_is_gray(im: Any) -> bool:
 def load_folder(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None) -> ImageDataset:
     """Images from a folder. Files directly inside are unlabelled (label -1); files in sub-folders get the
     sub-folder's index in sorted order as label (``root/cat/1.png`` -> class of "cat"). All images must have
-    one size; grayscale images are repeated to RGB when the folder also holds colour images."""
+    one size; grayscale images are repeated to RGB when the folder also holds colour images.
+
+    Per-sample conditioning: a sidecar ``root/conditioning.npz`` with ``files`` (the images' paths relative to
+    ``root``, e.g. ``"cat/1.png"``) and arrays whose row ``i`` belongs to ``files[i]`` (e.g.
+    ``encoder_hidden_states`` (M, L, D)); every image of the folder must be listed (:data:`SIDECAR`)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -296,7 +300,37 @@ def load_folder(path: str | Path, *, image_size: Optional[int] = 16, limit: Opti
         arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     stacked = np.stack([a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays])
     labels = torch.tensor([k for _, k in entries], dtype=torch.long)
-    return ImageDataset(images_to_tensor(stacked, image_size, source=str(root)), labels, name=root.name, class_names=classes or None)
+    conditioning = _sidecar(root, [f.relative_to(root).as_posix() for f, _ in entries])
+    return ImageDataset(images_to_tensor(stacked, image_size, source=str(root)), labels, name=root.name,
+                        class_names=classes or None, conditioning=conditioning)
+
+
+SIDECAR = "conditioning.npz"
+"""File name of an image folder's per-sample conditioning (see :func:`load_folder`)."""
+
+
+def _sidecar(root: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The rows of ``root/conditioning.npz`` for the images ``names`` (paths relative to ``root``), in that order."""
+    path = root / SIDECAR
+    if not path.is_file():
+        return {}
+    with _load_array(path) as archive:
+        if "files" not in archive.files:
+            raise ValueError(f"{path} has no array 'files' (the images' paths relative to {root}, one per row); save it "
+                             "with np.savez(path, files=np.array(['cat/1.png', ...]), encoder_hidden_states=...)")
+        files = [str(f) for f in archive["files"].reshape(-1)]
+        arrays = {k: archive[k] for k in archive.files if k != "files"}
+    for key, value in arrays.items():
+        if value.ndim == 0 or value.shape[0] != len(files):
+            raise ValueError(f"{path}: conditioning {key!r} has shape {value.shape} but 'files' lists {len(files)} "
+                             f"images: its first dimension must be {len(files)}; fix or remove {key!r}")
+    row = {f: i for i, f in enumerate(files)}
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise ValueError(f"{path} lists no conditioning for {len(missing)} image(s), e.g. {missing[:3]}; add them to "
+                         "'files' (paths relative to the folder) or remove those images")
+    pick = np.array([row[n] for n in names])
+    return {k: v[pick] for k, v in arrays.items()}
 
 
 def _image_files(folder: Path) -> list[Path]:
