@@ -48,7 +48,7 @@ from .schedule import NoiseSchedule
 from .targets import normalize_prediction
 
 __all__ = ["LoadedModel", "load_model", "load_state_dict", "model_input", "model_data", "spec_identity", "BUILTIN_INIT_SEED",
-           "conditional", "forward_hint", "resolve_checkpoint"]
+           "conditional", "forward_hint", "resolve_checkpoint", "model_shape"]
 
 BUILTIN_INIT_SEED = 0  # a built-in name is initialised under this seed: every run gets the same weights
 
@@ -388,8 +388,8 @@ def model_input(model: Any, image_size: Optional[int]) -> tuple[int, Optional[in
         return image_size, channels
     size = int(size)
     if image_size is not None and image_size != size:
-        raise ValueError(f"the model takes {size} x {size} images but --image-size is {image_size}: leave out "
-                         f"--image-size (images are resized to {size} x {size}) or use a model built for that size")
+        raise ValueError(f"the model takes {size} x {size} images but --image-size is {image_size}: pass --image-size "
+                         f"{size} (or leave it out for data of that size) or use a model built for that size")
     return size, channels
 
 
@@ -414,7 +414,7 @@ def conditional(model: Any, labels: Any, verbose: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def forward_hint(model: Any, size: int, image_size: Optional[int]) -> Iterator[None]:
+def forward_hint(model: Any, size: Any, image_size: Optional[int]) -> Iterator[None]:
     """Turn a failed forward into a ``ValueError`` naming the input size used when that size was not the model's
     own (it does not declare one): the images were read at ``size`` x ``size``, which the model may not take."""
     try:
@@ -430,31 +430,71 @@ def forward_hint(model: Any, size: int, image_size: Optional[int]) -> Iterator[N
         if declared:
             raise
         given = "--image-size" if image_size is not None else "the data's own size"
-        raise ValueError(f"the model's forward failed on {size} x {size} images ({given}: the model does not declare "
+        raise ValueError(f"the model's forward failed on {_hw(size)} images ({given}: the model does not declare "
                          f"its input size) with: {first_line(exc)[:200]}; pass --image-size N for the size it "
                          "was built for, or set image_size in its config") from exc
 
 
-def model_data(model: Any, data: str, image_size: Optional[int], limit: Optional[int] = None) -> tuple[Any, int]:
-    """``(dataset, size)``: ``data`` loaded at the model's input size (:func:`model_input`), its channel count
-    checked against the model's.  When neither the model's config nor ``image_size`` gives the size, the user's
-    own files (a path) are read at their own size if it is square (with a note); a built-in dataset still needs
-    ``image_size``."""
+def model_shape(model: Any) -> Optional[tuple[int, int]]:
+    """``(H, W)`` of the inputs ``model``'s config declares (``image_size``, else diffusers' ``sample_size``: an int
+    for a square or an (H, W) pair), None when it does not say."""
+    config = getattr(model, "config", None)
+    size = _field(config, "image_size")
+    if size is None:
+        size = _field(config, "sample_size")
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return (int(size), int(size)) if isinstance(size, int) else None
+
+
+def _hw(shape: Any) -> str:
+    h, w = (shape, shape) if isinstance(shape, int) else shape
+    return f"{h} x {w}"
+
+
+def model_data(model: Any, data: str, image_size: Optional[int], limit: Optional[int] = None,
+               scale: str = "auto") -> tuple[Any, Any]:
+    """``(dataset, size)``: ``data`` at the model's input size, its channel count checked against the model's.
+
+    A built-in dataset is resized to the model's (square) size or ``image_size``. The user's own files are read
+    as stored, any ``(C, H, W)`` (non-square latents included): when their size differs from the model's they are
+    refused unless ``image_size`` (``--image-size``) asks for the resize, and a resize that would change the
+    aspect ratio (stretch) is always refused. When neither the model nor ``image_size`` gives the size, the
+    files are read at their own size (with a note). ``scale`` (auto / none / minmax, ``.npy``/``.npz``): see
+    ``gradconflict.data``. ``size`` is an int for square inputs, else the pair ``(H, W)``."""
     from .data import load_dataset
 
-    try:
-        size, channels = model_input(model, image_size)
-    except ValueError as exc:
-        if str(exc) != UNKNOWN_SIZE or not Path(data).exists():
-            raise
-        size, channels = None, model_input(model, 1)[1]  # the user's own files: read them at their own size
-    dataset = load_dataset(data, image_size=size, limit=limit)
-    if size is None:
-        h, w = dataset.images.shape[-2:]
-        if h != w:
-            raise ValueError(f"{UNKNOWN_SIZE} (the data's images are {h} x {w}, not square)")
-        print(f"note: the model's config does not give its input size; using the data's {h} x {w}", file=sys.stderr)
-        size = h
+    shape = model_shape(model)
+    channels = _field(getattr(model, "config", None), "in_channels")
+    channels = int(channels) if isinstance(channels, int) else None
+    if image_size is not None and shape is not None and shape != (image_size, image_size):
+        if shape[0] != shape[1]:
+            raise ValueError(f"the model takes {_hw(shape)} inputs (config.sample_size) but --image-size {image_size} "
+                             "resizes to squares: leave out --image-size and give data of that size")
+        model_input(model, image_size)  # raises the square mismatch message
+    if not Path(data).exists():  # a built-in dataset: square images, resized
+        if shape is not None and shape[0] != shape[1]:
+            raise ValueError(f"the model takes non-square {_hw(shape)} inputs but {data!r} holds square images: "
+                             "pass your own data of that size (.npy / .npz)")
+        size, _ = model_input(model, image_size)
+        dataset = load_dataset(data, image_size=size, limit=limit, scale=scale)
+    else:
+        dataset = load_dataset(data, image_size=None, limit=limit, scale=scale)
+        native = tuple(int(v) for v in dataset.images.shape[-2:])
+        target = shape or ((image_size, image_size) if image_size is not None else None)
+        if target is None:
+            print(f"note: the model's config does not give its input size; using the data's {_hw(native)}", file=sys.stderr)
+            target = native
+        elif native != target:
+            if image_size is None:
+                fix = (f"pass --image-size {target[0]} to resize them (bilinear, antialiased)" if target[0] == target[1]
+                       else "give data of that size (inputs are never resized to a non-square size)")
+                raise ValueError(f"{dataset.name!r} holds {_hw(native)} images but the model takes {_hw(target)}: {fix}")
+            if native[0] * target[1] != native[1] * target[0]:
+                raise ValueError(f"{dataset.name!r} holds {_hw(native)} images: resizing them to {_hw(target)} would "
+                                 "stretch them (another aspect ratio); crop or pad them to that shape first")
+            dataset = load_dataset(data, image_size=image_size, limit=limit, scale=scale)
+        size = target[0] if target[0] == target[1] else target
     if channels is not None and dataset.channels != channels:
         raise ValueError(f"the model takes {channels} channels but {dataset.name!r} has {dataset.channels}")
     return dataset, size

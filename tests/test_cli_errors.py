@@ -162,10 +162,11 @@ def test_gram_without_known_size_reads_the_users_files_at_their_own_size(tmp_pat
                  "--out", str(tmp_path / "o")]) == 0
     assert "using the data's 6 x 6" in capsys.readouterr().err
     assert _seen(path) == {(1, 6, 6)}
-    np.save(data, np.zeros((8, 1, 6, 10), dtype=np.float32))  # not square: still asks for --image-size
+    np.save(data, np.zeros((8, 1, 6, 10), dtype=np.float32))  # not square: read as stored too (issue #18)
     assert main(["gram", "--model", f"{path}:build", "--data", str(data), "--bins", "2", "--per-task", "1",
-                 "--out", str(tmp_path / "o2")]) == 2
-    assert "pass --image-size N (the data's images are 6 x 10, not square)" in capsys.readouterr().err
+                 "--out", str(tmp_path / "o2")]) == 0
+    assert "using the data's 6 x 10" in capsys.readouterr().err
+    assert _seen(path) == {(1, 6, 10)}
 
 
 # finding 6: --image-size that differs from the model's

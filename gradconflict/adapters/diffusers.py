@@ -1,7 +1,9 @@
-"""Diffusers models as ``model(x_t, t, y=None) -> prediction shaped like x_t``, loaded from a local folder.
+"""Diffusers models as ``model(x_t, t, y=None, **conditioning) -> prediction shaped like x_t``, from a local folder.
 
-``DiffusersModel`` wraps a UNet2DModel, DiTTransformer2DModel or Transformer2DModel: it calls
-``net(x_t, timestep=t, class_labels=y)``, unwraps ``.sample`` and, for a learned variance
+``DiffusersModel`` wraps a UNet2DModel, UNet2DConditionModel (Stable-Diffusion-style), DiTTransformer2DModel,
+Transformer2DModel (class- or text-conditioned, e.g. PixArt-style) or PixArtTransformer2DModel: it calls
+``net(x_t, timestep=t, class_labels=y, encoder_hidden_states=..., encoder_attention_mask=..., added_cond_kwargs=...)``
+with the conditioning it is given (``gradconflict.adapters.conditioning``), unwraps ``.sample`` and, for a learned variance
 (``out_channels = 2 C``, output ``[prediction | variance]`` along channels), keeps the first ``C`` channels:
 the eps / x0 / v prediction. The variance half gets no gradient (the plain ``||y - y_hat||^2`` loss).
 
@@ -13,6 +15,7 @@ diffusers is imported only inside these functions.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,13 @@ import torch.nn as nn
 
 from ..schedule import NoiseSchedule, prediction_type_of
 from ..spec import LoadedModel
+from .conditioning import nest
 
 __all__ = ["SUPPORTED_CLASSES", "DiffusersConfig", "DiffusersModel", "load_diffusers"]
 
-SUPPORTED_CLASSES: tuple[str, ...] = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")
+SUPPORTED_CLASSES: tuple[str, ...] = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                                      "PixArtTransformer2DModel")
+_NOT_CONDITIONING = ("self", "sample", "hidden_states", "timestep", "class_labels", "return_dict")
 MODEL_SUBFOLDERS: tuple[str, ...] = ("unet", "transformer")
 INSTALL_HINT = "pip install gradconflict[diffusers]"
 
@@ -38,6 +44,8 @@ class DiffusersConfig:
     ``in_channels`` = C of ``x_t``; ``out_channels`` = C or 2C (learned variance); ``image_size`` = height =
     width (None when not square); ``num_classes`` = 0 for an unconditional model; ``null_label`` = the
     label id of the "no class" embedding used for classifier-free guidance (None when there is none).
+    ``cross_attention_dim`` = D of the ``encoder_hidden_states`` (N, L, D) a text-conditioned model needs (None
+    when it has no cross-attention).
     """
 
     class_name: str
@@ -48,6 +56,7 @@ class DiffusersConfig:
     conditional: bool
     num_classes: int
     null_label: Optional[int]
+    cross_attention_dim: Optional[int] = None
 
     @property
     def learned_variance(self) -> bool:
@@ -62,7 +71,9 @@ class DiffusersModel(nn.Module):
     embedding; a Transformer2DModel with ``norm_type="ada_norm_zero"``) ``y=None`` and labels ``< 0`` mean
     "no label" and pass the null class ``null_label = num_classes`` (the classifier-free-guidance embedding);
     without one, ``y`` is required. An unconditional model gets no ``class_labels``. Extra ``kwargs`` (e.g.
-    ``encoder_hidden_states``) are passed through. The wrapped model is the submodule ``self.model``.
+    ``encoder_hidden_states`` (N, L, D), ``encoder_attention_mask`` (N, L); ``added_cond_kwargs.NAME`` goes into
+    ``added_cond_kwargs``) are passed through; a model with cross-attention requires ``encoder_hidden_states``
+    (see ``conditioning_keys``). The wrapped model is the submodule ``self.model``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -70,14 +81,28 @@ class DiffusersModel(nn.Module):
         self.model = model
         self.config = _read_config(model)
 
+    @property
+    def conditioning_keys(self) -> tuple[str, ...]:
+        """Names of the per-sample conditioning the wrapped model's ``forward`` takes besides ``x_t``, ``t``, ``y``."""
+        params = inspect.signature(self.model.forward).parameters
+        return tuple(name for name in params if name not in _NOT_CONDITIONING)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
         """Prediction ``f(x_t, t, y)`` with the shape of ``x_t`` (first C channels when the variance is learned)."""
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         labels = self._labels(y, x_t)
+        kwargs = nest(kwargs)
         if labels is not None:
             kwargs["class_labels"] = labels
+        dim = self.config.cross_attention_dim
+        if dim is not None and kwargs.get("encoder_hidden_states") is None:
+            raise ValueError(f"{self.config.class_name} is text-conditioned (cross-attention, D = {dim}): give per-sample "
+                             f"encoder_hidden_states (N, L, {dim}) in the data file, or run it unconditionally with "
+                             "--null-conditioning")
+        if self.model.config.get("norm_type") == "ada_norm_single":
+            kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})  # PixArt-style
         out = self.model(x_t, timestep=t, **kwargs)
         if hasattr(out, "sample"):
             out = out.sample
@@ -136,7 +161,7 @@ def _read_config(model: nn.Module) -> DiffusersConfig:
     c_out = cfg.get("out_channels") or c_in  # all three classes: out_channels=None means in_channels
     if c_out not in (c_in, 2 * c_in):
         raise ValueError(f"{name} maps {c_in} to {c_out} channels: expected {c_in} (or {2 * c_in} with a learned variance)")
-    if name == "UNet2DModel":
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
         conditional = getattr(model, "class_embedding", None) is not None
         num_classes = int(cfg.get("num_class_embeds") or 0)
     else:
@@ -145,7 +170,23 @@ def _read_config(model: nn.Module) -> DiffusersConfig:
     size = cfg.get("sample_size")
     square = size if isinstance(size, int) else (size[0] if isinstance(size, (tuple, list)) and len(set(size)) == 1 else None)
     return DiffusersConfig(name, c_in, int(c_out), size, square, conditional, num_classes,
-                           _null_label(model) if conditional else None)
+                           _null_label(model) if conditional else None, _text_dim(model))
+
+
+def _text_dim(model: nn.Module) -> Optional[int]:
+    """D of the ``encoder_hidden_states`` the model's cross-attention reads (None without cross-attention):
+    ``encoder_hid_dim`` / ``caption_channels`` (PixArt) when it projects them first, else ``cross_attention_dim``
+    (one value for all blocks)."""
+    if not any(getattr(m, "is_cross_attention", False) for m in model.modules()):
+        return None
+    cfg = model.config
+    dim = cfg.get("encoder_hid_dim") or cfg.get("caption_channels") or cfg.get("cross_attention_dim")
+    if isinstance(dim, (tuple, list)):
+        if len(set(dim)) != 1:
+            raise ValueError(f"the model's blocks take text embeddings of different widths {list(dim)}; "
+                             "gradconflict passes one encoder_hidden_states tensor: wrap it yourself (file.py:function)")
+        dim = dim[0]
+    return int(dim) if dim is not None else None
 
 
 def _null_label(model: nn.Module) -> Optional[int]:

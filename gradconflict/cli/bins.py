@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, report_weights
 
 __all__ = ["add_parser", "run", "boundary_stability"]
@@ -32,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
+    add_scale_flag(p)
+    add_conditioning_flags(p)
     p.add_argument("--fine", type=int, default=100, help="number of fine uniform bins M (default 100)")
     p.add_argument("--bins", type=int, default=10, help="number of clustered bins K (default 10)")
     p.add_argument("--affinity", choices=["cosine", "gram"], default="cosine",
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..clustering import affinity_matrix, cluster_intervals
     from ..engine import sample_task_batch, task_gram
     from ..models import MODEL_NAMES
+    from ..adapters.conditioning import model_conditioning
     from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data
 
     start = time.perf_counter()
@@ -112,13 +116,15 @@ def run(args: argparse.Namespace) -> int:
     report_weights("bins", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
     _check(args, schedule.T)
-    data, size = model_data(model, args.data, args.image_size)
+    data, size = model_data(model, args.data, args.image_size, scale=args.scale)
     fine = TimestepBins.uniform(schedule.T, args.fine)
     cond = conditional(model, data.labels, verbose=True)
+    conditioning = model_conditioning(model, data, args.null_conditioning, args.null_length)
     dtype = next(model.parameters()).dtype
     grams = []
     for b in tqdm(range(args.batches), desc=f"fine Grams ({args.fine} bins)", unit="batch"):
-        batch = sample_task_batch(data.images, fine, args.per_task, args.seed + b, labels=data.labels, conditional=cond)
+        batch = sample_task_batch(data.images, fine, args.per_task, args.seed + b, labels=data.labels, conditional=cond,
+                                  conditioning=conditioning)
         batch = batch.to(device, dtype if dtype in (torch.float32, torch.float64) else None)
         with forward_hint(model, size, args.image_size):
             res = task_gram(model, batch.x0, batch.t, fine, schedule=schedule, prediction=loaded.prediction,

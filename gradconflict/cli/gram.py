@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, report_weights
 
 __all__ = ["add_parser", "run"]
@@ -24,7 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
     add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the data's images to this square size (default: none; data of another size than the "
+                        "model's is refused without it, and non-square images are never stretched)")
+    add_scale_flag(p)
+    add_conditioning_flags(p)
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K (default 10)")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
     p.add_argument("--bins-file", default=None,
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import MODEL_NAMES
     from ..spec import BUILTIN_INIT_SEED, conditional, forward_hint, load_model, model_data, resolve_checkpoint
 
+    from ..adapters.conditioning import model_conditioning
     from ..distributed import is_main, local_device, shard
 
     device = local_device(args.device)
@@ -90,13 +96,14 @@ def run(args: argparse.Namespace) -> int:
     if is_main():
         report_weights("gram", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
-    data, size = model_data(model, args.data, args.image_size)
+    data, size = model_data(model, args.data, args.image_size, scale=args.scale)
     if args.bins_file is not None:
         bins = bins_from_file(args, schedule.T)
     else:
         bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     batch = sample_task_batch(data.images, bins, args.per_task, args.seed, labels=data.labels,
-                              conditional=conditional(model, data.labels, verbose=is_main()))
+                              conditional=conditional(model, data.labels, verbose=is_main()),
+                              conditioning=model_conditioning(model, data, args.null_conditioning, args.null_length))
     # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union
     dtype = next(model.parameters()).dtype
     batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._io import write_json
 from ..track.config import TrackConfig
+from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
 
 __all__ = ["add_parser", "run"]
@@ -30,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", nargs="+", type=int, default=None, help="training step of each checkpoint (default 0, 1, 2, ...)")
     p.add_argument("--data", default="mnist", help="dataset name or path")
     p.add_argument("--image-size", type=int, default=None, help="resize images (default: the model's)")
+    add_scale_flag(p)
+    add_conditioning_flags(p)
     p.add_argument("--bins", type=int, default=10, help="timestep bins K")
     p.add_argument("--bins-file", default=None,
                    help="bins from a CSV (t_low, t_high per row, as `gradconflict bins` writes DIR/bins.csv) instead "
@@ -69,6 +72,7 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..adapters.conditioning import model_conditioning
     from ..distributed import is_main, local_device
     from ..figures import fig3_ugd_weights, fig4_pareto_objective
     from ..spec import conditional, forward_hint, load_model, model_data, resolve_checkpoint, spec_identity
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed)  # notes the run's config once
     if is_main():
         report_weights("track", first.weights, "each checkpoint")
-    data, size = model_data(first.model, args.data, args.image_size)
+    data, size = model_data(first.model, args.data, args.image_size, scale=args.scale)
     weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
 
     def loader(path: str):
@@ -107,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     # a rerun into --out skips steps it holds: record what they were computed from, so other inputs are refused
     # the data by content (a file rewritten in place, or another one of the same name, is other data) and a file
     # spec by its absolute path (the same file given relative or absolute is the same model)
-    inputs = {"model": spec_identity(args.model), "data": fingerprint([data.images, data.labels]), "image_size": size,
+    conditioning = model_conditioning(first.model, data, args.null_conditioning, args.null_length)
+    content = [data.images, data.labels] + [conditioning[k].contiguous() for k in sorted(conditioning)]
+    inputs = {"model": spec_identity(args.model), "data": fingerprint(content), "image_size": size,
               "weights": first.weights, "_names": {"data": str(args.data)}}  # _names: shown in a refusal, not compared
     if is_main():
         record_legacy_weights(stamp, ("inputs",), first.weights, "raw")
@@ -117,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         result = track_models([(s, loader(c)) for s, c in zip(steps, args.checkpoints)], data.images, first.schedule,
                               first.prediction, cfg, labels=data.labels,
                               conditional=conditional(first.model, data.labels, verbose=is_main()), out_dir=out,
-                              device=device, inputs=inputs, sources=sources)
+                              device=device, inputs=inputs, sources=sources, conditioning=conditioning)
     if not is_main():
         return 0
     setup = (f"\n{first.source} on {data.name}; K = {args.bins}, {args.per_task} samples/bin, lam = {args.lam} x "

@@ -16,6 +16,7 @@ def add_parser(subparsers: Any) -> None:
     """Register the ``train`` subcommand."""
     from ..models import MODEL_NAMES
     from ..train.config import SCHEDULES, TrainConfig
+    from ._data_flags import add_scale_flag
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -44,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-bf16", action="store_true", help="disable bfloat16 autocast on CUDA")
     p.add_argument("--image-size", type=int, default=d.image_size, help="pixels (height = width)")
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
+    add_scale_flag(p)
     p.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
     p.add_argument("--model-overrides", default="{}", help='JSON dict of model config fields, e.g. \'{"depth": 4}\'')
     p.add_argument("--bins", type=int, default=d.bins, help="timestep bins for the per-bin loss log")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, T=args.T, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads, bf16=not args.no_bf16,
-        image_size=args.image_size, data_limit=args.data_limit, conditional=args.conditional,
+        image_size=args.image_size, data_limit=args.data_limit, scale=args.scale, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
     )
     from ..distributed import is_main, wait_for_all

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
 
 __all__ = ["add_parser", "run"]
@@ -27,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_flag(p)
     p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
+    add_scale_flag(p)
+    add_conditioning_flags(p)
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bins import TimestepBins
     from ..distributed import is_main, local_device
     from .._io import write_csv
+    from ..adapters.conditioning import model_conditioning
     from ..spec import load_model, model_data
     from ..transfer import TransferConfig, plot_transfer, run_transfer
     from ..transfer.plot import describe_setup
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         record_legacy_weights(stamp, (), loaded.weights, old)
     model, schedule = loaded.model, loaded.schedule
     model.eval()
-    data, _ = model_data(model, args.data, args.image_size, limit=args.data_limit)
+    data, _ = model_data(model, args.data, args.image_size, limit=args.data_limit, scale=args.scale)
+    data.conditioning = model_conditioning(model, data, args.null_conditioning, args.null_length)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     steps = args.steps if args.steps is not None or args.mode == "lookahead" else 50
     cfg = TransferConfig(steps=steps, lr=args.lr, optimizer=args.optimizer if args.mode == "finetune" else "sgd",

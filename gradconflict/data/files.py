@@ -14,8 +14,9 @@ Every loader ends in ``images_to_tensor``, which returns channels-first float32 
     is kept exactly as it is, not clamped. The choice is logged at INFO level (``logging``);
   - ``"none"``: values are never changed (only cast to float32, bool to {0, 1}), not clamped;
   - ``"minmax"``: ``2 (x - min) / (max - min) - 1`` over the whole array (the old behaviour for floats).
-* size: bilinear ``F.interpolate`` with ``antialias=True`` to ``image_size x image_size`` pixels (non-square
-  images are stretched); data mapped to ``[-1, 1]`` are then clamped to ``[-1, 1]``.
+* size: bilinear ``F.interpolate`` with ``antialias=True`` to ``image_size x image_size`` pixels; non-square
+  images are refused rather than stretched (``image_size=None`` keeps any (H, W), e.g. non-square latents);
+  data mapped to ``[-1, 1]`` are then clamped to ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,16 @@ class ImageDataset(Dataset):
     """Images ``(N, C, H, W)`` float32 (in ``[-1, 1]``, or latents as stored) with labels ``(N,)`` long (``-1`` = no label).
 
     ``dataset[i]`` is ``(image (C, H, W), label)``. ``num_classes`` = max label + 1 (0 when unlabelled).
+    ``conditioning``: per-sample tensors by name, each ``(N, ...)`` with row ``i`` belonging to image ``i`` (e.g.
+    ``encoder_hidden_states`` (N, L, D)); they go to the model as keyword arguments of that name
+    (``gradconflict.adapters.conditioning``).
     """
 
     def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, name: str = "images",
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None,
+                 conditioning: Optional[dict[str, torch.Tensor]] = None) -> None:
+        from ..adapters.conditioning import check_conditioning
+
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
         if images.shape[0] == 0:
@@ -68,6 +75,7 @@ class ImageDataset(Dataset):
         self.name = name
         self.class_names = list(class_names) if class_names is not None else None
         self.num_classes = int(labels.max()) + 1 if bool((labels >= 0).any()) else 0
+        self.conditioning = check_conditioning(conditioning or {}, n, name)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -166,6 +174,11 @@ def images_to_tensor(images: Any, image_size: Optional[int] = 16, *, source: str
     if image_size is not None:
         if image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        h, w = x.shape[-2:]
+        if h != w and (h, w) != (image_size, image_size):
+            raise ValueError(f"{source}: the images are {h} x {w} (height x width): resizing them to {image_size} x "
+                             f"{image_size} would stretch them; crop or pad them to a square first, or keep their "
+                             "size (image_size=None; on the command line leave out --image-size)")
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     if unit:
@@ -207,21 +220,32 @@ def load_npz(path: str | Path, *, image_size: Optional[int] = 16, limit: Optiona
              scale: str = "auto") -> ImageDataset:
     """Images from the key ``images`` of an ``.npz`` archive, with integer ``labels`` (N,) if present.
 
-    ``scale`` as in :func:`load_npy`."""
+    ``labels`` may also be named ``class_labels``. Every other array is per-sample conditioning passed to the
+    model by its name (``ImageDataset.conditioning``; e.g. ``encoder_hidden_states`` (N, L, D),
+    ``encoder_attention_mask`` (N, L), ``added_cond_kwargs.text_embeds``): its first dimension must be N, and
+    ``limit`` keeps the same first rows of every array. ``scale`` as in :func:`load_npy` (images only)."""
+    from ..adapters.conditioning import LABEL_KEYS, check_conditioning
+
     _check_scale(scale)
     path = Path(path)
     with _load_array(path) as archive:
         if "images" not in archive.files:
             raise ValueError(f"{path} has no array named 'images' (keys: {archive.files}); save it with np.savez(path, images=..., labels=...)")
         arr = archive["images"]
-        labels = archive["labels"] if "labels" in archive.files else None
+        given = [k for k in LABEL_KEYS if k in archive.files]
+        if len(given) > 1:
+            raise ValueError(f"{path} holds both 'labels' and 'class_labels': they name the same class labels; keep one")
+        labels = archive[given[0]] if given else None
+        extra = {k: archive[k] for k in archive.files if k != "images" and k not in LABEL_KEYS}
     if arr.ndim < 1 or arr.shape[0] == 0:
         raise ValueError(f"{path}: 'images' holds no images (shape {arr.shape})")
     if labels is not None and labels.reshape(-1).shape[0] != arr.shape[0]:
-        raise ValueError(f"{path}: 'images' has {arr.shape[0]} entries but 'labels' has {labels.reshape(-1).shape[0]}")
+        raise ValueError(f"{path}: 'images' has {arr.shape[0]} entries but {given[0]!r} has {labels.reshape(-1).shape[0]}")
+    conditioning = check_conditioning(extra, arr.shape[0], str(path))  # checked on all N rows, then limited
     n = _limit(arr.shape[0], limit)
     y = None if labels is None else torch.from_numpy(np.asarray(labels).reshape(-1)[:n].astype(np.int64))
-    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path), scale=scale), y, name=path.stem)
+    return ImageDataset(images_to_tensor(arr[:n], image_size, source=str(path), scale=scale), y, name=path.stem,
+                        conditioning={k: v[:n].contiguous() for k, v in conditioning.items()})
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -249,7 +273,11 @@ def _palette_is_gray(im: Any) -> bool:
 def load_folder(path: str | Path, *, image_size: Optional[int] = 16, limit: Optional[int] = None) -> ImageDataset:
     """Images from a folder. Files directly inside are unlabelled (label -1); files in sub-folders get the
     sub-folder's index in sorted order as label (``root/cat/1.png`` -> class of "cat"). All images must have
-    one size; grayscale images are repeated to RGB when the folder also holds colour images."""
+    one size; grayscale images are repeated to RGB when the folder also holds colour images.
+
+    Per-sample conditioning: a sidecar ``root/conditioning.npz`` with ``files`` (the images' paths relative to
+    ``root``, e.g. ``"cat/1.png"``) and arrays whose row ``i`` belongs to ``files[i]`` (e.g.
+    ``encoder_hidden_states`` (M, L, D)); every image of the folder must be listed (:data:`SIDECAR`)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
@@ -272,7 +300,37 @@ def load_folder(path: str | Path, *, image_size: Optional[int] = 16, limit: Opti
         arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=-1) for a in arrays]
     stacked = np.stack([a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays])
     labels = torch.tensor([k for _, k in entries], dtype=torch.long)
-    return ImageDataset(images_to_tensor(stacked, image_size, source=str(root)), labels, name=root.name, class_names=classes or None)
+    conditioning = _sidecar(root, [f.relative_to(root).as_posix() for f, _ in entries])
+    return ImageDataset(images_to_tensor(stacked, image_size, source=str(root)), labels, name=root.name,
+                        class_names=classes or None, conditioning=conditioning)
+
+
+SIDECAR = "conditioning.npz"
+"""File name of an image folder's per-sample conditioning (see :func:`load_folder`)."""
+
+
+def _sidecar(root: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The rows of ``root/conditioning.npz`` for the images ``names`` (paths relative to ``root``), in that order."""
+    path = root / SIDECAR
+    if not path.is_file():
+        return {}
+    with _load_array(path) as archive:
+        if "files" not in archive.files:
+            raise ValueError(f"{path} has no array 'files' (the images' paths relative to {root}, one per row); save it "
+                             "with np.savez(path, files=np.array(['cat/1.png', ...]), encoder_hidden_states=...)")
+        files = [str(f) for f in archive["files"].reshape(-1)]
+        arrays = {k: archive[k] for k in archive.files if k != "files"}
+    for key, value in arrays.items():
+        if value.ndim == 0 or value.shape[0] != len(files):
+            raise ValueError(f"{path}: conditioning {key!r} has shape {value.shape} but 'files' lists {len(files)} "
+                             f"images: its first dimension must be {len(files)}; fix or remove {key!r}")
+    row = {f: i for i, f in enumerate(files)}
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise ValueError(f"{path} lists no conditioning for {len(missing)} image(s), e.g. {missing[:3]}; add them to "
+                         "'files' (paths relative to the folder) or remove those images")
+    pick = np.array([row[n] for n in names])
+    return {k: v[pick] for k, v in arrays.items()}
 
 
 def _image_files(folder: Path) -> list[Path]:

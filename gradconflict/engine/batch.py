@@ -29,9 +29,15 @@ class TaskBatch:
                          {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.model_kwargs.items()})
 
     def to(self, device: Any, dtype: Optional[torch.dtype] = None) -> "TaskBatch":
-        """Move to ``device``; with ``dtype``, cast x0 and noise (e.g. to the model's parameter dtype)."""
+        """Move to ``device``; with ``dtype``, cast x0, noise and floating conditioning (e.g. text embeddings) to it
+        (e.g. the model's parameter dtype); integer and bool tensors (labels, masks) keep theirs."""
+        def move(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
         return TaskBatch(self.x0.to(device, dtype), self.t.to(device), self.task.to(device), self.noise.to(device, dtype),
-                         {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.model_kwargs.items()})
+                         {k: move(v) for k, v in self.model_kwargs.items()})
 
 
 def sample_task_batch(
@@ -42,10 +48,13 @@ def sample_task_batch(
     *,
     labels: Optional[torch.Tensor] = None,
     conditional: bool = False,
+    conditioning: Optional[dict[str, torch.Tensor]] = None,
 ) -> TaskBatch:
     """Draw ``per_task`` samples for each bin: images uniformly from ``images`` (N, C, H, W), timesteps
     uniformly inside the bin, Gaussian noise; all from one CPU generator seeded with ``seed``.
-    With ``conditional`` the labels are passed to the model as ``y``."""
+    With ``conditional`` the labels are passed to the model as ``y``. ``conditioning`` (per-sample tensors
+    ``{name: (N, ...)}``, e.g. ``ImageDataset.conditioning``): the rows of the drawn images go to the model as
+    keyword arguments of those names (the draw itself does not depend on it)."""
     if per_task < 1:
         raise ValueError(f"per_task must be >= 1 sample per task, got {per_task}")
     if images.shape[0] == 0:
@@ -63,4 +72,9 @@ def sample_task_batch(
         if labels is None or bool((labels[pick] < 0).any()):
             raise ValueError("the model is class-conditional but the dataset has no labels")
         kwargs["y"] = labels[pick].long()
+    for key, value in (conditioning or {}).items():
+        if value.shape[0] != images.shape[0]:
+            raise ValueError(f"conditioning {key!r} has {value.shape[0]} rows but there are {images.shape[0]} images; "
+                             "give one row per image")
+        kwargs[key] = value[pick]
     return TaskBatch(x0, t, task, noise, kwargs)

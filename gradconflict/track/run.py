@@ -223,6 +223,7 @@ def track_models(
     progress: bool = True,
     inputs: Optional[dict[str, Any]] = None,
     sources: Optional[dict[int, str]] = None,
+    conditioning: Optional[dict[str, torch.Tensor]] = None,
 ) -> TrackResult:
     """Track a sequence of ``(step, model)`` (a model, or a zero-argument function that loads it, so nothing
     is loaded for steps already in ``out_dir``). The batch of resample r at step s is seeded with
@@ -231,7 +232,8 @@ def track_models(
     A rerun into the same ``out_dir`` skips the steps it holds, so it must be the same experiment: ``inputs``
     (e.g. model spec and dataset) is recorded with the config and must match; ``sources`` maps steps to where
     their models come from (e.g. :func:`file_source` of a checkpoint), and a step tracked before from another
-    source is refused."""
+    source is refused. ``conditioning``: per-sample tensors ``{name: (N, ...)}`` passed to the models by name with
+    their images (``ImageDataset.conditioning``, e.g. text embeddings)."""
     items = list(models)
     steps_given = [int(s) for s, _ in items]
     if len(set(steps_given)) != len(steps_given):
@@ -261,7 +263,8 @@ def track_models(
         new_o, new_w = [], []
         for r in range(config.resamples):
             seed = (config.seed * 1_000_003 + int(step)) * 101 + r
-            batch = sample_task_batch(images, bins, config.per_task, seed, labels=labels, conditional=conditional)
+            batch = sample_task_batch(images, bins, config.per_task, seed, labels=labels, conditional=conditional,
+                                      conditioning=conditioning)
             batch = batch.shard(dist.shard(batch.t.numel())).to(torch.device(device), _float_dtype(model))  # this rank's share
             res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=prediction,
                             loss_space=config.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs,
@@ -313,7 +316,8 @@ def track_training(
     if dist.is_main():  # the snapshots stand for this training config: a changed one must not reuse them
         _check_config(out, train_config.identity(), "train_config.json", "a training run of another config")
     run_dir = out / "run"
-    data = load_dataset(train_config.data, image_size=train_config.image_size, limit=train_config.data_limit)
+    data = load_dataset(train_config.data, image_size=train_config.image_size, limit=train_config.data_limit,
+                        scale=train_config.scale)
     schedule = make_schedule(train_config.schedule, train_config.T)
     steps = list(range(every, train_config.steps + 1, every))
 

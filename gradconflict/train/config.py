@@ -29,7 +29,8 @@ class TrainConfig:
     """One training run.
 
     * ``data``: dataset name or path (see ``gradconflict.data.load_dataset``); ``data_limit``: first N images;
-      ``image_size``: pixels (height = width).
+      ``image_size``: pixels (height = width); ``scale``: value range of ``.npy``/``.npz`` data (auto, none,
+      minmax; see ``gradconflict.data``).
     * ``model``: a name in ``gradconflict.models.MODEL_NAMES``; ``model_overrides``: config fields to change
       (``in_channels``/``image_size``/``prediction`` follow the data and ``prediction`` automatically);
       ``conditional``: give the model the dataset's class labels.
@@ -68,6 +69,7 @@ class TrainConfig:
     bf16: bool = True
     image_size: int = 16
     data_limit: Optional[int] = None
+    scale: str = "auto"
     conditional: bool = False
     model_overrides: dict[str, Any] = field(default_factory=dict)
     log_every: int = 10
@@ -84,6 +86,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; use {name} >= 1")
+        if self.scale not in ("auto", "none", "minmax"):
+            raise ValueError(f"unknown scale {self.scale!r}; use 'auto', 'none' or 'minmax' (see gradconflict.data)")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or None), got {self.cpu_threads}")
         if self.bins > self.T:

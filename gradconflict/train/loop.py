@@ -179,9 +179,13 @@ def _weights_step(path: Path) -> Optional[int]:
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
-    dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit)
+    dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit, scale=config.scale)
     if config.conditional and dataset.num_classes == 0:
         raise ValueError(f"conditional=True but dataset {dataset.name!r} has no labels")
+    if dataset.conditioning:  # never dropped silently: the built-in models take class labels only
+        raise ValueError(f"dataset {dataset.name!r} carries the per-sample conditioning {sorted(dataset.conditioning)}, "
+                         f"which the built-in {config.model} does not take (class labels only); remove those arrays "
+                         "from the data file (text-conditioned training is not supported yet)")
     overrides = {
         **config.model_overrides,
         "image_size": config.image_size,

@@ -46,12 +46,14 @@ class EvalSet:
 
 
 def draw_eval_set(images: torch.Tensor, labels: Optional[torch.Tensor], bins: TimestepBins, per_bin: int, seed: int,
-                  *, device: torch.device, dtype: torch.dtype) -> EvalSet:
+                  *, device: torch.device, dtype: torch.dtype, conditioning: Optional[dict] = None) -> EvalSet:
     """``per_bin`` samples for each of the K bins from a CPU generator seeded with ``seed`` (same on every
-    device); ``labels`` given (not None) means the model is class-conditional and receives them as ``y``."""
+    device); ``labels`` given (not None) means the model is class-conditional and receives them as ``y``;
+    ``conditioning`` (per-sample tensors by name) gives the drawn rows to the model by name (floats in ``dtype``)."""
     batch = sample_task_batch(images.cpu(), bins, per_bin, seed, labels=None if labels is None else labels.cpu(),
-                              conditional=labels is not None)
-    kwargs = {k: v.to(device) for k, v in batch.model_kwargs.items()}
+                              conditional=labels is not None,
+                              conditioning={k: v.cpu() for k, v in (conditioning or {}).items()})
+    kwargs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.model_kwargs.items()}
     return EvalSet(batch.x0.to(device, dtype), batch.t.to(device), batch.task.to(device), batch.noise.to(device, dtype),
                    bins.K, kwargs)
 

@@ -153,7 +153,8 @@ def _first_order(model: nn.Module, streams: Sequence[BatchStream], eval_set: Eva
 
     Each stream is replayed from its seed, so its first batch is the one the (first) step used."""
     C = len(streams)
-    first = [BatchStream(s.source, int(s.generator.initial_seed()), s.images, s.labels, s.batch_size).next() for s in streams]
+    first = [BatchStream(s.source, int(s.generator.initial_seed()), s.images, s.labels, s.batch_size, s.conditioning).next()
+             for s in streams]
     x0 = torch.cat([b[0] for b in first] + [eval_set.x0])
     t = torch.cat([b[1] for b in first] + [eval_set.t])
     noise = torch.cat([b[2] for b in first] + [eval_set.noise])
@@ -194,6 +195,8 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
     images = images.to(device, dtype)
     conditional = int(getattr(getattr(model, "config", None), "num_classes", 0) or 0) > 0
     use_labels = labels.to(device) if conditional and labels is not None and bool((labels >= 0).all()) else None
+    conditioning = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                    for k, v in (getattr(data, "conditioning", None) or {}).items()}  # e.g. text embeddings, by name
     sources = sources_of(bins, config.include_all)
     C, K = len(sources), bins.K
     mine = [c for c in range(C) if c % dist.world_size() == dist.rank()]
@@ -206,7 +209,8 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
         skip = {"progress", "seeds", "seed", "batched", "eval_chunk"}
         identity = {**{k: v for k, v in config.to_dict().items() if k not in skip}, "bins": list(map(int, bins.edges)),
                     "T": schedule.T, "prediction": prediction, "model": fingerprint(theta0.values()),
-                    "data": fingerprint([images, use_labels]), **(identity_extra or {})}
+                    "data": fingerprint([images, use_labels] + [conditioning[k] for k in sorted(conditioning)]),
+                    **(identity_extra or {})}
         log = SeedLog(resume_dir, identity)
         previous, done = log.finished(seeds)
         if previous is not None:
@@ -215,13 +219,13 @@ def run_transfer(model: nn.Module, data: Any, bins: TimestepBins, config: Transf
         if seed in done:
             continue
         eval_set = draw_eval_set(images, use_labels, bins, config.eval_samples, derive_seed(seed, _EVAL),
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype, conditioning=conditioning)
         before = evaluate_losses(model, eval_set, schedule, prediction, theta0, chunk=config.eval_chunk)
         if not bool((before > 0).all()):
             raise ValueError(f"the loss of bin(s) {torch.nonzero(before <= 0).flatten().tolist()} is 0 at theta_0: "
                              "the relative reduction is undefined")
-        streams = [BatchStream(sources[c], derive_seed(seed, _FT, sources[c].index + 1), images, use_labels, config.batch_size)
-                   for c in range(C)]
+        streams = [BatchStream(sources[c], derive_seed(seed, _FT, sources[c].index + 1), images, use_labels, config.batch_size,
+                               conditioning) for c in range(C)]
         after = torch.zeros(C, K, dtype=torch.float64)
         if mine:
             quiet = config if dist.is_main() else TransferConfig(**{**config.__dict__, "progress": False})
@@ -296,7 +300,8 @@ def transfer_matrix(model: nn.Module, data: Any, bins: TimestepBins, *, steps: O
 
     Args:
         model: ``model(x_t, t, y=None)``, fine-tuned from its current parameters (theta_0; left unchanged).
-        data: images ``(N, C, H, W)`` or an ``ImageDataset`` (its labels go to class-conditional models as y).
+        data: images ``(N, C, H, W)`` or an ``ImageDataset`` (its labels go to class-conditional models as y, its
+            ``conditioning`` tensors to the model by name with their images).
         bins: the K timestep bins (sources and targets); ``schedule``: the model's noise schedule;
             ``prediction``: "eps", "x0" or "v" (default ``model.config.prediction``).
         steps, lr, optimizer, batch_size, weight_decay, grad_clip: fine-tuning of each copy.

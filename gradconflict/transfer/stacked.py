@@ -123,10 +123,14 @@ class ScheduleTables:
 class BatchStream:
     """Fine-tuning batches of one copy: each ``next()`` draws ``batch_size`` images uniformly (with
     replacement), ``t ~ U{low..high-1}`` and ``eps ~ N(0, I)`` from a CPU generator seeded with ``seed``,
-    so the sequence is the same on every device, in batched and in sequential runs."""
+    so the sequence is the same on every device, in batched and in sequential runs. ``conditioning``: per-sample
+    tensors ``{name: (N, ...)}`` on the images' device; the drawn rows go to the model by name (the draws are the
+    same with or without them)."""
 
-    def __init__(self, source: Source, seed: int, images: torch.Tensor, labels: Optional[torch.Tensor], batch_size: int) -> None:
+    def __init__(self, source: Source, seed: int, images: torch.Tensor, labels: Optional[torch.Tensor], batch_size: int,
+                 conditioning: Optional[dict] = None) -> None:
         self.source, self.images, self.labels, self.batch_size = source, images, labels, batch_size
+        self.conditioning = dict(conditioning or {})
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -145,6 +149,7 @@ class BatchStream:
         idx_d = torch.stack(idx).to(dev)
         x0 = self.images[idx_d]
         kwargs = {"y": self.labels[idx_d]} if self.labels is not None else {}
+        kwargs.update({k: v[idx_d] for k, v in self.conditioning.items()})
         return x0, torch.stack(t).to(dev), torch.stack(noise).to(device=dev, dtype=x0.dtype), kwargs
 
 
@@ -358,7 +363,8 @@ def finetune_copies(model: nn.Module, streams: Sequence[BatchStream], config: Tr
             except VmapUnsupported as err:
                 warnings.warn(f"batched fine-tuning is not possible for this model under torch.func.vmap ({err}); "
                               "fine-tuning the copies one after the other instead", RuntimeWarning, stacklevel=2)
-                streams = [BatchStream(s.source, _initial_seed(s), s.images, s.labels, s.batch_size) for s in streams]
+                streams = [BatchStream(s.source, _initial_seed(s), s.images, s.labels, s.batch_size, s.conditioning)
+                           for s in streams]
         return finetune_sequential(model, streams, config, schedule, prediction, desc=desc)
     finally:
         for m, mode in was_training:
