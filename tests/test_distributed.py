@@ -90,8 +90,8 @@ def test_reproduce_toy_under_torchrun_equals_the_plain_run(tmp_path: Path) -> No
     assert main(["reproduce", "--toy", "--out", str(tmp_path / "plain"), "--no-progress"]) == 0
     dist = pd.read_csv(tmp_path / "dist" / "figures" / "claims.csv")
     plain = pd.read_csv(tmp_path / "plain" / "figures" / "claims.csv")
-    assert list(dist["holds"]) == list(plain["holds"])
-    for column in ["near", "far", "ratio_min_snr_5", "ratio_constant"]:
+    assert list(dist["claim"]) == list(plain["claim"]) and list(dist["verdict"]) == list(plain["verdict"])
+    for column in ["statistic", "stderr", "n_models"]:
         pd.testing.assert_series_equal(dist[column], plain[column], rtol=1e-6)
 
 
