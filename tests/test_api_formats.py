@@ -144,3 +144,15 @@ def test_track_writes_steps_and_bins_and_reads_an_older_archive(tmp_path: Path) 
     loaded = load_track(tmp_path)
     assert sorted(loaded.grams) == [(3, 0), (3, 1)]
     np.testing.assert_array_equal(loaded.grams[(3, 1)], res.grams[(3, 1)])
+
+
+def test_the_readme_python_conflict_example_runs_as_written(tmp_path: Path) -> None:
+    from test_readme import _run, _section_code
+
+    code = _section_code("The conflict matrix in Python")
+    assert "gc.load_model(" in code and "gc.plots.cosine_heatmap(" in code
+    _run(code, tmp_path)
+    cos = pd.read_csv(tmp_path / "runs" / "python" / "cosine.csv", index_col=0)
+    assert cos.shape == (5, 5) and np.allclose(np.diag(cos.to_numpy()), 1.0)
+    assert _is_png(tmp_path / "runs" / "python" / "cosine.png")
+    assert (ROOT / "docs" / "formats.md").is_file() and "docs/formats.md" in (ROOT / "README.md").read_text()
