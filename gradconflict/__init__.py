@@ -12,7 +12,8 @@ from .targets import PREDICTIONS
 __version__ = "0.1.0"
 
 _LAZY = {"compare": ("comparison", "compare"), "CompareConfig": ("comparison", "CompareConfig"),
-         "Monitor": ("monitor", "Monitor")}
+         "Monitor": ("monitor", "Monitor"), "load_model": ("_api", "load_model"), "load_data": ("_api", "load_data"),
+         "plots": ("plots", None)}  # (module, attribute); None: the module itself
 
 
 def __getattr__(name: str):  # PEP 562: the training workflows load on first use, not with ``import gradconflict``
@@ -20,7 +21,8 @@ def __getattr__(name: str):  # PEP 562: the training workflows load on first use
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        loaded = importlib.import_module(f".{module}", __name__)
+        value = loaded if attr is None else getattr(loaded, attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -35,7 +37,10 @@ __all__ = [
     "compare",
     "conflict",
     "engine",
+    "load_data",
+    "load_model",
     "pareto",
+    "plots",
     "prediction_type_of",
     "task_gram",
     "targets",

@@ -10,7 +10,8 @@ appends to tidy CSVs in ``out`` (rewritten atomically; a rerun into the same fol
   simplex, ``lam_abs = lam * trace(G) / K``), reg_share ``lam_abs ||w*||^2 / f*``, seconds
 * ``monitor_weights.csv``: step, bin, label, weight (the exact optimum ``w*``)
 * ``monitor_scores.csv``: step, strategy, objective ``f(w_s)``, ratio ``f(w_s) / f*``, excess ``f(w_s) - f*``
-* ``monitor_grams.npz``: the Grams, key ``step{S}``; ``monitor_config.json``: what the results depend on
+* ``monitor_grams.npz``: the Grams ``grams`` (N, K, K) with ``steps`` (N,) and the bins' ``labels``, ``t_low``,
+  ``t_high`` (K,) as arrays (``gradconflict.gram_archive``; also under the older keys ``step{S}``); ``monitor_config.json``: what the results depend on
 
 and, when TensorBoard is installed (``pip install gradconflict[monitor]``), the scalars and the cosine heatmap
 under ``out/tensorboard``. The draw comes from the monitor's own generator seeded with ``(seed, step)``; the
@@ -31,10 +32,11 @@ import torch
 from torch import nn
 
 from . import conflict
-from ._io import atomic_write, record_identity, write_csv
+from ._io import record_identity, write_csv
 from .adaptive.base import preserve_state
 from .bins import TimestepBins
 from .engine import task_gram
+from .gram_archive import read_gram_archive, write_gram_archive
 from .engine.inputs import as_schedule
 from .schedule import NoiseSchedule, prediction_type_of
 from .targets import normalize_prediction
@@ -229,15 +231,14 @@ class Monitor:
                 frame = pd.read_csv(self.out / name)
                 setattr(self, attr, frame[frame["step"].isin(done)].reset_index(drop=True))
         if (self.out / "monitor_grams.npz").is_file():
-            with np.load(self.out / "monitor_grams.npz") as z:
-                self.grams = {int(k[4:]): z[k] for k in z.files if int(k[4:]) in done}
+            archive = read_gram_archive(self.out / "monitor_grams.npz")  # new or older (keys only) archives
+            self.grams = {key[0]: G for key, G in archive.as_dict().items() if key[0] in done}
 
     def _save(self) -> None:
         """Weights, scores and Grams first, the metrics last (the commit point of :meth:`_load`)."""
         write_csv(self._weights, self.out / "monitor_weights.csv")
         write_csv(self._scores, self.out / "monitor_scores.csv")
-        atomic_write(self.out / "monitor_grams.npz",
-                     lambda p: np.savez(p, **{f"step{s}": g for s, g in sorted(self.grams.items())}))
+        write_gram_archive(self.out / "monitor_grams.npz", self.grams, self.bins, resamples=False)
         write_csv(self._metrics, self.out / "monitor_metrics.csv")
 
     def _log(self, step: int, row: dict, G: np.ndarray, score_rows: list[dict]) -> None:

@@ -5,7 +5,9 @@ resumes where it stopped (checkpoints already in the CSVs are skipped; a differe
 
 * ``track_objectives.csv``: step, resample, name, kind (solver | strategy), objective, ratio, excess, gap, ...
 * ``track_weights.csv``: step, resample, name, kind, bin, label, weight
-* ``track_grams.npz``: the Gram matrices, key ``step{S}_r{R}``
+* ``track_grams.npz``: the Gram matrices ``grams`` (N, K, K) with ``steps``, ``resamples`` (N,) and the bins'
+  ``labels``, ``t_low``, ``t_high`` (K,) as arrays (``gradconflict.gram_archive``; also under the older keys
+  ``step{S}_r{R}``)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .. import distributed as dist
 from .._io import atomic_write, identity_changes, record_identity, write_csv, write_json
 from ..bins import TimestepBins
 from ..engine import sample_task_batch, task_gram
+from ..gram_archive import read_gram_archive, write_gram_archive
 from ..schedule import NoiseSchedule
 from ..weighting import WeightingStrategy, as_strategy, check_unique_names
 from .analyze import analyze_gram
@@ -84,23 +87,19 @@ def load_track(out_dir: Union[str, Path]) -> Optional[TrackResult]:
     objectives = pd.read_csv(out / "track_objectives.csv")
     done = set(objectives["step"].unique())  # the commit point (_save): a step is done once its objectives are saved
     grams: dict[tuple[int, int], np.ndarray] = {}
-    if (out / "track_grams.npz").is_file():
-        with np.load(out / "track_grams.npz") as z:
-            for key in z.files:
-                s, r = key[4:].split("_r")
-                if int(s) in done:
-                    grams[(int(s), int(r))] = z[key]
+    if (out / "track_grams.npz").is_file():  # new archives and older ones that hold only the step{S}_r{R} keys
+        grams = {key: G for key, G in read_gram_archive(out / "track_grams.npz").as_dict().items() if key[0] in done}
     weights = pd.read_csv(out / "track_weights.csv")
     weights = weights[weights["step"].isin(done)].reset_index(drop=True)
     labels = list(weights.drop_duplicates("bin").sort_values("bin")["label"])
     return TrackResult(objectives, weights, grams, labels)
 
 
-def _save(out: Path, result: TrackResult) -> None:
+def _save(out: Path, result: TrackResult, bins: Optional[TimestepBins] = None) -> None:
     """Weights and Grams first, the objectives last: a step counts as done (:func:`load_track`) only once all three
     hold it, so a run killed between the writes recomputes that step instead of losing part of it."""
     write_csv(result.weights, out / "track_weights.csv")
-    atomic_write(out / "track_grams.npz", lambda p: np.savez(p, **{f"step{s}_r{r}": g for (s, r), g in result.grams.items()}))
+    write_gram_archive(out / "track_grams.npz", result.grams, bins, resamples=True)
     write_csv(result.objectives, out / "track_objectives.csv")
 
 
@@ -281,7 +280,7 @@ def track_models(
         if out is not None and dist.is_main():
             if sources and int(step) in sources:  # before the results: a saved step always has its source on record
                 _record_source(out, int(step), sources[int(step)])
-            _save(out, result)
+            _save(out, result, bins)
     if not obj_rows:
         raise ValueError("nothing to track: give at least one (step, model)")
     return TrackResult(pd.concat(obj_rows, ignore_index=True), pd.concat(w_rows, ignore_index=True), grams, bins.labels)
