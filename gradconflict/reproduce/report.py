@@ -156,8 +156,9 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
                         "far_larger_mean", "pearson", "spearman", "sign_disagree") if c in extras["c1"].columns]
     lines += _table(extras["c1"][keep])
     lines += ["", "## Figures", "",
-              "- `fig2_transfer.png` / `.csv`: cross-bin transfer, pooled over models and seeds (C1); "
-              + ", ".join(f"`fig2_transfer_{k}.png`" for k in list(runs)[1:]) + " the other optimizer(s).",
+              "- `fig2_transfer.png` / `.csv`: cross-bin transfer, pooled over models and seeds (C1)"
+              + ("; " + ", ".join(f"`fig2_transfer_{k}.png`" for k in list(runs)[1:]) + ": the other optimizer(s)."
+                 if len(runs) > 1 else "."),
               "- `fig3_online_weights.png` / `.csv`: online UGD through model 0's checkpoints beside the exact optima "
               "of the same small batches and of a large batch, with regrets (C2).",
               "- `c3_lam_path.png` / `.csv` (C3's primary figure), `c3_gamma_sweep.png` / `.csv`, `c3_binning.csv`.",
