@@ -25,8 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "an interrupted run resumes (checkpoints already done are skipped).",
     )
     p.add_argument("--model", required=True, help="built-in name, training run folder, or path/file.py:function")
-    p.add_argument("--checkpoints", nargs="+", required=True,
-                   help="state dicts (.pt / .safetensors, or training run folders: their weights), in training order")
+    p.add_argument("--checkpoints", nargs="+", default=None,
+                   help="state dicts (.pt / .safetensors, or training run folders: their weights), in training order "
+                        "(default with --model RUN: every RUN/checkpoints/step*.safetensors that train "
+                        "--keep-checkpoints wrote, and RUN/model.safetensors, at the steps they record)")
     add_weights_flag(p)
     p.add_argument("--steps", nargs="+", type=int, default=None, help="training step of each checkpoint (default 0, 1, 2, ...)")
     p.add_argument("--data", default="mnist", help="dataset name or path")
@@ -79,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
     from ..track import file_source, track_models
     from .._io import fingerprint
 
+    if args.checkpoints is None:
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--checkpoints is missing: pass the weights files to track, or a training run folder as "
+                             f"--model (its kept checkpoints are then tracked); {args.model!r} is not one")
+        from ..train.checkpoint import run_checkpoints
+
+        if args.steps is not None:
+            raise ValueError("--steps without --checkpoints: a run's checkpoints carry their steps; drop --steps")
+        found = run_checkpoints(args.model)
+        args.steps, args.checkpoints = [s for s, _ in found], [str(p) for _, p in found]
+        if is_main():
+            print(f"track: {len(found)} checkpoint(s) of {args.model} at steps {args.steps}", file=sys.stderr)
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):
         raise ValueError(f"got {len(steps)} --steps for {len(args.checkpoints)} --checkpoints; give one step each")

@@ -51,6 +51,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--bins", type=int, default=d.bins, help="timestep bins for the per-bin loss log")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep the weights of every --checkpoint-every step as RUN/checkpoints/step{N}.safetensors "
+                        "(raw + EMA); `gradconflict track --model RUN` tracks them all")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads, bf16=not args.no_bf16,
         image_size=args.image_size, data_limit=args.data_limit, scale=args.scale, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
     )
     from ..distributed import is_main, wait_for_all
 
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     wait_for_all()
     if len(log):
         print(_summary(log, config.log_every))
-    print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv")
+    kept = f", checkpoints/step*.safetensors (every {config.checkpoint_every} steps)" if config.keep_checkpoints else ""
+    print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv{kept}")
     return 0
 
 

@@ -21,7 +21,8 @@ def _real(value: Any) -> bool:
 
 
 # fields that may differ between a run on disk and the config that resumes it
-RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads"})
+RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads",
+                                              "keep_checkpoints"})
 
 
 @dataclass
@@ -47,6 +48,9 @@ class TrainConfig:
       models run fastest with 1. Bit-exact resume on the CPU needs the same thread count in every segment.
     * logging: per-step log every step, per-bin losses over ``bins`` uniform timestep bins aggregated over
       every ``log_every`` steps; checkpoints every ``checkpoint_every`` steps and at the end.
+      ``keep_checkpoints``: also keep the weights of every ``checkpoint_every`` step as
+      ``checkpoints/step{N}.safetensors`` (the content of ``model.safetensors`` at step N: raw + EMA weights and
+      the metadata), for ``gradconflict track --model RUN``; a resume keeps the files already written.
     """
 
     data: str = "mnist"
@@ -75,6 +79,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     bins: int = 10
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         self.prediction = normalize_prediction(self.prediction)
@@ -86,6 +91,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; use {name} >= 1")
+        if not isinstance(self.keep_checkpoints, bool):
+            raise ValueError(f"keep_checkpoints must be True or False, got {self.keep_checkpoints!r}")
         if self.scale not in ("auto", "none", "minmax"):
             raise ValueError(f"unknown scale {self.scale!r}; use 'auto', 'none' or 'minmax' (see gradconflict.data)")
         if self.cpu_threads is not None and self.cpu_threads < 1:

@@ -18,13 +18,15 @@ logging window. All randomness (data order, timesteps, noise) comes from one CPU
 whose state is checkpointed, so on the CPU a resumed run is bit-identical to an uninterrupted one.
 
 Outputs in ``out_dir``: ``config.json``, ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
-step: step, loss, loss_x0, lr, grad_norm, seconds) and ``losses.csv`` (tidy: step, bin, label, t_low,
-t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together).
+step: step, loss, loss_x0, lr, grad_norm, seconds), ``losses.csv`` (tidy: step, bin, label, t_low,
+t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together) and, with ``keep_checkpoints``,
+``checkpoints/step{N}.safetensors`` for every ``checkpoint_every`` step N (written after ``model.safetensors``).
 
 Crash safety: ``checkpoint.pt`` is the commit point of a save and also holds the log history, so a run
 interrupted anywhere (even between the files of one save) resumes with complete, duplicate-free logs.
 A save writes ``checkpoint.pt``, then ``log.csv``, ``losses.csv`` and last ``model.safetensors``, so a
 ``model.safetensors`` whose step matches the checkpoint means the logs of that step were written as well.
+A kept ``checkpoints/step{N}.safetensors`` missing for the checkpoint's step (interrupted save) is written on resume.
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_we
 from .config import TrainConfig
 from .ema import EMA
 
-__all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler"]
+__all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler", "KEPT_DIR", "kept_weights_path"]
+
+KEPT_DIR = "checkpoints"  # keep_checkpoints: the weights of every checkpoint_every step, checkpoints/step{N}.safetensors
+
+
+def kept_weights_path(out: str | Path, step: int) -> Path:
+    """``out/checkpoints/step{step}.safetensors``: the kept weights of one step of a run (``keep_checkpoints``)."""
+    return Path(out) / KEPT_DIR / f"step{int(step)}.safetensors"
 
 
 def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
@@ -333,8 +342,17 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         if bin_frame is not None:
             write_csv(bin_frame, out / "losses.csv")
         save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
+        keep(at)
         return frame
 
+    def keep(at: int) -> None:
+        """Write ``checkpoints/step{at}.safetensors`` (keep_checkpoints) for a ``checkpoint_every`` step ``at``."""
+        if config.keep_checkpoints and at > 0 and at % config.checkpoint_every == 0:
+            (out / KEPT_DIR).mkdir(exist_ok=True)
+            save_weights(kept_weights_path(out, at), model, ema.shadow, {**meta, "step": at})
+
+    if step > 0 and not kept_weights_path(out, step).is_file():  # a save interrupted before its kept copy
+        keep(step)
     if step >= config.steps:  # == (a larger step was refused): finished; finish a save interrupted after the checkpoint
         if _weights_step(out / "model.safetensors") != step:
             return save(step, checkpoint=False)
