@@ -1,4 +1,5 @@
-"""``gradconflict train``: train a built-in diffusion model (resumes when the output directory holds the same run)."""
+"""``gradconflict train``: train a built-in diffusion model or your own (``file.py:function``, ``diffusers:PATH``);
+resumes when the output directory holds the same run."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a diffusion model (writes checkpoint.pt, model.safetensors, losses.csv)",
-        description="Train a built-in diffusion model. Running again with a larger --steps on the same --out resumes.",
+        description="Train a built-in diffusion model or your own (--model file.py:function). Running again with a "
+        "larger --steps on the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default=d.data, help="mnist | digits | synthetic | path to .npy/.npz/image folder")
-    p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", default=d.model,
+                   help=f"one of {', '.join(MODEL_NAMES)}, or your model: path/file.py:function (a function "
+                        "returning an nn.Module, or (model, schedule, prediction); built with torch seeded by --seed, "
+                        "called model(x_t, t[, y=labels])), module:function, or diffusers:PATH (a local folder, "
+                        "fine-tuned). Its input must match --image-size and the data's channels; the run trains "
+                        "it with --schedule, --T and --prediction")
     p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5, or adaptive: pareto_online:10, "
                    "ugd_online:1, learned_uncertainty, pareto_fit:PATH.csv (gradconflict.adaptive)")
     p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")

@@ -9,7 +9,8 @@ Files in a run directory:
   ``step``, so that a resume never depends on the CSVs) and ``weighting`` (the ``AdaptiveWeighting``'s
   state: online Pareto weights, a learned weighting's network; empty for fixed ones); loadable with ``weights_only=True``;
 * ``model.safetensors``: model weights plus EMA weights under the prefix ``ema.``; the metadata holds
-  ``config`` and ``model_spec`` as JSON, so it is self-contained;
+  ``config`` and ``model_spec`` as JSON, so it is self-contained (for a user model spec, ``model_spec`` is
+  ``{"spec": "/abs/file.py:build", "seed": N}``: the model is built again from that file, which must still exist);
 * ``checkpoints/step{N}.safetensors`` (``keep_checkpoints``): ``model.safetensors`` as it was at step N;
 * ``log.csv`` (per step) and ``losses.csv`` (per bin), see ``gradconflict.train.loop``.
 
@@ -116,6 +117,22 @@ def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], d
     return weights, json.loads(meta["config"]), json.loads(meta["model_spec"])
 
 
+def _rebuild(spec: dict[str, Any], path: Path) -> nn.Module:
+    """A freshly built model of a run's ``model_spec``: a built-in one (``model_from_spec``) or, for a run of a
+    user model spec (``{"spec": ..., "seed": ...}``), that spec built again through ``spec.load_model``."""
+    if "spec" not in spec:
+        return model_from_spec(spec)
+    from ..spec import load_model
+
+    text = str(spec["spec"])
+    target = text[len("diffusers:"):] if text.startswith("diffusers:") else text.rpartition(":")[0]
+    if (text.startswith("diffusers:") or target.endswith(".py")) and not Path(target).exists():
+        raise FileNotFoundError(f"{path} was trained with the model spec {text}, but {target} does not exist any "
+                                "more: put it back at that path, or pass the model spec where it is now with this "
+                                f"file as the checkpoint (--model NEW_SPEC --checkpoint {path})")
+    return load_model(text, verbose=False, seed=spec.get("seed")).model
+
+
 def load_trained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, NoiseSchedule, str]:
     """``(model, schedule, prediction)`` of a trained run, the model in eval mode on ``device``.
 
@@ -138,7 +155,7 @@ def load_trained(path: str | Path, ema: bool = True, device: str | torch.device 
         config, spec = state["config"], state["model_spec"]
         weights = state["ema"]["shadow"] if ema else state["model"]
     cfg = TrainConfig.from_dict(config)
-    model = model_from_spec(spec)
+    model = _rebuild(spec, path)
     reference = model.state_dict()
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
     model.to(device).eval()

@@ -32,6 +32,7 @@ A kept ``checkpoints/step{N}.safetensors`` missing for the checkpoint's step (in
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -53,7 +54,7 @@ from ..weighting import WeightingStrategy
 from ..adaptive import AdaptiveWeighting, by_name as weighting_by_name
 from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
-from .config import TrainConfig
+from .config import TrainConfig, is_builtin
 from .ema import EMA
 
 __all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler", "KEPT_DIR", "kept_weights_path"]
@@ -195,6 +196,8 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
         raise ValueError(f"dataset {dataset.name!r} carries the per-sample conditioning {sorted(dataset.conditioning)}, "
                          f"which the built-in {config.model} does not take (class labels only); remove those arrays "
                          "from the data file (text-conditioned training is not supported yet)")
+    if not is_builtin(config.model):
+        return dataset, _build_user(config, device)
     overrides = {
         **config.model_overrides,
         "image_size": config.image_size,
@@ -205,6 +208,32 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
     torch.manual_seed(config.seed)
     model = build_model(config.model, **overrides).to(device)
     return dataset, model
+
+
+def _build_user(config: TrainConfig, device: torch.device) -> nn.Module:
+    """A user model spec's model (``spec.load_model``, built with torch seeded by ``config.seed``); a note on
+    stderr when its build function declares another schedule or prediction than the run trains with."""
+    from ..spec import load_model
+
+    torch.manual_seed(config.seed)  # as for a built-in: the global RNG (dropout, ...) starts from the seed
+    loaded = load_model(config.model, device=device, verbose=False, seed=config.seed)
+    mine = make_schedule(config.schedule, config.T)
+    theirs = loaded.schedule
+    same = theirs.T == mine.T and np.allclose(np.asarray(theirs.alphas_cumprod), np.asarray(mine.alphas_cumprod))
+    if loaded.prediction != config.prediction or not same:
+        print(f"note: train: {config.model} gives (or assumes) {loaded.prediction} prediction and its own schedule "
+              f"(T = {theirs.T}); this run trains it with {config.prediction} prediction and the {config.schedule} "
+              f"schedule (T = {config.T}), as recorded in the run (--prediction, --schedule, --T to change)",
+              file=sys.stderr)
+    return loaded.model
+
+
+def run_model_spec(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """What a run records to rebuild its model: ``model_spec(model)`` for a built-in one, ``{"spec": ...,
+    "seed": ...}`` (the user model spec and its build seed) otherwise (see ``checkpoint.load_trained``)."""
+    if is_builtin(config.model):
+        return model_spec(model)
+    return {"spec": config.model, "seed": config.seed}
 
 
 def _strategy(config: TrainConfig, bins: TimestepBins, schedule: NoiseSchedule, device: torch.device) -> AdaptiveWeighting:
@@ -290,7 +319,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     del state
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.to_dict())
-    meta = {"config": config.to_dict(), "model_spec": model_spec(model), "dataset": dataset.name}
+    meta = {"config": config.to_dict(), "model_spec": run_model_spec(config, model), "dataset": dataset.name}
 
     images, labels = dataset.images.to(device), dataset.labels.to(device)
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -332,7 +361,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         bin_frame = pd.concat(bin_rows, ignore_index=True) if bin_rows else None
         if checkpoint:
             save_checkpoint(out / "checkpoint.pt", {
-                "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
+                "step": at, "config": config.to_dict(), "model_spec": run_model_spec(config, model),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
                 "data_order": sampler.state_dict(), "data": data_id, "weighting": strategy.state_dict(),
@@ -358,7 +387,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
             return save(step, checkpoint=False)
         return step_log
     model.train()
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model}", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model.rpartition('/')[2]}", dynamic_ncols=True)
     try:
         for step in range(step, config.steps):
             idx = sampler.next(config.batch_size)
