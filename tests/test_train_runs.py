@@ -151,3 +151,24 @@ def test_cli_train_a_user_file_spec_with_kept_checkpoints_then_track_the_run(tmp
     obj = pd.read_csv(tmp_path / "track" / "track_objectives.csv")
     assert sorted(obj["step"].unique()) == [2, 4]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == f"{tmp_path / 'mymodel.py'}:build"
+
+
+def test_a_local_diffusers_model_is_fine_tuned_and_reloads(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from gradconflict.adapters import DiffusersModel
+    from gradconflict.train import load_trained
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "pipe" / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "pipe" / "scheduler")
+    start = {f"model.{k}": v.clone() for k, v in unet.state_dict().items()}
+    cfg = dict(data="synthetic", data_limit=16, image_size=8, batch_size=4, T=100, bins=2, checkpoint_every=2)
+    train(TrainConfig(**cfg, model=f"diffusers:{tmp_path / 'pipe'}", steps=2), tmp_path / "run", progress=False)
+    model, schedule, prediction = load_trained(tmp_path / "run", ema=False)
+    raw = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert isinstance(model, DiffusersModel) and schedule.T == 100 and prediction == "eps"
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(start[k], raw[k]) for k in start)  # fine-tuned from the saved weights
