@@ -136,21 +136,47 @@ def test_user_model_config_is_checked(tmp_path: Path) -> None:
         TrainConfig(**{**SMALL, "model": "dit-huge"})
 
 
-def test_cli_train_a_user_file_spec_with_kept_checkpoints_then_track_the_run(tmp_path: Path, capsys,
-                                                                              monkeypatch) -> None:
-    """The README example: train --model mymodel.py:build --keep-checkpoints, then track --model RUN."""
+def _readme_commands() -> list[list[str]]:
+    """The two commands of the README section "Train your own model and track all its checkpoints"."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Train your own model and track all its checkpoints", 1)[1].split("\n### ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0].replace("\\\n", " ")
+    return [shlex.split(line)[1:] for line in block.strip().splitlines()]
+
+
+def _tiny(argv: list[str], values: dict[str, str]) -> list[str]:
+    """``argv`` with the given flags' values replaced (a tiny run of the same command)."""
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word in values:
+            out[i + 1] = values[word]
+    return out
+
+
+def test_the_readme_example_trains_a_user_file_spec_and_tracks_all_its_checkpoints(tmp_path: Path, capsys,
+                                                                                  monkeypatch) -> None:
+    """The README example as written (tiny sizes): train --model mymodel.py:build --keep-checkpoints, then
+    track --model RUN with no --checkpoints."""
+    (train_cmd, track_cmd) = _readme_commands()
+    assert train_cmd[:3] == ["train", "--model", "mymodel.py:build"] and "--keep-checkpoints" in train_cmd
+    assert track_cmd[:3] == ["track", "--model", "runs/mine"] and "--checkpoints" not in track_cmd
     _user_spec(tmp_path)
     monkeypatch.chdir(tmp_path)
-    code = cli_main(["train", "--model", "mymodel.py:build", "--data", "synthetic", "--data-limit", "32",
-                     "--image-size", "8", "--batch-size", "4", "--T", "100", "--bins", "2", "--steps", "4",
-                     "--checkpoint-every", "2", "--keep-checkpoints", "--quiet", "--out", "run"])
+    tiny = {"--data": "synthetic", "--image-size": "8", "--steps": "4", "--checkpoint-every": "2", "--bins": "2",
+            "--per-task": "1"}
+    code = cli_main(_tiny(train_cmd, tiny) + ["--data-limit", "32", "--batch-size", "4", "--T", "100", "--bins", "2",
+                                              "--quiet"])
     assert code == 0
     assert "checkpoints/step*.safetensors" in capsys.readouterr().out
-    assert cli_main(["track", "--model", "run", *TRACK, "--out", "track"]) == 0
+    assert cli_main(_tiny(track_cmd, tiny) + TRACK[6:]) == 0
     assert "at steps [2, 4]" in capsys.readouterr().err
-    obj = pd.read_csv(tmp_path / "track" / "track_objectives.csv")
+    obj = pd.read_csv(tmp_path / "runs" / "mine-track" / "track_objectives.csv")
     assert sorted(obj["step"].unique()) == [2, 4]
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == f"{tmp_path / 'mymodel.py'}:build"
+    recorded = json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())["model"]
+    assert recorded == f"{(tmp_path / 'mymodel.py').resolve()}:build"
 
 
 def test_a_local_diffusers_model_is_fine_tuned_and_reloads(tmp_path: Path) -> None:

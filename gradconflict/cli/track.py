@@ -73,6 +73,20 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
               file=sys.stderr)
 
 
+def _run_image_size(run: Path):
+    """The ``image_size`` a ``gradconflict train`` run of a user model spec trained at (None for a built-in model,
+    whose config tells its size, or a folder that is no run)."""
+    from ..train.config import is_builtin
+
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or is_builtin(str(config.get("model", ""))) or "image_size" not in config:
+        return None
+    return int(config["image_size"])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..adapters.conditioning import model_conditioning
     from ..distributed import is_main, local_device
@@ -105,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed)  # notes the run's config once
     if is_main():
         report_weights("track", first.weights, "each checkpoint")
+    if args.image_size is None and (Path(args.model) / "config.json").is_file() and Path(args.model).is_dir():
+        args.image_size = _run_image_size(Path(args.model))  # a run of your own model: the size it trained at
     data, size = model_data(first.model, args.data, args.image_size, scale=args.scale)
     weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
 
