@@ -11,6 +11,7 @@ from .._io import write_json
 from ..track.config import TrackConfig
 from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
 
@@ -55,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="compute the Grams with the model under torch.autocast in this dtype (e.g. bf16 on a GPU)")
     p.add_argument("--out", required=True, help="output folder")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 

@@ -48,7 +48,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's; 1 is fastest for the tiny models)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 on a machine with at most 4 cores, where the tiny models run "
+                        "fastest with 1, else torch's default; torch's when OMP_NUM_THREADS is set). Bit-exact resume "
+                        "on the CPU needs the same count in every segment")
     p.add_argument("--no-bf16", action="store_true", help="disable bfloat16 autocast on CUDA")
     p.add_argument("--image-size", type=int, default=d.image_size, help="pixels (height = width)")
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
@@ -69,6 +72,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build a TrainConfig from the arguments and train."""
     from ..train import TrainConfig, train
+    from ._threads import default_threads
 
     try:
         overrides = json.loads(args.model_overrides)
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, model=args.model, weighting=args.weighting, prediction=args.prediction,
         schedule=args.schedule, T=args.T, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads, bf16=not args.no_bf16,
+        ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads if args.threads is not None else default_threads(), bf16=not args.no_bf16,
         image_size=args.image_size, data_limit=args.data_limit, scale=args.scale, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
