@@ -198,3 +198,13 @@ def test_a_local_diffusers_model_is_fine_tuned_and_reloads(tmp_path: Path) -> No
     assert isinstance(model, DiffusersModel) and schedule.T == 100 and prediction == "eps"
     assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
     assert not all(torch.equal(start[k], raw[k]) for k in start)  # fine-tuned from the saved weights
+
+
+def test_sampling_a_user_model_without_a_config_says_what_is_missing() -> None:
+    from torch import nn
+
+    from gradconflict.schedule import NoiseSchedule
+    from gradconflict.train import sample
+
+    with pytest.raises(ValueError, match="cannot tell the sample shape of a Conv2d"):
+        sample(nn.Conv2d(1, 1, 1), NoiseSchedule.linear(10), "eps", n=1, steps=2)
