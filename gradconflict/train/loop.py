@@ -135,7 +135,8 @@ def _check_run_dir(out: Path, config: TrainConfig, state: Optional[dict[str, Any
             text = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ValueError(
                 f"{out} holds a run with a different config ({text}); use another output directory or the same "
-                "settings (only steps, log_every, checkpoint_every and device may change to resume)"
+                "settings (only steps, log_every, checkpoint_every, keep_checkpoints, device and threads may change to "
+                "resume)"
             )
     if state is None:
         leftovers = [name for name in _RUN_FILES if (out / name).is_file()]
