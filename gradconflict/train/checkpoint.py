@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..models import model_from_spec
 from ..schedule import NoiseSchedule
 from .config import TrainConfig
 
@@ -117,22 +116,6 @@ def _from_safetensors(path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], d
     return weights, json.loads(meta["config"]), json.loads(meta["model_spec"])
 
 
-def _rebuild(spec: dict[str, Any], path: Path) -> nn.Module:
-    """A freshly built model of a run's ``model_spec``: a built-in one (``model_from_spec``) or, for a run of a
-    user model spec (``{"spec": ..., "seed": ...}``), that spec built again through ``spec.load_model``."""
-    if "spec" not in spec:
-        return model_from_spec(spec)
-    from ..spec import load_model
-
-    text = str(spec["spec"])
-    target = text[len("diffusers:"):] if text.startswith("diffusers:") else text.rpartition(":")[0]
-    if (text.startswith("diffusers:") or target.endswith(".py")) and not Path(target).exists():
-        raise FileNotFoundError(f"{path} was trained with the model spec {text}, but {target} does not exist any "
-                                "more: put it back at that path, or pass the model spec where it is now with this "
-                                f"file as the checkpoint (--model NEW_SPEC --checkpoint {path})")
-    return load_model(text, verbose=False, seed=spec.get("seed")).model
-
-
 def load_trained(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[nn.Module, NoiseSchedule, str]:
     """``(model, schedule, prediction)`` of a trained run, the model in eval mode on ``device``.
 
@@ -154,8 +137,10 @@ def load_trained(path: str | Path, ema: bool = True, device: str | torch.device 
         state = load_checkpoint(path)
         config, spec = state["config"], state["model_spec"]
         weights = state["ema"]["shadow"] if ema else state["model"]
+    from .user_model import rebuild_model
+
     cfg = TrainConfig.from_dict(config)
-    model = _rebuild(spec, path)
+    model = rebuild_model(spec, path)
     reference = model.state_dict()
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
     model.to(device).eval()

@@ -32,7 +32,6 @@ A kept ``checkpoints/step{N}.safetensors`` missing for the checkpoint's step (in
 from __future__ import annotations
 
 import json
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -55,6 +54,7 @@ from ..adaptive import AdaptiveWeighting, by_name as weighting_by_name
 from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
 from .config import TrainConfig, is_builtin
+from .user_model import build_user_model, run_model_spec
 from .ema import EMA
 
 __all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler", "KEPT_DIR", "kept_weights_path"]
@@ -198,7 +198,7 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
                          f"which the built-in {config.model} does not take (class labels only); remove those arrays "
                          "from the data file (text-conditioned training is not supported yet)")
     if not is_builtin(config.model):
-        return dataset, _build_user(config, device)
+        return dataset, build_user_model(config, device)
     overrides = {
         **config.model_overrides,
         "image_size": config.image_size,
@@ -209,32 +209,6 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
     torch.manual_seed(config.seed)
     model = build_model(config.model, **overrides).to(device)
     return dataset, model
-
-
-def _build_user(config: TrainConfig, device: torch.device) -> nn.Module:
-    """A user model spec's model (``spec.load_model``, built with torch seeded by ``config.seed``); a note on
-    stderr when its build function declares another schedule or prediction than the run trains with."""
-    from ..spec import load_model
-
-    torch.manual_seed(config.seed)  # as for a built-in: the global RNG (dropout, ...) starts from the seed
-    loaded = load_model(config.model, device=device, verbose=False, seed=config.seed)
-    mine = make_schedule(config.schedule, config.T)
-    theirs = loaded.schedule
-    same = theirs.T == mine.T and np.allclose(np.asarray(theirs.alphas_cumprod), np.asarray(mine.alphas_cumprod))
-    if loaded.prediction != config.prediction or not same:
-        print(f"note: train: {config.model} gives (or assumes) {loaded.prediction} prediction and its own schedule "
-              f"(T = {theirs.T}); this run trains it with {config.prediction} prediction and the {config.schedule} "
-              f"schedule (T = {config.T}), as recorded in the run (--prediction, --schedule, --T to change)",
-              file=sys.stderr)
-    return loaded.model
-
-
-def run_model_spec(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
-    """What a run records to rebuild its model: ``model_spec(model)`` for a built-in one, ``{"spec": ...,
-    "seed": ...}`` (the user model spec and its build seed) otherwise (see ``checkpoint.load_trained``)."""
-    if is_builtin(config.model):
-        return model_spec(model)
-    return {"spec": config.model, "seed": config.seed}
 
 
 def _strategy(config: TrainConfig, bins: TimestepBins, schedule: NoiseSchedule, device: torch.device) -> AdaptiveWeighting:
