@@ -82,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check_device(getattr(args, "device", None))
         out = getattr(args, "out", None) if args.command != "sample" else None  # sample's --out is its PNG
         _check_out(out)
-        with folder_lock(out) if out is not None and is_main() else contextlib.nullcontext():
+        from ._threads import command_threads
+
+        with folder_lock(out) if out is not None and is_main() else contextlib.nullcontext(), command_threads(args):
             result = args.handler(args)
     except (ValueError, FileNotFoundError) as err:  # user mistakes: one line, exit 2; anything else is a bug
         from ..distributed import rank, world_size

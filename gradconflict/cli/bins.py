@@ -13,6 +13,7 @@ import pandas as pd
 
 from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, report_weights
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run", "boundary_stability"]
 
@@ -46,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss-space", choices=["x0", "eps", "v"], default="x0", help="units of each task's loss (default x0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", required=True, help="output folder")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, report_weights
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
 
@@ -50,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="when the batch does not fit in memory: split the bins into this many groups and run one pass "
                         "per pair of groups (about 2/M of the batch each, the same Gram; default 1: one pass)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -67,7 +70,42 @@ def bins_from_file(args: argparse.Namespace, T: int):
     return bins
 
 
+def describe_schedule(schedule) -> str:
+    """The schedule a command used, in words: "linear (T = 1000)", "from diffusers scheduler DDPMScheduler
+    (T = 1000)", or "custom (T = ...)" for one given as numbers."""
+    name = str(getattr(schedule, "name", "custom"))
+    if name.endswith("Scheduler") or name.split("+")[0].endswith("Scheduler"):
+        return f"from diffusers scheduler {name} (T = {schedule.T})"
+    return f"{name} (T = {schedule.T})"
+
+
+PROGRESS_DELAY_S = 1.0  # the progress line appears once a run takes longer than this (quick errors stay one line)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Compute and write the Gram (see the command's description), with a progress line on stderr."""
+    from tqdm.auto import tqdm
+
+    from ..distributed import is_main
+
+    bar = tqdm(total=4, desc="gram", disable=args.no_progress or not is_main(), dynamic_ncols=True, leave=False,
+               delay=PROGRESS_DELAY_S)
+    try:
+        return _run(args, bar)
+    finally:
+        bar.close()
+
+
+def _stage(bar, text: str) -> None:
+    """Show what the command does now on the progress line (once the line is due: after ``PROGRESS_DELAY_S``)."""
+    import time
+
+    bar.set_postfix_str(text, refresh=False)
+    if not bar.disable and time.time() - bar.start_t >= PROGRESS_DELAY_S:
+        bar.refresh()
+
+
+def _run(args: argparse.Namespace, bar) -> int:
     import torch
 
     from .. import conflict
@@ -83,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main, local_device, shard
 
     device = local_device(args.device)
+    _stage(bar, "loading the model")
     loaded = load_model(args.model, args.checkpoint, device=device, verbose=is_main(), weights=args.weights,
                         seed=args.seed)
     if args.checkpoint is None and str(args.model) in MODEL_NAMES and is_main():
@@ -96,7 +135,17 @@ def run(args: argparse.Namespace) -> int:
     if is_main():
         report_weights("gram", loaded.weights, args.checkpoint or args.model)
     model, schedule = loaded.model, loaded.schedule
+    bar.update(1)
+    _stage(bar, "loading the data")
     data, size = model_data(model, args.data, args.image_size, scale=args.scale)
+    bar.update(1)
+    shape = tuple(int(d) for d in data.images.shape[1:])
+    used = {"schedule": describe_schedule(schedule), "T": int(schedule.T), "prediction": loaded.prediction,
+            "dataset": {"name": data.name, "path": str(args.data), "N": int(data.images.shape[0]), "shape": list(shape)}}
+    if is_main():
+        bar.clear()
+        print(f"gradconflict gram: schedule {used['schedule']}, {loaded.prediction} prediction; data {data.name}: "
+              f"{used['dataset']['N']} images of {'x'.join(map(str, shape))}", file=sys.stderr)
     if args.bins_file is not None:
         bins = bins_from_file(args, schedule.T)
     else:
@@ -107,13 +156,16 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun every rank draws the same batch and keeps its share; the Gram is over the union
     dtype = next(model.parameters()).dtype
     batch = batch.shard(shard(batch.t.numel())).to(device, dtype if dtype in (torch.float32, torch.float64) else None)
+    _stage(bar, f"Gram of {bins.K} bins x {args.per_task} samples ({args.method})")
     with forward_hint(model, size, args.image_size):
         res = task_gram(model, batch.x0, batch.t, bins, schedule=schedule, prediction=loaded.prediction,
                         loss_space=args.loss_space, noise=batch.noise, model_kwargs=batch.model_kwargs, method=args.method,
                         autocast_dtype={"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast],
                         gram_precision=args.gram_precision, task_chunks=args.task_chunks)
+    bar.update(1)
     if not is_main():
         return 0
+    _stage(bar, "writing")
     out = Path(args.out)
     write_csv(res.gram_frame(), out / "gram.csv", index=True)
     write_csv(res.cosine_frame(), out / "cosine.csv", index=True)
@@ -122,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     # a rerun rewrites the folder: what these files were computed from is saved beside them
     write_json(out / "gram_config.json", {
         **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
-        "model_source": loaded.source, "data_name": data.name, "image_size": size,
+        "model_source": loaded.source, "data_name": data.name, "image_size": size, **used,
         "weights": loaded.weights, "weights_requested": args.weights,
         "checkpoint_content": None if args.checkpoint is None else file_source(resolve_checkpoint(args.checkpoint)).split(" ")[0],
     })
@@ -132,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         xlabel="timestep bin (t range)", ylabel="timestep bin (t range)", colorbar="cosine similarity (1)",
         vmin=-1.0, vmax=1.0,
     )
+    bar.update(1)
+    bar.close()  # before the summary lines
     s = conflict.summary(res.gram.numpy())
     print(f"K = {bins.K} bins x {args.per_task} samples, method {res.method}, {res.seconds:.3f} s")
     if bins.K > 1:

@@ -33,11 +33,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="regenerate only these figures (fig2_transfer fig3_ugd_weights fig4_pareto_objective "
                         "lambda_sweep conflict_vs_distance cosine_final samples) and the stages they need")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every stage (default: the preset's, 1 on the CPU presets, which is "
+                        "fastest for their tiny models; torch's default for --gpu and --full)")
     p.set_defaults(handler=run, preset="quick")
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
     from ..reproduce import preset, reproduce
 
-    reproduce(preset(args.preset, device=args.device), args.out, progress=not args.no_progress, only=args.only)
+    config = preset(args.preset, device=args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: use 1 or more")
+        config = dataclasses.replace(config, cpu_threads=args.threads)
+    reproduce(config, args.out, progress=not args.no_progress, only=args.only)
+    figures = Path(args.out) / "figures"
+    report = "" if args.only is not None else f"; the report: {figures / 'REPORT.md'}"
+    print(f"wrote the figures to {figures}{report} (cached stages in {Path(args.out) / 'runs'})")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ._weights import add_weights_flag, report_weights
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
 
@@ -30,6 +31,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-ema", action="store_true", help="the same as --weights raw")
     add_weights_flag(p)
     p.add_argument("--device", default="cpu")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 

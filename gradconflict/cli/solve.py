@@ -23,6 +23,7 @@ from gradconflict.cli.gram_csv import read_gram
 from gradconflict.pareto import METHODS, solve
 from gradconflict.pareto._validate import check_finite
 from gradconflict.track.analyze import absolute_lam
+from ._threads import add_threads_flag, command_threads
 
 __all__ = ["read_gram", "run", "add_parser", "main"]
 
@@ -164,6 +165,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--solver", default=None, help="CVXPY solver for --method cvxpy (default CLARABEL)")
     parser.add_argument("--digits", type=int, default=8, help="decimals printed for the weights (default 8)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    add_threads_flag(parser)
     parser.set_defaults(handler=run)
 
 
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradconflict")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["solve", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
+    with command_threads(args):
+        return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from .._io import write_json
 from ..track.config import TrackConfig
 from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
 
@@ -25,8 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "an interrupted run resumes (checkpoints already done are skipped).",
     )
     p.add_argument("--model", required=True, help="built-in name, training run folder, or path/file.py:function")
-    p.add_argument("--checkpoints", nargs="+", required=True,
-                   help="state dicts (.pt / .safetensors, or training run folders: their weights), in training order")
+    p.add_argument("--checkpoints", nargs="+", default=None,
+                   help="state dicts (.pt / .safetensors, or training run folders: their weights), in training order "
+                        "(default with --model RUN: every RUN/checkpoints/step*.safetensors that train "
+                        "--keep-checkpoints wrote, and RUN/model.safetensors, at the steps they record)")
     add_weights_flag(p)
     p.add_argument("--steps", nargs="+", type=int, default=None, help="training step of each checkpoint (default 0, 1, 2, ...)")
     p.add_argument("--data", default="mnist", help="dataset name or path")
@@ -53,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="compute the Grams with the model under torch.autocast in this dtype (e.g. bf16 on a GPU)")
     p.add_argument("--out", required=True, help="output folder")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -71,6 +75,20 @@ def _upgrade_recorded_inputs(out: Path, legacy: dict, inputs: dict) -> None:
               file=sys.stderr)
 
 
+def _run_image_size(run: Path):
+    """The ``image_size`` a ``gradconflict train`` run of a user model spec trained at (None for a built-in model,
+    whose config tells its size, or a folder that is no run)."""
+    from ..train.config import is_builtin
+
+    try:
+        config = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or is_builtin(str(config.get("model", ""))) or "image_size" not in config:
+        return None
+    return int(config["image_size"])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..adapters.conditioning import model_conditioning
     from ..distributed import is_main, local_device
@@ -79,6 +97,18 @@ def run(args: argparse.Namespace) -> int:
     from ..track import file_source, track_models
     from .._io import fingerprint
 
+    if args.checkpoints is None:
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--checkpoints is missing: pass the weights files to track, or a training run folder as "
+                             f"--model (its kept checkpoints are then tracked); {args.model!r} is not one")
+        from ..train.checkpoint import run_checkpoints
+
+        if args.steps is not None:
+            raise ValueError("--steps without --checkpoints: a run's checkpoints carry their steps; drop --steps")
+        found = run_checkpoints(args.model)
+        args.steps, args.checkpoints = [s for s, _ in found], [str(p) for _, p in found]
+        if is_main():
+            print(f"track: {len(found)} checkpoint(s) of {args.model} at steps {args.steps}", file=sys.stderr)
     steps = args.steps if args.steps is not None else list(range(len(args.checkpoints)))
     if len(steps) != len(args.checkpoints):
         raise ValueError(f"got {len(steps)} --steps for {len(args.checkpoints)} --checkpoints; give one step each")
@@ -91,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed)  # notes the run's config once
     if is_main():
         report_weights("track", first.weights, "each checkpoint")
+    if args.image_size is None and (Path(args.model) / "config.json").is_file() and Path(args.model).is_dir():
+        args.image_size = _run_image_size(Path(args.model))  # a run of your own model: the size it trained at
     data, size = model_data(first.model, args.data, args.image_size, scale=args.scale)
     weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
 

@@ -1,4 +1,5 @@
-"""``gradconflict train``: train a built-in diffusion model (resumes when the output directory holds the same run)."""
+"""``gradconflict train``: train a built-in diffusion model or your own (``file.py:function``, ``diffusers:PATH``);
+resumes when the output directory holds the same run."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a diffusion model (writes checkpoint.pt, model.safetensors, losses.csv)",
-        description="Train a built-in diffusion model. Running again with a larger --steps on the same --out resumes.",
+        description="Train a built-in diffusion model or your own (--model file.py:function). Running again with a "
+        "larger --steps on the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default=d.data, help="mnist | digits | synthetic | path to .npy/.npz/image folder")
-    p.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", default=d.model,
+                   help=f"one of {', '.join(MODEL_NAMES)}, or your model: path/file.py:function (a function "
+                        "returning an nn.Module, or (model, schedule, prediction); built with torch seeded by --seed, "
+                        "called model(x_t, t[, y=labels])), module:function, or diffusers:PATH (a local folder, "
+                        "fine-tuned). Its input must match --image-size and the data's channels; the run trains "
+                        "it with --schedule, --T and --prediction")
     p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5, or adaptive: pareto_online:10, "
                    "ugd_online:1, learned_uncertainty, pareto_fit:PATH.csv (gradconflict.adaptive)")
     p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")
@@ -41,7 +48,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's; 1 is fastest for the tiny models)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 on a machine with at most 4 cores, where the tiny models run "
+                        "fastest with 1, else torch's default; torch's when OMP_NUM_THREADS is set). Bit-exact resume "
+                        "on the CPU needs the same count in every segment")
     p.add_argument("--no-bf16", action="store_true", help="disable bfloat16 autocast on CUDA")
     p.add_argument("--image-size", type=int, default=d.image_size, help="pixels (height = width)")
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
@@ -51,6 +61,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--bins", type=int, default=d.bins, help="timestep bins for the per-bin loss log")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep the weights of every --checkpoint-every step as RUN/checkpoints/step{N}.safetensors "
+                        "(raw + EMA); `gradconflict track --model RUN` tracks them all")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -59,6 +72,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build a TrainConfig from the arguments and train."""
     from ..train import TrainConfig, train
+    from ._threads import default_threads
 
     try:
         overrides = json.loads(args.model_overrides)
@@ -70,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, model=args.model, weighting=args.weighting, prediction=args.prediction,
         schedule=args.schedule, T=args.T, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads, bf16=not args.no_bf16,
+        ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads if args.threads is not None else default_threads(), bf16=not args.no_bf16,
         image_size=args.image_size, data_limit=args.data_limit, scale=args.scale, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
     )
     from ..distributed import is_main, wait_for_all
 
@@ -87,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     wait_for_all()
     if len(log):
         print(_summary(log, config.log_every))
-    print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv")
+    kept = f", checkpoints/step*.safetensors (every {config.checkpoint_every} steps)" if config.keep_checkpoints else ""
+    print(f"wrote {args.out}/model.safetensors, checkpoint.pt, log.csv, losses.csv{kept}")
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ._data_flags import add_conditioning_flags, add_scale_flag
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
+from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
 
@@ -50,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_flag(p)
     p.set_defaults(handler=run)
 
 

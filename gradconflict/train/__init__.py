@@ -1,6 +1,6 @@
 """Diffusion training: ``train(TrainConfig(...), out_dir)``, the loss, checkpoints, EMA and samplers."""
 
-from .checkpoint import load_trained, make_schedule
+from .checkpoint import load_trained, make_schedule, run_checkpoints
 from .config import TrainConfig
 from .ema import EMA
 from .loop import diffusion_loss, prediction_error, train
@@ -13,6 +13,7 @@ __all__ = [
     "prediction_error",
     "load_trained",
     "make_schedule",
+    "run_checkpoints",
     "EMA",
     "sample",
     "ddim_sample",

@@ -9,7 +9,9 @@ Files in a run directory:
   ``step``, so that a resume never depends on the CSVs) and ``weighting`` (the ``AdaptiveWeighting``'s
   state: online Pareto weights, a learned weighting's network; empty for fixed ones); loadable with ``weights_only=True``;
 * ``model.safetensors``: model weights plus EMA weights under the prefix ``ema.``; the metadata holds
-  ``config`` and ``model_spec`` as JSON, so it is self-contained;
+  ``config`` and ``model_spec`` as JSON, so it is self-contained (for a user model spec, ``model_spec`` is
+  ``{"spec": "/abs/file.py:build", "seed": N}``: the model is built again from that file, which must still exist);
+* ``checkpoints/step{N}.safetensors`` (``keep_checkpoints``): ``model.safetensors`` as it was at step N;
 * ``log.csv`` (per step) and ``losses.csv`` (per bin), see ``gradconflict.train.loop``.
 
 Every file is written atomically: to a temporary file in the same folder, then ``os.replace``.
@@ -25,7 +27,6 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..models import model_from_spec
 from ..schedule import NoiseSchedule
 from .config import TrainConfig
 
@@ -38,6 +39,7 @@ __all__ = [
     "make_schedule",
     "load_trained",
     "NoEMAWeights",
+    "run_checkpoints",
 ]
 
 CHECKPOINT_FORMAT = "gradconflict-train-v1"
@@ -135,9 +137,34 @@ def load_trained(path: str | Path, ema: bool = True, device: str | torch.device 
         state = load_checkpoint(path)
         config, spec = state["config"], state["model_spec"]
         weights = state["ema"]["shadow"] if ema else state["model"]
+    from .user_model import rebuild_model
+
     cfg = TrainConfig.from_dict(config)
-    model = model_from_spec(spec)
+    model = rebuild_model(spec, path)
     reference = model.state_dict()
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in weights.items()})
     model.to(device).eval()
     return model, make_schedule(cfg.schedule, cfg.T), cfg.prediction
+
+
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``[(step, weights file), ...]`` of a training run, sorted by step: every kept
+    ``checkpoints/step*.safetensors`` and the final ``model.safetensors``, each step read from the file's
+    metadata (a step held by both is taken from the kept file). ``ValueError`` for a folder without any."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"{run} is not a training run folder; pass the --out folder of gradconflict train")
+    found: dict[int, Path] = {}
+    for path in [run / "model.safetensors", *sorted((run / "checkpoints").glob("step*.safetensors"))]:
+        if not path.is_file():
+            continue
+        from .._loading import read_safetensors
+
+        meta = read_safetensors(path, lambda: weights_metadata(path))
+        if "step" not in meta:
+            raise ValueError(f"{path} records no training step in its metadata; was it written by gradconflict train?")
+        found[int(json.loads(meta["step"]))] = path
+    if not found:
+        raise ValueError(f"{run} holds no model.safetensors nor checkpoints/step*.safetensors; train into it first "
+                         "(gradconflict train --out RUN --keep-checkpoints), or pass --checkpoints")
+    return sorted(found.items())

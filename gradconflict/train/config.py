@@ -6,11 +6,12 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from ..targets import normalize_prediction
 
-__all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES"]
+__all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES", "is_builtin", "normalize_model"]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 
@@ -20,8 +21,34 @@ def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_builtin(model: str) -> bool:
+    """True for a built-in model name (``gradconflict.models.MODEL_NAMES``), False for a user model spec."""
+    from ..models import MODEL_NAMES
+
+    return str(model).strip().lower() in MODEL_NAMES
+
+
+def normalize_model(model: str) -> str:
+    """A run's model as recorded: a built-in name as given; ``file.py:function`` and ``diffusers:PATH`` with
+    absolute paths (the same file given relative or absolute is the same run); ``ValueError`` for anything else."""
+    from ..models import MODEL_NAMES
+
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a name or a model spec string, got {model!r}")
+    if is_builtin(model):
+        return model
+    if model.startswith("diffusers:"):
+        return "diffusers:" + str(Path(model[len("diffusers:"):]).resolve())
+    target, sep, func = model.rpartition(":")
+    if not sep or not target or not func:
+        raise ValueError(f"unknown model {model!r}: use a built-in name {list(MODEL_NAMES)}, "
+                         "'path/file.py:function', 'module:function' or 'diffusers:PATH'")
+    return f"{Path(target).resolve()}:{func}" if target.endswith(".py") else model
+
+
 # fields that may differ between a run on disk and the config that resumes it
-RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads"})
+RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads",
+                                              "keep_checkpoints"})
 
 
 @dataclass
@@ -33,7 +60,11 @@ class TrainConfig:
       minmax; see ``gradconflict.data``).
     * ``model``: a name in ``gradconflict.models.MODEL_NAMES``; ``model_overrides``: config fields to change
       (``in_channels``/``image_size``/``prediction`` follow the data and ``prediction`` automatically);
-      ``conditional``: give the model the dataset's class labels.
+      ``conditional``: give the model the dataset's class labels. Or a user model spec (``gradconflict.spec``):
+      ``path/file.py:function`` / ``module:function`` (built with torch seeded by ``seed``; a file is recorded
+      by its absolute path) or ``diffusers:PATH`` (a local diffusers folder, fine-tuned from its weights); its
+      input must match the data (``image_size``, channels), and ``model_overrides`` do not apply. The run
+      trains it with ``schedule``/``T``/``prediction``, whatever the build function returns besides the model.
     * ``weighting``: a ``weighting.by_name`` spec (e.g. "min_snr:5") or an adaptive one of
       ``gradconflict.adaptive.by_name`` ("pareto_online:10", "ugd_online:1", "learned_uncertainty",
       "pareto_fit:PATH.csv"); ``prediction``: "eps" | "x0" | "v".
@@ -47,6 +78,9 @@ class TrainConfig:
       models run fastest with 1. Bit-exact resume on the CPU needs the same thread count in every segment.
     * logging: per-step log every step, per-bin losses over ``bins`` uniform timestep bins aggregated over
       every ``log_every`` steps; checkpoints every ``checkpoint_every`` steps and at the end.
+      ``keep_checkpoints``: also keep the weights of every ``checkpoint_every`` step as
+      ``checkpoints/step{N}.safetensors`` (the content of ``model.safetensors`` at step N: raw + EMA weights and
+      the metadata), for ``gradconflict track --model RUN``; a resume keeps the files already written.
     """
 
     data: str = "mnist"
@@ -75,6 +109,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     bins: int = 10
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         self.prediction = normalize_prediction(self.prediction)
@@ -86,6 +121,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; use {name} >= 1")
+        self.model = normalize_model(self.model)
+        if not is_builtin(self.model) and self.model_overrides:
+            raise ValueError(f"model_overrides {self.model_overrides} apply to built-in models only, not to "
+                             f"{self.model!r}; set those fields in your build function")
+        if not isinstance(self.keep_checkpoints, bool):
+            raise ValueError(f"keep_checkpoints must be True or False, got {self.keep_checkpoints!r}")
         if self.scale not in ("auto", "none", "minmax"):
             raise ValueError(f"unknown scale {self.scale!r}; use 'auto', 'none' or 'minmax' (see gradconflict.data)")
         if self.cpu_threads is not None and self.cpu_threads < 1:

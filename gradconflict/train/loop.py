@@ -18,13 +18,15 @@ logging window. All randomness (data order, timesteps, noise) comes from one CPU
 whose state is checkpointed, so on the CPU a resumed run is bit-identical to an uninterrupted one.
 
 Outputs in ``out_dir``: ``config.json``, ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
-step: step, loss, loss_x0, lr, grad_norm, seconds) and ``losses.csv`` (tidy: step, bin, label, t_low,
-t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together).
+step: step, loss, loss_x0, lr, grad_norm, seconds), ``losses.csv`` (tidy: step, bin, label, t_low,
+t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together) and, with ``keep_checkpoints``,
+``checkpoints/step{N}.safetensors`` for every ``checkpoint_every`` step N (written after ``model.safetensors``).
 
 Crash safety: ``checkpoint.pt`` is the commit point of a save and also holds the log history, so a run
 interrupted anywhere (even between the files of one save) resumes with complete, duplicate-free logs.
 A save writes ``checkpoint.pt``, then ``log.csv``, ``losses.csv`` and last ``model.safetensors``, so a
 ``model.safetensors`` whose step matches the checkpoint means the logs of that step were written as well.
+A kept ``checkpoints/step{N}.safetensors`` missing for the checkpoint's step (interrupted save) is written on resume.
 """
 
 from __future__ import annotations
@@ -51,10 +53,18 @@ from ..weighting import WeightingStrategy
 from ..adaptive import AdaptiveWeighting, by_name as weighting_by_name
 from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
-from .config import TrainConfig
+from .config import TrainConfig, is_builtin
+from .user_model import build_user_model, run_model_spec
 from .ema import EMA
 
-__all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler"]
+__all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler", "KEPT_DIR", "kept_weights_path"]
+
+KEPT_DIR = "checkpoints"  # keep_checkpoints: the weights of every checkpoint_every step, checkpoints/step{N}.safetensors
+
+
+def kept_weights_path(out: str | Path, step: int) -> Path:
+    """``out/checkpoints/step{step}.safetensors``: the kept weights of one step of a run (``keep_checkpoints``)."""
+    return Path(out) / KEPT_DIR / f"step{int(step)}.safetensors"
 
 
 def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
@@ -125,7 +135,8 @@ def _check_run_dir(out: Path, config: TrainConfig, state: Optional[dict[str, Any
             text = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ValueError(
                 f"{out} holds a run with a different config ({text}); use another output directory or the same "
-                "settings (only steps, log_every, checkpoint_every and device may change to resume)"
+                "settings (only steps, log_every, checkpoint_every, keep_checkpoints, device and threads may change to "
+                "resume)"
             )
     if state is None:
         leftovers = [name for name in _RUN_FILES if (out / name).is_file()]
@@ -186,6 +197,8 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
         raise ValueError(f"dataset {dataset.name!r} carries the per-sample conditioning {sorted(dataset.conditioning)}, "
                          f"which the built-in {config.model} does not take (class labels only); remove those arrays "
                          "from the data file (text-conditioned training is not supported yet)")
+    if not is_builtin(config.model):
+        return dataset, build_user_model(config, device)
     overrides = {
         **config.model_overrides,
         "image_size": config.image_size,
@@ -281,7 +294,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     del state
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.to_dict())
-    meta = {"config": config.to_dict(), "model_spec": model_spec(model), "dataset": dataset.name}
+    meta = {"config": config.to_dict(), "model_spec": run_model_spec(config, model), "dataset": dataset.name}
 
     images, labels = dataset.images.to(device), dataset.labels.to(device)
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -323,7 +336,7 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         bin_frame = pd.concat(bin_rows, ignore_index=True) if bin_rows else None
         if checkpoint:
             save_checkpoint(out / "checkpoint.pt", {
-                "step": at, "config": config.to_dict(), "model_spec": model_spec(model),
+                "step": at, "config": config.to_dict(), "model_spec": run_model_spec(config, model),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()},
                 "data_order": sampler.state_dict(), "data": data_id, "weighting": strategy.state_dict(),
@@ -333,14 +346,23 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         if bin_frame is not None:
             write_csv(bin_frame, out / "losses.csv")
         save_weights(out / "model.safetensors", model, ema.shadow, {**meta, "step": at})
+        keep(at)
         return frame
 
+    def keep(at: int) -> None:
+        """Write ``checkpoints/step{at}.safetensors`` (keep_checkpoints) for a ``checkpoint_every`` step ``at``."""
+        if config.keep_checkpoints and at > 0 and at % config.checkpoint_every == 0:
+            (out / KEPT_DIR).mkdir(exist_ok=True)
+            save_weights(kept_weights_path(out, at), model, ema.shadow, {**meta, "step": at})
+
+    if step > 0 and not kept_weights_path(out, step).is_file():  # a save interrupted before its kept copy
+        keep(step)
     if step >= config.steps:  # == (a larger step was refused): finished; finish a save interrupted after the checkpoint
         if _weights_step(out / "model.safetensors") != step:
             return save(step, checkpoint=False)
         return step_log
     model.train()
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model}", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"train {config.model.rpartition('/')[2]}", dynamic_ncols=True)
     try:
         for step in range(step, config.steps):
             idx = sampler.next(config.batch_size)

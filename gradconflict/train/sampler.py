@@ -113,7 +113,11 @@ def ddpm_sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, shap
 def sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, n: int = 16, *, method: str = "ddim", steps: int = 50,
            eta: float = 0.0, seed: int = 0, y: Optional[torch.Tensor] = None, clip: bool = True) -> torch.Tensor:
     """``n`` samples shaped from ``model.config`` (image_size, in_channels), on the CPU, with a seeded generator."""
-    cfg = model.config
+    cfg = getattr(model, "config", None)
+    if not all(hasattr(cfg, k) for k in ("in_channels", "image_size")):
+        raise ValueError(f"cannot tell the sample shape of a {type(model).__name__}: its .config has no in_channels "
+                         "and image_size (a model of your own); give it a config with those fields, or call "
+                         "ddim_sample / ddpm_sample with the shape")
     shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
     generator = torch.Generator().manual_seed(seed)
     if method == "ddim":
