@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_conditioning_flags", "add_scale_flag"]
+__all__ = ["add_conditioning_flags", "add_model_data_flags", "add_scale_flag"]
 
 
 def add_scale_flag(p: argparse.ArgumentParser) -> None:
@@ -27,3 +27,22 @@ def add_conditioning_flags(p: argparse.ArgumentParser) -> None:
                         "instead (an .npz array named encoder_hidden_states)")
     p.add_argument("--null-length", type=int, default=NULL_LENGTH,
                    help=f"token count L of the --null-conditioning zeros (default {NULL_LENGTH})")
+
+
+def add_model_data_flags(p: argparse.ArgumentParser) -> None:
+    """Add the model flags (``--model``, ``--checkpoint``, ``--weights``) and the data flags (``--data``,
+    ``--image-size``, ``--scale``, ``--null-conditioning``, ``--null-length``) of a command that reads both."""
+    from ._weights import add_weights_flag
+
+    p.add_argument("--model", required=True,
+                   help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
+    p.add_argument("--checkpoint", default=None,
+                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
+    add_weights_flag(p)
+    p.add_argument("--data", default="mnist",
+                   help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the data's images to this square size (default: none; data of another size than the "
+                        "model's is refused without it, and non-square images are never stretched)")
+    add_scale_flag(p)
+    add_conditioning_flags(p)

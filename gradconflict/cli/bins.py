@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._data_flags import add_conditioning_flags, add_scale_flag
-from ._weights import add_weights_flag, report_weights
+from ._data_flags import add_model_data_flags
+from ._weights import report_weights
 from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run", "boundary_stability"]
@@ -28,14 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "it with --bins-file), fine_cosine.png/.csv with the boundaries drawn, boundary_stability.csv (how the "
         "boundaries move when each batch is clustered on its own) and bins_config.json into --out.",
     )
-    p.add_argument("--model", required=True, help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
-    p.add_argument("--checkpoint", default=None,
-                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
-    add_weights_flag(p)
-    p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
-    add_scale_flag(p)
-    add_conditioning_flags(p)
+    add_model_data_flags(p)
     p.add_argument("--fine", type=int, default=100, help="number of fine uniform bins M (default 100)")
     p.add_argument("--bins", type=int, default=10, help="number of clustered bins K (default 10)")
     p.add_argument("--affinity", choices=["cosine", "gram"], default="cosine",

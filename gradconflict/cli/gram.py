@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._data_flags import add_conditioning_flags, add_scale_flag
-from ._weights import add_weights_flag, report_weights
+from ._data_flags import add_model_data_flags
+from ._weights import report_weights
 from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
@@ -21,16 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "exact Gram matrix of the task gradients with one combined backward pass. Writes gram.csv, "
         "cosine.csv, losses.csv, pairs.csv and cosine.png into --out.",
     )
-    p.add_argument("--model", required=True, help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
-    p.add_argument("--checkpoint", default=None,
-                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
-    add_weights_flag(p)
-    p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize the data's images to this square size (default: none; data of another size than the "
-                        "model's is refused without it, and non-square images are never stretched)")
-    add_scale_flag(p)
-    add_conditioning_flags(p)
+    add_model_data_flags(p)
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K (default 10)")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")
     p.add_argument("--bins-file", default=None,

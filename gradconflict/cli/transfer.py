@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._data_flags import add_conditioning_flags, add_scale_flag
-from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
+from ._data_flags import add_model_data_flags
+from ._weights import record_legacy_weights, report_weights, weights_for_folder
 from ._threads import add_threads_flag
 
 __all__ = ["add_parser", "run"]
@@ -23,14 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "transfer_matrix.csv (K x K mean), transfer_summary.csv and transfer.png into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="built-in name (e.g. dit-tiny), a training run folder, or path/file.py:function")
-    p.add_argument("--checkpoint", default=None,
-                   help="state dict (.pt or .safetensors, or a training run folder: its weights) to load into the model")
-    add_weights_flag(p)
-    p.add_argument("--data", default="mnist", help="dataset name (mnist, digits, synthetic) or a path (.npy, .npz, image folder)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this size (default: the model's)")
-    add_scale_flag(p)
-    add_conditioning_flags(p)
+    add_model_data_flags(p)
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--bins", type=int, default=10, help="number of timestep bins K")
     p.add_argument("--binning", choices=["uniform", "log_snr"], default="uniform", help="equal widths in t or in log-SNR")

@@ -22,7 +22,7 @@ initial weights and data order, so seeds are resampled jointly), 2000 resamples,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
