@@ -67,3 +67,21 @@ def test_cli_writes_figures_claims_and_report(tmp_path: Path, capsys: pytest.Cap
     assert {"C4 (loss_x0)", "C5 (loss_x0)"} <= set(claims["claim"])
     assert "<!-- compare:begin -->" in (figures / "REPORT.md").read_text()
     assert "C4 (loss_x0)" in capsys.readouterr().out
+
+
+def test_report_only_leaves_out_incomplete_weightings_and_trains_nothing(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--toy", "--seeds", "1", "--weightings", "constant", "min_snr:5", "--out", str(out),
+                 "--no-progress"]) == 0
+    folder = out / "runs" / run_name("min_snr:5", 0)
+    pd.read_csv(folder / "evals.csv").iloc[:1].to_csv(folder / "evals.csv", index=False)  # as if still training
+    before = (folder / "checkpoint.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["compare", "--toy", "--seeds", "1", "--weightings", "constant", "min_snr:5", "--out", str(out),
+                 "--figures", str(tmp_path / "fig"), "--report-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "left out: min_snr:5" in printed
+    table = pd.read_csv(tmp_path / "fig" / "fig5_convergence.csv")
+    assert set(table["weighting"]) == {"constant"}
+    assert (folder / "checkpoint.pt").stat().st_mtime_ns == before and len(pd.read_csv(folder / "evals.csv")) == 1

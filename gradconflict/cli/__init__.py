@@ -80,7 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_from_env(backend=None if device.startswith("cuda") else "gloo")
     try:
         _check_device(getattr(args, "device", None))
-        out = getattr(args, "out", None) if args.command != "sample" else None  # sample's --out is its PNG
+        # the folder a command writes (and locks): --out, unless the command names another (sample's --out is a PNG)
+        written = getattr(args, "written_folder", None)
+        out = written(args) if written is not None else getattr(args, "out", None) if args.command != "sample" else None
         _check_out(out)
         from ._threads import command_threads
 

@@ -22,6 +22,22 @@ _FIELDS = ("model", "data", "prediction", "schedule", "image_size", "train_image
            "device", "jobs")
 
 
+def complete_runs(evals: Any, per_bin: Any, config: Any) -> tuple[Any, Any]:
+    """The rows of the weightings whose every seed reached every evaluation step (a comparison in progress holds
+    some half-trained runs: their curves would bias the claims); says which weightings are left out."""
+    if not len(evals):
+        raise ValueError("the comparison folder holds no evaluations yet; run it without --report-only first")
+    need = len(config.eval_steps)
+    counts = evals.groupby(["weighting", "seed"])["step"].nunique()
+    whole = counts[counts >= need].reset_index().groupby("weighting")["seed"].nunique()
+    keep = [w for w in config.weightings if whole.get(w, 0) >= config.seeds]
+    left = [w for w in config.weightings if w not in keep]
+    if left:
+        print(f"report of {len(keep)} complete weightings ({config.seeds} seeds x {need} evaluations); not yet "
+              f"complete, left out: {', '.join(left)}")
+    return evals[evals["weighting"].isin(keep)], per_bin[per_bin["weighting"].isin(keep)]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..comparison import compare, load_compare, preset, write_report
 
@@ -33,17 +49,29 @@ def run(args: argparse.Namespace) -> int:
         changes["cpu_threads"] = args.threads
     config = dataclasses.replace(config, **changes)
     out = Path(args.out)
-    print(f"compare: {len(config.weightings)} weightings x {config.seeds} seeds of {config.model} on {config.data}, "
-          f"{config.steps} steps, evaluated every {config.eval_every} with the {config.weights} weights -> {out}")
-    evals = compare(config, out, progress=not args.no_progress)
-    _, per_bin = load_compare(out, config)
+    if args.report_only:  # the figures and claims of what the folder holds now, training nothing
+        evals, per_bin = complete_runs(*load_compare(out, config), config)
+    else:
+        print(f"compare: {len(config.weightings)} weightings x {config.seeds} seeds of {config.model} on "
+              f"{config.data}, {config.steps} steps, evaluated every {config.eval_every} with the {config.weights} "
+              f"weights -> {out}")
+        evals = compare(config, out, progress=not args.no_progress)
+        _, per_bin = load_compare(out, config)
     figures = Path(args.figures) if args.figures else out / "figures"
     result = write_report(evals, per_bin, config, figures)
     for row in result["claims"]:
         print(f"{row['claim']}: {row['verdict']}  {row.get('notes', '')}")
-    print(f"wrote {out}/evals.csv, eval_losses.csv and {figures}/ (fig5_convergence, fig6_loss_per_timestep, "
-          "score_vs_speed, claims.csv, REPORT.md)")
+    written = "" if args.report_only else f"{out}/evals.csv, eval_losses.csv and "
+    print(f"wrote {written}{figures}/ (fig5_convergence, fig6_loss_per_timestep, score_vs_speed, claims.csv, "
+          "REPORT.md)")
     return 0
+
+
+def _written_folder(args: argparse.Namespace) -> str:
+    """--report-only reads --out (a comparison may still be training there) and writes only the figures folder."""
+    if args.report_only:
+        return args.figures or str(Path(args.out) / "figures")
+    return args.out
 
 
 def add_parser(subparsers: Any) -> None:
@@ -86,4 +114,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default 1)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(handler=run)
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the figures, claims and report of the weightings whose runs are complete "
+                        "(e.g. while a long comparison is still running elsewhere)")
+    p.set_defaults(handler=run, written_folder=_written_folder)
