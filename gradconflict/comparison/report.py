@@ -76,8 +76,9 @@ def _has_tabulate() -> bool:
 
 
 def write_report(evals: pd.DataFrame, per_bin: pd.DataFrame, config: CompareConfig, figures: str | Path) -> dict[str, Any]:
-    """Write ``fig5_convergence``, ``fig6_loss_per_timestep``, ``score_vs_speed`` (PNG + CSV), the C4-C6 rows of
-    ``claims.csv`` and the comparison's section of ``REPORT.md`` into ``figures``; returns the claim rows."""
+    """Write ``fig5_convergence``, ``fig6_loss_per_timestep``, ``score_vs_speed`` (PNG + CSV), ``compare_evals.csv``
+    (every run's evaluations), the C4-C6 rows of ``claims.csv`` and the comparison's section of ``REPORT.md`` into
+    ``figures``; returns the claim rows."""
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
     subtitle = (f"{config.model}, {config.data} {config.image_size}x{config.image_size}, {config.prediction}-prediction, "
@@ -90,6 +91,7 @@ def write_report(evals: pd.DataFrame, per_bin: pd.DataFrame, config: CompareConf
         score_vs_speed(tables[f"c5_{metric}"], figures / "score_vs_speed", metric=metric, subtitle=subtitle)
     for name, table in tables.items():
         write_csv(table, figures / f"compare_{name}.csv")
+    write_csv(evals, figures / "compare_evals.csv")  # every run's evaluations (weighting, seed, step): the data
     summary = convergence_table(evals, metric)
     write_csv(summary, figures / "compare_summary.csv")
     write_csv(_merge_claims(figures / "claims.csv", rows), figures / "claims.csv")
