@@ -93,3 +93,13 @@ def test_c5_needs_a_ranking_better_than_chance_and_three_models() -> None:
     extra = {k: {"pareto_ratio": r, "diag_ratio": 1.0} for k, r in {"a": 1.1, "b": 1.2, "c": 1.3}.items()}
     row, _ = claim_c5(_evals(curves, steps, extra))
     assert row["n_models"] == 2 and row["verdict"] == "undecided" and "only 2 model" in row["notes"]
+
+
+def test_a_speedup_reached_at_the_first_evaluation_is_reported_as_a_bound() -> None:
+    steps = np.arange(1, 6) * 100.0
+    fast = [np.full(5, 1.0) + 0.01 * s for s in range(3)]  # at its final level from the first evaluation on
+    slow = [np.linspace(10.0, 2.0, 5) + 0.01 * s for s in range(3)]
+    evals = _evals({"min_snr:5": fast, "constant": slow, "snr": slow, "max_snr:1": slow}, steps)
+    row, pairs = claim_c4(evals)
+    assert (pairs["bound"] == ">=").all() and pairs["speedup"].iloc[0] == pytest.approx(5.0)  # 500 / 100 steps
+    assert ">= 5.00x" in row["notes"]
