@@ -52,7 +52,13 @@ def _section(config: CompareConfig, rows: list[dict], summary: pd.DataFrame, met
              f"every {config.eval_every} steps on the {config.data} images after the first {config.train_images} "
              f"(held out) with the {config.weights.upper()} weights. FD-MNIST is a Fréchet distance in the features "
              "of a small MNIST classifier (see docs/metrics.md), not Inception FID. Claims are described in "
-             "docs/claims.md.", "", "| claim | verdict | statistic | s.e. | models | notes |", "|---|---|---|---|---|---|"]
+             "docs/claims.md.", ""]
+    present = set(summary["weighting"]) if "weighting" in summary else set()
+    missing = [w for w in config.weightings if w not in present]
+    if missing:
+        lines += [f"**Part-way:** {len(present)} of the {len(config.weightings)} weightings have all their runs; not yet "
+                  f"trained: {', '.join(missing)} (rerun the same `gradconflict compare` command to complete them).", ""]
+    lines += ["| claim | verdict | statistic | s.e. | models | notes |", "|---|---|---|---|---|---|"]
     for row in rows:
         stat = row.get("statistic")
         se = row.get("stderr")
