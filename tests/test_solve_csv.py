@@ -340,3 +340,9 @@ def test_property_a_file_missing_a_row_or_column_is_never_a_different_matrix(tmp
         return
     default = [str(i) for i in range(len(M))]
     assert list(got.index) in (names, default) and np.array_equal(got.to_numpy(), M, equal_nan=True), (table, got)
+
+
+def test_a_folder_is_refused_and_its_gram_csv_named(tmp_path: Path) -> None:
+    np.savetxt(tmp_path / "gram.csv", np.eye(2), delimiter=",")
+    with pytest.raises(ValueError, match="is a folder, not a Gram CSV file; pass .*gram.csv"):
+        read_gram(str(tmp_path))

@@ -258,6 +258,9 @@ def read_gram(path: str) -> pd.DataFrame:
     Inf cells are kept (the solver refuses them by position). Raises ``ValueError`` naming the file, the shape
     read and how to write a valid file when the file fits no layout, or fits two.
     """
+    if Path(path).is_dir():  # e.g. the folder `gradconflict gram` wrote: its gram.csv is the file
+        hint = f"; pass {Path(path) / 'gram.csv'}" if (Path(path) / "gram.csv").is_file() else ""
+        raise ValueError(f"{path} is a folder, not a Gram CSV file{hint}")
     text = _text(str(path))
     counts = {sep: text.count(sep) for sep in (",", ";", "\t")}
     # the separators in the file, most frequent first, else spaces; then one cell a line (K = 1 needs none)
