@@ -57,7 +57,11 @@ def check_spec(spec: str) -> None:
             raise ValueError(f"bad weighting spec {spec!r}: pareto_fit needs an existing CSV of Pareto weights per bin "
                              "or a track folder, e.g. 'pareto_fit:pilot/track_weights.csv'")
     else:
-        fixed_by_name(spec)
+        try:
+            fixed_by_name(spec)
+        except ValueError as err:  # name the adaptive weightings beside the fixed ones
+            raise ValueError(f"{err}; or an adaptive one: pareto_online[:M], ugd_online[:M], learned_uncertainty, "
+                             "pareto_fit:FILE") from None
 
 
 def by_name(spec: str, *, bins: Optional[TimestepBins] = None, schedule: Optional[NoiseSchedule] = None,
