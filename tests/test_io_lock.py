@@ -196,7 +196,8 @@ def test_real_processes_never_share_a_folder(tmp_path: Path) -> None:
         while not all((tmp_path / f"ready-{i}").exists() for i in range(n)):
             assert time.time() < deadline and all(p.poll() is None for p in procs), "a contender did not start"
             time.sleep(0.01)
-        (tmp_path / "go").write_text(repr(time.time() + 0.05))
+        (tmp_path / "go.tmp").write_text(repr(time.time() + 0.05))
+        os.replace(tmp_path / "go.tmp", tmp_path / "go")  # atomic: a contender never reads a half-written start time
         for p in procs:
             _, err = p.communicate(timeout=60)
             assert p.returncode == 0, err.decode()
