@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
     """Register the ``train`` subcommand."""
     from ..models import MODEL_NAMES
     from ..train.config import SCHEDULES, TrainConfig
-    from ._data_flags import add_scale_flag
+    from ._data_flags import add_conditioning_flags, add_scale_flag
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -31,9 +31,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--model", default=d.model,
                    help=f"one of {', '.join(MODEL_NAMES)}, or your model: path/file.py:function (a function "
                         "returning an nn.Module, or (model, schedule, prediction); built with torch seeded by --seed, "
-                        "called model(x_t, t[, y=labels])), module:function, or diffusers:PATH (a local folder, "
-                        "fine-tuned). Its input must match --image-size and the data's channels; the run trains "
-                        "it with --schedule, --T and --prediction")
+                        "called model(x_t, t[, y=labels], **conditioning), the data file's per-sample arrays such as "
+                        "encoder_hidden_states by name, the rows of each batch's images), module:function, or "
+                        "diffusers:PATH (a local folder, fine-tuned; e.g. a text-conditioned UNet2DConditionModel). "
+                        "Its input must match --image-size and the data's channels; the run trains it with "
+                        "--schedule, --T and --prediction. Built-in models take class labels only")
     p.add_argument("--weighting", default=d.weighting, help="loss weighting, e.g. constant, snr, max_snr:1, min_snr:5, or adaptive: pareto_online:10, "
                    "ugd_online:1, learned_uncertainty, pareto_fit:PATH.csv (gradconflict.adaptive)")
     p.add_argument("--prediction", default=d.prediction, choices=["eps", "x0", "v"], help="what the model predicts")
@@ -57,6 +59,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data-limit", type=int, default=None, help="use only the first N images")
     add_scale_flag(p)
     p.add_argument("--conditional", action="store_true", help="class-conditional model (needs labels)")
+    add_conditioning_flags(p)
     p.add_argument("--model-overrides", default="{}", help='JSON dict of model config fields, e.g. \'{"depth": 4}\'')
     p.add_argument("--bins", type=int, default=d.bins, help="timestep bins for the per-bin loss log")
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         ema_decay=args.ema_decay, seed=args.seed, device=args.device, cpu_threads=args.threads if args.threads is not None else default_threads(), bf16=not args.no_bf16,
         image_size=args.image_size, data_limit=args.data_limit, scale=args.scale, conditional=args.conditional,
         model_overrides=overrides, bins=args.bins, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, null_conditioning=args.null_conditioning, null_length=args.null_length,
     )
     from ..distributed import is_main, wait_for_all
 

@@ -9,9 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..adapters.conditioning import NULL_LENGTH
 from ..targets import normalize_prediction
 
-__all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES", "is_builtin", "normalize_model"]
+__all__ = ["TrainConfig", "RESUMABLE_FIELDS", "SCHEDULES", "USED_KEY", "is_builtin", "normalize_model"]
+
+USED_KEY = "used"
+"""The ``config.json`` entry (beside the config's fields) of what a run used: schedule, prediction, data and the
+conditioning names passed to the model (see ``loop.train``)."""
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine")
 
@@ -65,6 +70,11 @@ class TrainConfig:
       by its absolute path) or ``diffusers:PATH`` (a local diffusers folder, fine-tuned from its weights); its
       input must match the data (``image_size``, channels), and ``model_overrides`` do not apply. The run
       trains it with ``schedule``/``T``/``prediction``, whatever the build function returns besides the model.
+    * per-sample conditioning (user model specs only): the data's conditioning arrays (``encoder_hidden_states``
+      (N, L, D), ``encoder_attention_mask``, ... see ``gradconflict.adapters.conditioning``) go to the model by
+      name with the rows of each batch's images; ``null_conditioning``: "zeros" or a ``.npy`` embedding (L, D)
+      (recorded by its absolute path) gives every sample that ``encoder_hidden_states`` instead (an
+      unconditional run of a text-conditioned model; ``null_length`` = L of the zeros).
     * ``weighting``: a ``weighting.by_name`` spec (e.g. "min_snr:5") or an adaptive one of
       ``gradconflict.adaptive.by_name`` ("pareto_online:10", "ugd_online:1", "learned_uncertainty",
       "pareto_fit:PATH.csv"); ``prediction``: "eps" | "x0" | "v".
@@ -110,6 +120,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     bins: int = 10
     keep_checkpoints: bool = False
+    null_conditioning: Optional[str] = None
+    null_length: int = NULL_LENGTH
 
     def __post_init__(self) -> None:
         self.prediction = normalize_prediction(self.prediction)
@@ -125,6 +137,17 @@ class TrainConfig:
         if not is_builtin(self.model) and self.model_overrides:
             raise ValueError(f"model_overrides {self.model_overrides} apply to built-in models only, not to "
                              f"{self.model!r}; set those fields in your build function")
+        if self.null_conditioning is not None:
+            if is_builtin(self.model):
+                raise ValueError(f"null_conditioning applies to text-conditioned models of your own; the built-in "
+                                 f"{self.model} has no cross-attention: drop it, or use a user model spec "
+                                 "(path/file.py:function or diffusers:PATH)")
+            if not isinstance(self.null_conditioning, str) or not self.null_conditioning.strip():
+                raise ValueError(f"null_conditioning must be 'zeros' or a .npy path, got {self.null_conditioning!r}")
+            if self.null_conditioning != "zeros":  # the same file given relative or absolute is the same run
+                self.null_conditioning = str(Path(self.null_conditioning).resolve())
+        if not isinstance(self.null_length, int) or isinstance(self.null_length, bool) or self.null_length < 1:
+            raise ValueError(f"null_length must be a positive integer (tokens), got {self.null_length!r}")
         if not isinstance(self.keep_checkpoints, bool):
             raise ValueError(f"keep_checkpoints must be True or False, got {self.keep_checkpoints!r}")
         if self.scale not in ("auto", "none", "minmax"):
@@ -160,8 +183,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Config from ``to_dict``'s output; unknown keys raise ``ValueError``."""
+        """Config from ``to_dict``'s output (a ``config.json``, whose ``"used"`` entry, what the run used, is no
+        field and is skipped); unknown keys raise ``ValueError``."""
         valid = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k != USED_KEY}
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(valid)}")

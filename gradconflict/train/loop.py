@@ -6,6 +6,11 @@ Loss of one sample (x0, t ~ U{0..T-1}, eps ~ N(0, I)), with ``x_t = alpha_t x0 +
     loss_i = w(SNR_t) * err_i                                   (w = strategy.weight(snr, target=prediction))
     loss   = mean_i loss_i
 
+A user model spec (``file.py:function``, ``diffusers:PATH``) is called ``model(x_t, t[, y=labels],
+**conditioning)``: the data's per-sample conditioning (e.g. ``encoder_hidden_states`` (N, L, D)), the rows of
+exactly the batch's images, by name (``train.conditioning``; ``null_conditioning``: the same embedding for all),
+in the loss, in an online weighting's Gram batch and in every step; built-in models take class labels only.
+
 ``config.weighting`` is any ``gradconflict.adaptive.by_name`` spec: for a fixed one the loss is exactly the
 above; ``strategy.step(model, x0, step=...)`` runs before each step's forward (online Pareto / UGD weights,
 which leave the model's grads, mode and the global RNG as found) and ``loss = strategy.loss(err, t, ...)``
@@ -17,7 +22,8 @@ The per-bin log (``losses.csv``) holds the *unweighted* loss in x0 units, ``err_
 logging window. All randomness (data order, timesteps, noise) comes from one CPU ``torch.Generator``
 whose state is checkpointed, so on the CPU a resumed run is bit-identical to an uninterrupted one.
 
-Outputs in ``out_dir``: ``config.json``, ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
+Outputs in ``out_dir``: ``config.json`` (the config and, under ``"used"``, the schedule, prediction, data and
+conditioning names the run used, also printed on stderr), ``checkpoint.pt``, ``model.safetensors``, ``log.csv`` (one row per
 step: step, loss, loss_x0, lr, grad_norm, seconds), ``losses.csv`` (tidy: step, bin, label, t_low,
 t_high, loss, count; ``bin = -1``/``label = "total"`` is all timesteps together) and, with ``keep_checkpoints``,
 ``checkpoints/step{N}.safetensors`` for every ``checkpoint_every`` step N (written after ``model.safetensors``).
@@ -53,9 +59,10 @@ from ..weighting import WeightingStrategy
 from ..adaptive import AdaptiveWeighting, by_name as weighting_by_name
 from .._io import fingerprint, write_csv, write_json
 from .checkpoint import load_checkpoint, make_schedule, save_checkpoint, save_weights, weights_metadata
-from .config import TrainConfig, is_builtin
+from .config import USED_KEY, TrainConfig, is_builtin
 from .user_model import build_user_model, run_model_spec
 from .ema import EMA
+from .conditioning import batch_kwargs, conditioning_on, fingerprint_tensors, print_used, run_conditioning, used_record
 
 __all__ = ["diffusion_loss", "prediction_error", "train", "EpochSampler", "KEPT_DIR", "kept_weights_path"]
 
@@ -68,18 +75,22 @@ def kept_weights_path(out: str | Path, step: int) -> Path:
 
 
 def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
-                     noise: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     noise: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                     model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """Per-sample mean squared error ``(n,)`` of the model output against its target, in the model's own
-    prediction space: ``engine.per_sample_losses`` with ``loss_space = prediction``."""
+    prediction space: ``engine.per_sample_losses`` with ``loss_space = prediction``; the model is called
+    ``model(x_t, t, y=y, **model_kwargs)`` (``model_kwargs``: per-sample conditioning by name, rows of x0's)."""
+    kwargs = {**({} if y is None else {"y": y}), **(model_kwargs or {})}
     return per_sample_losses(model, x0, t, noise, schedule, prediction=prediction, loss_space=prediction,
-                             model_kwargs={} if y is None else {"y": y})
+                             model_kwargs=kwargs)
 
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, prediction: str,
-                   strategy: WeightingStrategy, noise: torch.Tensor, y: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   strategy: WeightingStrategy, noise: torch.Tensor, y: Optional[torch.Tensor] = None, *,
+                   model_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, per_sample)``: per_sample_i = ``strategy.weight(SNR_t_i, target=prediction) * err_i`` with
     ``err_i`` from ``prediction_error``; loss = mean of per_sample."""
-    err = prediction_error(model, x0, t, schedule, prediction, noise, y)
+    err = prediction_error(model, x0, t, schedule, prediction, noise, y, model_kwargs=model_kwargs)
     weight = strategy.weight(schedule.snr(t), target=prediction).to(device=err.device, dtype=err.dtype)
     per_sample = weight * err
     return per_sample.mean(), per_sample
@@ -193,12 +204,9 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[Any, nn.Module]:
     dataset = load_dataset(config.data, image_size=config.image_size, limit=config.data_limit, scale=config.scale)
     if config.conditional and dataset.num_classes == 0:
         raise ValueError(f"conditional=True but dataset {dataset.name!r} has no labels")
-    if dataset.conditioning:  # never dropped silently: the built-in models take class labels only
-        raise ValueError(f"dataset {dataset.name!r} carries the per-sample conditioning {sorted(dataset.conditioning)}, "
-                         f"which the built-in {config.model} does not take (class labels only); remove those arrays "
-                         "from the data file (text-conditioned training is not supported yet)")
     if not is_builtin(config.model):
         return dataset, build_user_model(config, device)
+    run_conditioning(config, None, dataset)  # a built-in refuses conditioning arrays (class labels only)
     overrides = {
         **config.model_overrides,
         "image_size": config.image_size,
@@ -244,7 +252,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) ->
     A directory holding a checkpoint of the same run (same config except steps / log / checkpoint cadence /
     device / cpu_threads) is resumed from it. ``ValueError``, with the directory left untouched (not even
     created), for a different run, a run whose checkpoint is already past ``config.steps``, or run outputs
-    (model.safetensors, log.csv, losses.csv) without the ``checkpoint.pt`` to resume them from.
+    (model.safetensors, log.csv, losses.csv) without the ``checkpoint.pt`` to resume them from. One line on
+    stderr says the schedule, prediction, data and conditioning used (with ``progress``, or for a user model).
     """
     threads = torch.get_num_threads()
     if config.cpu_threads is not None:
@@ -263,7 +272,8 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
     state = load_checkpoint(out / "checkpoint.pt", map_location=device) if (out / "checkpoint.pt").is_file() else None
     _check_run_dir(out, config, state)  # everything is checked before the directory is created or written to
     dataset, model = _build(config, device)
-    data_id = fingerprint([dataset.images, dataset.labels])
+    conditioning = run_conditioning(config, model, dataset)  # {name: (N, ...)} passed by name, rows with images
+    data_id = fingerprint([dataset.images, dataset.labels, *fingerprint_tensors(conditioning)])
     if state is not None and state.get("data", data_id) != data_id:  # older checkpoints did not record it
         raise ValueError(f"{out} holds a run trained on other data than {config.data!r} holds now (content "
                          f"fingerprint {state['data']} on disk vs {data_id}); use another output directory, or the "
@@ -293,10 +303,14 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
         bin_log = _read_log(out / "losses.csv", step)
     del state
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
+    used = used_record(config, dataset, conditioning)
+    if progress or not is_builtin(config.model):  # a user model's schedule / prediction / conditioning: always said
+        print_used(used)
+    write_json(out / "config.json", {**config.to_dict(), USED_KEY: used})
     meta = {"config": config.to_dict(), "model_spec": run_model_spec(config, model), "dataset": dataset.name}
 
     images, labels = dataset.images.to(device), dataset.labels.to(device)
+    conditioning = conditioning_on(conditioning, device, images.dtype)
     use_bf16 = config.bf16 and device.type == "cuda"
     factor = torch.as_tensor(np.asarray(loss_factor(schedule.snr(np.arange(config.T)), config.prediction)), device=device)
     task_of = torch.as_tensor(np.asarray(bins.task_of(np.arange(config.T))), device=device)
@@ -370,12 +384,13 @@ def _train(config: TrainConfig, out_dir: str | Path, progress: bool) -> pd.DataF
             noise = torch.randn((config.batch_size, *images.shape[1:]), generator=generator)
             x0, t, noise = images[idx.to(device)], t.to(device), noise.to(device)
             y = labels[idx.to(device)] if config.conditional else None
-            strategy.step(model, x0, step=step, model_kwargs=None if y is None else {"y": y})  # online weights
+            kwargs = batch_kwargs(conditioning, idx.to(device), y)  # y and the conditioning rows of these images
+            strategy.step(model, x0, step=step, model_kwargs=kwargs or None)  # online weights
             lr = _lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                err = prediction_error(model, x0, t, schedule, config.prediction, noise, y)
+                err = prediction_error(model, x0, t, schedule, config.prediction, noise, model_kwargs=kwargs)
             loss = strategy.loss(err, t, schedule=schedule, prediction=config.prediction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
