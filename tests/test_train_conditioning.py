@@ -281,3 +281,14 @@ def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path,
                  "1", "--resamples", "1", "--ugd-steps", "2", "--strategies", "constant", "--out",
                  str(tmp_path / "track")]) == 0
     assert sorted(pd.read_csv(tmp_path / "track" / "track_objectives.csv")["step"].unique()) == [3]
+    # sampling the trained text model: null (zero) embeddings unless given, with a note; given rows are used
+    assert main(["sample", "--run", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert "unconditionally: encoder_hidden_states of zeros (2, 77, 4)" in capsys.readouterr().err
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    from gradconflict.train import load_trained, sample
+
+    model, schedule, prediction = load_trained(run)
+    emb = torch.from_numpy(np.load(tmp_path / "cond.npz")["encoder_hidden_states"][:2])
+    null = sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": torch.zeros(2, 77, D)})
+    assert torch.equal(null, sample(model, schedule, prediction, 2, steps=2))  # the default is that null
+    assert not torch.equal(null, sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": emb}))

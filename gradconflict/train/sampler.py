@@ -14,14 +14,21 @@ and then to "t = -1" where ``alphabar = 1`` (clean data). With ``abar`` = alphab
 DDPM with all T steps is the original ancestral sampler; on any sub-sequence it equals DDIM with eta = 1.
 The initial noise and every ``z`` come from a CPU ``torch.Generator`` (seeded), so results do not depend
 on the device's RNG.
+
+Conditioning: ``model_kwargs`` (per-sample tensors by name, ``n`` rows, e.g. ``encoder_hidden_states`` (n, L, D))
+go to every model call. A text-conditioned model (``model.config.cross_attention_dim``, e.g. a trained
+``diffusers:PATH`` UNet2DConditionModel) given no ``encoder_hidden_states`` is sampled unconditionally, with
+``encoder_hidden_states`` of zeros (n, 77, D) (``adapters.conditioning.null_text_conditioning``), and a note
+on stderr says so; pass the embeddings of your prompts (e.g. the first rows of the training data's) instead.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,14 +61,34 @@ def _default_labels(model: nn.Module, n: int, y: Optional[torch.Tensor]) -> Opti
     return torch.arange(n) % k
 
 
+def _conditioning(model: nn.Module, n: int, model_kwargs: Optional[dict[str, Any]], device: torch.device
+                  ) -> dict[str, Any]:
+    """``model_kwargs`` on ``device`` (floating ones in the parameters' dtype); for a text-conditioned model given
+    no ``encoder_hidden_states``, zeros (n, NULL_LENGTH, D) with a note on stderr (see the module docstring)."""
+    from ..adapters.conditioning import NULL_LENGTH, null_text_conditioning
+
+    kwargs = dict(model_kwargs or {})
+    dim = getattr(getattr(model, "config", None), "cross_attention_dim", None)
+    if dim and kwargs.get("encoder_hidden_states") is None:
+        print(f"note: sampling the text-conditioned {type(model).__name__} unconditionally: encoder_hidden_states of "
+              f"zeros ({n}, {NULL_LENGTH}, {dim}); pass model_kwargs={{'encoder_hidden_states': ...}} for prompts",
+              file=sys.stderr)
+        kwargs["encoder_hidden_states"] = null_text_conditioning(n, NULL_LENGTH, int(dim))
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def _loop(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], steps: int, *,
           ddpm: bool, eta: float, y: Optional[torch.Tensor], generator: Optional[torch.Generator],
-          device: Optional[torch.device], clip: bool) -> torch.Tensor:
+          device: Optional[torch.device], clip: bool, model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
     device = device or _device_of(model)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     n = shape[0]
     y = _default_labels(model, n, y)
     y = y.to(device) if y is not None else None
+    kwargs = _conditioning(model, n, model_kwargs, device)
     abar = schedule.alphas_cumprod
     ts = timestep_sequence(schedule.T, steps)
     x = torch.randn(tuple(shape), generator=generator).to(device)
@@ -72,7 +99,7 @@ def _loop(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Seq
             s = ts[i + 1] if i + 1 < len(ts) else -1
             a_t, a_s = float(abar[t]), (float(abar[s]) if s >= 0 else 1.0)
             alpha, sigma = torch.tensor([math.sqrt(a_t)] * n), torch.tensor([math.sqrt(1.0 - a_t)] * n)
-            out = model(x, torch.full((n,), t, dtype=torch.long, device=device), y).float()
+            out = model(x, torch.full((n,), t, dtype=torch.long, device=device), y, **kwargs).float()
             x0 = to_x0(out, x, alpha.to(device), sigma.to(device), prediction)
             if clip:
                 x0 = x0.clamp(-1.0, 1.0)
@@ -95,24 +122,31 @@ def _loop(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Seq
 @torch.no_grad()
 def ddim_sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], *, steps: int = 50,
                 eta: float = 0.0, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                device: Optional[torch.device] = None, clip: bool = True) -> torch.Tensor:
-    """DDIM samples of shape ``shape`` (n, C, H, W) in ``[-1, 1]``-ish units; ``eta`` in [0, 1]."""
+                device: Optional[torch.device] = None, clip: bool = True,
+                model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """DDIM samples of shape ``shape`` (n, C, H, W) in ``[-1, 1]``-ish units; ``eta`` in [0, 1]; ``model_kwargs``:
+    per-sample conditioning by name (n rows; see the module docstring for text-conditioned models)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    return _loop(model, schedule, prediction, shape, steps, ddpm=False, eta=eta, y=y, generator=generator, device=device, clip=clip)
+    return _loop(model, schedule, prediction, shape, steps, ddpm=False, eta=eta, y=y, generator=generator, device=device,
+                 clip=clip, model_kwargs=model_kwargs)
 
 
 @torch.no_grad()
 def ddpm_sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, shape: Sequence[int], *,
                 steps: Optional[int] = None, y: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                device: Optional[torch.device] = None, clip: bool = True) -> torch.Tensor:
-    """DDPM ancestral samples over ``steps`` timesteps (default: all T)."""
-    return _loop(model, schedule, prediction, shape, steps or schedule.T, ddpm=True, eta=1.0, y=y, generator=generator, device=device, clip=clip)
+                device: Optional[torch.device] = None, clip: bool = True,
+                model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """DDPM ancestral samples over ``steps`` timesteps (default: all T); ``model_kwargs`` as for ``ddim_sample``."""
+    return _loop(model, schedule, prediction, shape, steps or schedule.T, ddpm=True, eta=1.0, y=y, generator=generator,
+                 device=device, clip=clip, model_kwargs=model_kwargs)
 
 
 def sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, n: int = 16, *, method: str = "ddim", steps: int = 50,
-           eta: float = 0.0, seed: int = 0, y: Optional[torch.Tensor] = None, clip: bool = True) -> torch.Tensor:
-    """``n`` samples shaped from ``model.config`` (image_size, in_channels), on the CPU, with a seeded generator."""
+           eta: float = 0.0, seed: int = 0, y: Optional[torch.Tensor] = None, clip: bool = True,
+           model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """``n`` samples shaped from ``model.config`` (image_size, in_channels), on the CPU, with a seeded generator;
+    ``model_kwargs``: per-sample conditioning (n rows; a text-conditioned model without it: null, see above)."""
     cfg = getattr(model, "config", None)
     if not all(hasattr(cfg, k) for k in ("in_channels", "image_size")):
         raise ValueError(f"cannot tell the sample shape of a {type(model).__name__}: its .config has no in_channels "
@@ -121,9 +155,11 @@ def sample(model: nn.Module, schedule: NoiseSchedule, prediction: str, n: int = 
     shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
     generator = torch.Generator().manual_seed(seed)
     if method == "ddim":
-        x = ddim_sample(model, schedule, prediction, shape, steps=steps, eta=eta, y=y, generator=generator, clip=clip)
+        x = ddim_sample(model, schedule, prediction, shape, steps=steps, eta=eta, y=y, generator=generator, clip=clip,
+                        model_kwargs=model_kwargs)
     elif method == "ddpm":
-        x = ddpm_sample(model, schedule, prediction, shape, steps=steps, y=y, generator=generator, clip=clip)
+        x = ddpm_sample(model, schedule, prediction, shape, steps=steps, y=y, generator=generator, clip=clip,
+                        model_kwargs=model_kwargs)
     else:
         raise ValueError(f"unknown sampler {method!r}; use 'ddim' or 'ddpm'")
     return x.cpu()
@@ -139,13 +175,17 @@ def _to_display(img: torch.Tensor) -> tuple[np.ndarray, Optional[str]]:
 
 def sample_grid_png(model: nn.Module, schedule: NoiseSchedule, prediction: str, path: str | Path, n: int = 16,
                     steps: int = 50, seed: int = 0, *, method: str = "ddim", eta: float = 0.0,
-                    y: Optional[torch.Tensor] = None, title: Optional[str] = None) -> torch.Tensor:
+                    y: Optional[torch.Tensor] = None, title: Optional[str] = None,
+                    model_kwargs: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """Sample ``n`` images and write them as a labelled grid PNG (cells titled with class or index, a title
-    naming model, prediction, sampler, steps and seed). Returns the samples ``(n, C, H, W)``."""
+    naming model, prediction, sampler, steps and seed). Returns the samples ``(n, C, H, W)``. ``model_kwargs``:
+    per-sample conditioning by name (n rows, e.g. the first n rows of the training data's
+    ``encoder_hidden_states``); a text-conditioned model without it is sampled with null (zero) embeddings."""
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     y = _default_labels(model, n, y)
-    x = sample(model, schedule, prediction, n, method=method, steps=steps, eta=eta, seed=seed, y=y)
+    x = sample(model, schedule, prediction, n, method=method, steps=steps, eta=eta, seed=seed, y=y,
+               model_kwargs=model_kwargs)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     arch = type(model).__name__
