@@ -268,6 +268,10 @@ def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path,
     np.savez(tmp_path / "cond.npz", images=rng.standard_normal((N, 4, HW, HW)).astype(np.float32),
              encoder_hidden_states=rng.standard_normal((N, L, D)).astype(np.float32))
     run = tmp_path / "run"
+    np.savez(tmp_path / "plain.npz", images=np.load(tmp_path / "cond.npz")["images"])
+    assert main(["train", "--model", f"diffusers:{tmp_path / 'pipe'}", "--data", str(tmp_path / "plain.npz"),
+                 "--image-size", str(HW), "--steps", "1", "--T", str(T), "--bins", "2", "--quiet", "--out", str(run)]) == 2
+    assert "carries no encoder_hidden_states" in capsys.readouterr().err and not run.exists()
     assert main(["train", "--model", f"diffusers:{tmp_path / 'pipe'}", "--data", str(tmp_path / "cond.npz"),
                  "--image-size", str(HW), "--steps", "3", "--batch-size", "2", "--T", str(T), "--bins", "2",
                  "--warmup-steps", "0", "--checkpoint-every", "3", "--keep-checkpoints", "--quiet",

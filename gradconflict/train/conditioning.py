@@ -29,7 +29,8 @@ def run_conditioning(config: TrainConfig, model: nn.Module, dataset: Any) -> dic
 
     A built-in model refuses any conditioning array of the data (it takes class labels only, ``conditional``);
     a user model gets ``model_conditioning(model, dataset, config.null_conditioning, config.null_length)``,
-    which refuses names its ``forward`` (or ``conditioning_keys``) does not take."""
+    which refuses names its ``forward`` (or ``conditioning_keys``) does not take; a model with cross-attention
+    (``model.config.cross_attention_dim``) needs ``encoder_hidden_states`` from the data or ``null_conditioning``."""
     if is_builtin(config.model):
         if dataset.conditioning:  # never dropped silently
             raise ValueError(
@@ -38,7 +39,13 @@ def run_conditioning(config: TrainConfig, model: nn.Module, dataset: Any) -> dic
                 "text-conditioned model pass a user model spec (--model path/file.py:function or diffusers:PATH) "
                 "whose forward takes those names, or remove those arrays from the data file")
         return {}
-    return model_conditioning(model, dataset, config.null_conditioning, config.null_length)
+    conditioning = model_conditioning(model, dataset, config.null_conditioning, config.null_length)
+    dim = getattr(getattr(model, "config", None), "cross_attention_dim", None)
+    if dim and "encoder_hidden_states" not in conditioning:  # refused before the run directory is written
+        raise ValueError(f"{config.model} is text-conditioned (cross-attention over embeddings of width {dim}) but "
+                         f"{dataset.name!r} carries no encoder_hidden_states: add an array encoder_hidden_states "
+                         f"(N, L, {dim}) to the data file, or train it unconditionally with --null-conditioning")
+    return conditioning
 
 
 def conditioning_on(conditioning: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
