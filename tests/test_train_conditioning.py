@@ -6,6 +6,7 @@ Tiny models, a 6-image data file, no network."""
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import json
 from pathlib import Path
@@ -296,3 +297,26 @@ def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path,
     null = sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": torch.zeros(2, 77, D)})
     assert torch.equal(null, sample(model, schedule, prediction, 2, steps=2))  # the default is that null
     assert not torch.equal(null, sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": emb}))
+
+
+# A train_config.json written by `reproduce --standard` before the conditioning fields existed (verbatim).
+_RECORDED_BEFORE_CONDITIONING = {
+    "T": 1000, "batch_size": 64, "betas": [0.9, 0.999], "bf16": True, "bins": 10, "conditional": False,
+    "data": "mnist", "data_limit": 4000, "ema_decay": 0.999, "grad_clip": 1.0, "image_size": 16, "lr": 0.001,
+    "model": "unet-tiny", "model_overrides": {}, "prediction": "eps", "scale": "auto", "schedule": "linear",
+    "seed": 0, "warmup_steps": 100, "weight_decay": 0.0, "weighting": "snr"}
+
+
+def test_runs_recorded_before_the_conditioning_fields_still_match(tmp_path: Path) -> None:
+    """The new fields at their defaults leave a run's identity as it was recorded (no retraining of cached runs);
+    set, they enter it (a run with null conditioning is another run)."""
+    from gradconflict._io import identity_changes
+
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(_RECORDED_BEFORE_CONDITIONING))
+    config = TrainConfig(data="mnist", model="unet-tiny", weighting="snr", steps=3000, batch_size=64, lr=1e-3,
+                         warmup_steps=100, image_size=16, data_limit=4000)
+    assert identity_changes(path, config.identity()) == []
+    spec = str(tmp_path / "m.py") + ":build"
+    changed = dataclasses.replace(config, model=spec, null_conditioning="zeros")
+    assert "null_conditioning" in identity_changes(path, changed.identity())

@@ -55,6 +55,11 @@ def normalize_model(model: str) -> str:
 RESUMABLE_FIELDS: frozenset[str] = frozenset({"steps", "log_every", "checkpoint_every", "device", "cpu_threads",
                                               "keep_checkpoints"})
 
+LATER_FIELDS: dict[str, Any] = {"null_conditioning": None, "null_length": NULL_LENGTH}
+"""Fields added after runs were recorded, with their defaults: at its default such a field stays out of
+``identity()``, so a run (or a cached ``reproduce``/``compare`` stage) recorded before the field existed still
+matches and resumes instead of retraining."""
+
 
 @dataclass
 class TrainConfig:
@@ -193,5 +198,7 @@ class TrainConfig:
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the run (everything except ``RESUMABLE_FIELDS``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        """The fields that define the run (everything except ``RESUMABLE_FIELDS``, and ``LATER_FIELDS`` at their
+        defaults)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RESUMABLE_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
