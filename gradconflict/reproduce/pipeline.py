@@ -5,6 +5,11 @@ Stages are cached per independently trained model in ``out/runs/reproduce-<prese
 ``<stage>.done.json`` with the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
 stages resume from their last checkpoint when interrupted. A changed training config removes the cached
 training run, its snapshots and the tracking results; a changed tracking config only the tracking results.
+
+With ``config.bins_edges`` (``--bins-file``) the trained models are reused as they are and every bin-dependent
+stage (the tracking Grams, recomputed from the snapshots; transfer; C2; the control Grams in the own loss space;
+the held-out check) runs under those bins in ``runs/reproduce-<preset>/clustered-<key>/seed<s>/``; the figures go
+to ``figures/clustered/`` and the comparison with the uniform analysis to ``figures/REPORT.md`` (:mod:`.clustered`).
 """
 
 from __future__ import annotations
