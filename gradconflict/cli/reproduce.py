@@ -32,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, metavar="FIGURE",
                    help="regenerate only these figures (fig2_transfer fig3_ugd_weights fig4_pareto_objective "
                         "lambda_sweep conflict_vs_distance cosine_final samples) and the stages they need")
+    p.add_argument("--bins-file", default=None, metavar="BINS.csv",
+                   help="redo the analysis (tracking Grams, transfer, C1-C3, Figs. 2-4, the lam path, held-out check) "
+                        "under these bins (`gradconflict bins ... --out B` writes B/bins.csv) on the same trained models, "
+                        "without retraining: figures into OUT/figures/clustered/, and a comparison with the uniform "
+                        "bins in OUT/figures/REPORT.md and OUT/figures/clustered_vs_uniform.csv")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for every stage (default: the preset's, 1 on the CPU presets, which is "
@@ -50,8 +55,17 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads}: use 1 or more")
         config = dataclasses.replace(config, cpu_threads=args.threads)
+    if args.bins_file is not None:
+        from ..clustering import read_bins_csv
+
+        edges, T = read_bins_csv(args.bins_file)
+        if T != config.train.T:
+            raise ValueError(f"--bins-file {args.bins_file} covers T = {T} timesteps (0..{T - 1}) but the {args.preset} "
+                             f"preset's schedule has T = {config.train.T}; make the bins from this run's model "
+                             f"(gradconflict bins --model {Path(args.out) / 'runs' / f'reproduce-{config.name}' / 'seed0' / 'track' / 'run'} ...)")
+        config = dataclasses.replace(config, bins_edges=tuple(int(e) for e in edges))
     reproduce(config, args.out, progress=not args.no_progress, only=args.only)
-    figures = Path(args.out) / "figures"
+    figures = Path(args.out) / "figures" / ("clustered" if args.bins_file is not None else "")
     report = "" if args.only is not None else f"; the report: {figures / 'REPORT.md'}"
     print(f"wrote the figures to {figures}{report} (cached stages in {Path(args.out) / 'runs'})")
     return 0

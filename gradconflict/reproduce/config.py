@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
@@ -10,7 +12,7 @@ from typing import Any, Optional
 from ..track import TrackConfig
 from ..train import TrainConfig
 
-__all__ = ["ReproduceConfig", "preset", "PRESETS", "STANDARD_STEPS"]
+__all__ = ["ReproduceConfig", "preset", "check_edges", "PRESETS", "STANDARD_STEPS"]
 
 PRESETS = ("quick", "standard", "full", "toy")
 STANDARD_STEPS = 3000  # unet-tiny draws mostly readable digits at 2000 (held-out loss <= 0.15 of predicting zero in every bin)
@@ -32,6 +34,10 @@ class ReproduceConfig:
       ``own_space``: also the Grams in the model's own loss space (uniform bins, K = ``track.bins``).
     * ``held_out``: images after the training images used for the per-bin "has it learned" check (0: off).
     * ``c2``: keyword arguments of ``c2.c2_online`` (online UGD through each model's tracked checkpoints).
+    * ``bins_edges``: K + 1 timestep edges ``0 = e_0 < ... < e_K = train.T`` (e.g. clustered bins of
+      ``gradconflict bins``) that replace the uniform bins of every bin-dependent stage (tracking Grams, transfer,
+      C2, C3, the held-out check); the trained models and snapshots are reused. None (default): uniform bins.
+      See :meth:`clustered` for the config the stages then run with.
     """
 
     name: str
@@ -49,6 +55,7 @@ class ReproduceConfig:
     own_space: bool = False
     held_out: int = 0
     c2: dict[str, Any] = field(default_factory=dict)  # c2.c2_online settings (per_task, iters, burn_in, ...)
+    bins_edges: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
@@ -56,6 +63,41 @@ class ReproduceConfig:
         if self.transfer_loss not in ("x0", "training"):
             raise ValueError(f"transfer_loss must be 'x0' or 'training', got {self.transfer_loss!r}")
         self.binnings = tuple(self.binnings)
+        if self.bins_edges is not None:
+            self.bins_edges = check_edges(self.bins_edges, self.train.T)
+
+    @property
+    def bins_key(self) -> str:
+        """12 hex digits naming ``bins_edges`` (the folder ``clustered-<key>`` of its cached stages); "" without."""
+        if self.bins_edges is None:
+            return ""
+        return hashlib.sha256(json.dumps(list(self.bins_edges)).encode()).hexdigest()[:12]
+
+    def clustered(self) -> "ReproduceConfig":
+        """The config the stages run with under ``bins_edges``: the tracking config's ``edges`` (K = the file's K),
+        ``transfer_bins`` = K, and no C3 binning controls (``binnings``: a separate control of its own bins);
+        ``self`` when ``bins_edges`` is None."""
+        if self.bins_edges is None:
+            return self
+        K = len(self.bins_edges) - 1
+        return replace(self, track=replace(self.track, bins=K, edges=self.bins_edges), transfer_bins=K, binnings=())
+
+    def transfer_timestep_bins(self) -> Any:
+        """The bins of the transfer runs: ``bins_edges`` when given, else ``transfer_bins`` uniform bins."""
+        from ..bins import TimestepBins
+
+        if self.bins_edges is not None:
+            return TimestepBins.from_edges(self.bins_edges, self.train.T)
+        return TimestepBins.uniform(self.train.T, self.transfer_bins)
+
+    def task_timestep_bins(self) -> Any:
+        """The bins of C2's online run and the held-out check: ``bins_edges`` when given, else K = ``track.bins``
+        uniform bins (as before ``bins_edges`` existed, whatever ``track.binning`` says)."""
+        from ..bins import TimestepBins
+
+        if self.bins_edges is not None:
+            return TimestepBins.from_edges(self.bins_edges, self.train.T)
+        return TimestepBins.uniform(self.train.T, self.track.bins)
 
     def train_of(self, seed: int) -> TrainConfig:
         """The training config of model ``seed`` (0 .. seeds - 1): training seed ``train.seed + seed``."""
@@ -73,6 +115,12 @@ class ReproduceConfig:
 
     def identity(self, stage: str, seed: int = 0) -> dict[str, Any]:
         """The inputs a stage of model ``seed`` depends on (a changed value reruns that stage and what follows)."""
+        identity = self._identity(stage, seed)
+        if self.bins_edges is not None and stage != "track":  # (the tracking config holds them as its edges)
+            identity["edges"] = list(self.bins_edges)
+        return identity
+
+    def _identity(self, stage: str, seed: int) -> dict[str, Any]:
         tc = self.train_of(seed)
         train = tc.identity() | {"steps": tc.steps, "seed": tc.seed}
         if stage == "track":
@@ -86,6 +134,21 @@ class ReproduceConfig:
         if stage == "c2":
             return {"train": train, "every": self.every, "c2": self.c2, "lam": self.track.lam}
         return asdict(self)
+
+
+def check_edges(edges: Any, T: int) -> tuple[int, ...]:
+    """``edges`` as a tuple of ints, checked to be K + 1 >= 4 strictly increasing timesteps from 0 to ``T`` (the
+    schedule's timesteps 0..T-1 covered; K >= 3 bins, as C1's near and far cells need)."""
+    e = tuple(int(x) for x in edges)
+    if len(e) < 4:
+        raise ValueError(f"bins_edges hold {len(e) - 1} bin(s); the analysis needs K >= 3 bins (C1's far cells are "
+                         "|i - j| >= 2 apart): cluster into more bins (gradconflict bins --bins K)")
+    if e[0] != 0 or e[-1] != T:
+        raise ValueError(f"bins_edges cover t = {e[0]}..{e[-1] - 1} but the schedule has T = {T} timesteps "
+                         f"(0..{T - 1}); make the bins for this schedule (gradconflict bins --model of this run)")
+    if any(b <= a for a, b in zip(e, e[1:])):
+        raise ValueError(f"bins_edges {list(e)} must be strictly increasing (every bin non-empty)")
+    return e
 
 
 def preset(kind: str, device: str = "cpu") -> ReproduceConfig:

@@ -29,7 +29,8 @@ LEARNED_FACTOR = 0.5  # a bin is "learned" when its held-out loss is below half 
 
 def control_variants(config: Any, schedule: Any) -> dict[str, tuple[TimestepBins, str]]:
     """Name -> (bins, loss space) of C3's controls: each ``config.binnings`` name (x0 units) and, with
-    ``config.own_space``, ``own_<prediction>_K<K>`` (uniform bins in the model's own loss space)."""
+    ``config.own_space``, ``own_<prediction>_K<K>`` (uniform bins in the model's own loss space; under a bins file
+    ``own_<prediction>_clustered_K<K>``, the file's bins)."""
     from .c3 import binning_variants
 
     Ks = sorted({int(name.rsplit("_K", 1)[1]) for name in config.binnings})
@@ -39,9 +40,10 @@ def control_variants(config: Any, schedule: Any) -> dict[str, tuple[TimestepBins
         if name not in known:
             raise ValueError(f"unknown binning {name!r}; use uniform_K<K> or log_snr_K<K>")
         out[name] = (known[name], "x0")
-    if config.own_space:
+    if config.own_space:  # under a bins file (config.track.edges) in the file's bins
         space = config.train.prediction
-        out[f"own_{space}_K{config.track.bins}"] = (TimestepBins.uniform(schedule.T, config.track.bins), space)
+        kind = "" if config.track.edges is None else "clustered_"
+        out[f"own_{space}_{kind}K{config.track.bins}"] = (config.task_timestep_bins(), space)
     return out
 
 
@@ -84,18 +86,21 @@ def learned_table(model: torch.nn.Module, held_out: torch.Tensor, schedule: Any,
 
 
 def c1_of_model(transfer: pd.DataFrame, K: int, run: dict, track_gram: Optional[np.ndarray],
-                schedule: Any, prediction: str) -> dict:
+                schedule: Any, prediction: str, bins: Optional[TimestepBins] = None) -> dict:
     """:func:`c1.c1_statistics` of one model's transfer run (``transfer``: its tidy frame; mean over seeds), with
     the first-order prediction ``lr c_i G_ij / L_j`` (``G``: the tracked x0 Gram of the final model, mean over
     batches; ``L_j``: loss before; ``c_i``: the bin's mean x0-equivalent weight of the fine-tuning loss,
     ``w(SNR) * loss_factor(SNR, space)``, 1 for the plain x0 loss). With AdamW, ``lr`` is not an SGD step: only
-    the correlations and signs of the prediction are meaningful, not its scale."""
+    the correlations and signs of the prediction are meaningful, not its scale. ``bins``: the transfer run's K bins
+    (default: K uniform bins)."""
     cells = transfer[transfer["source"].astype(int) >= 0]  # the "all bins" control copy has source -1
     M = cells.pivot_table(index="source", columns="target", values="transfer", aggfunc="mean").to_numpy()
     if track_gram is None or track_gram.shape != (K, K):
         return c1_statistics(M)
     L = cells.groupby("target")["loss_before"].mean().to_numpy()
-    bins = TimestepBins.uniform(schedule.T, K)
+    bins = TimestepBins.uniform(schedule.T, K) if bins is None else bins
+    if bins.K != K:
+        raise ValueError(f"the transfer matrix is {K} x {K} but bins has K = {bins.K}; pass the run's bins")
     snr = schedule.snr(np.arange(schedule.T))
     space = run.get("loss_space", "x0")
     w = np.ones(schedule.T) if run.get("weighting") is None else np.asarray(by_name(run["weighting"]).weight(snr, target=space))

@@ -5,6 +5,11 @@ Stages are cached per independently trained model in ``out/runs/reproduce-<prese
 ``<stage>.done.json`` with the inputs it ran on; a rerun skips a stage whose inputs did not change, and the tracking and training
 stages resume from their last checkpoint when interrupted. A changed training config removes the cached
 training run, its snapshots and the tracking results; a changed tracking config only the tracking results.
+
+With ``config.bins_edges`` (``--bins-file``) the trained models are reused as they are and every bin-dependent
+stage (the tracking Grams, recomputed from the snapshots; transfer; C2; the control Grams in the own loss space;
+the held-out check) runs under those bins in ``runs/reproduce-<preset>/clustered-<key>/seed<s>/``; the figures go
+to ``figures/clustered/`` and the comparison with the uniform analysis to ``figures/REPORT.md`` (:mod:`.clustered`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +33,7 @@ from ..bins import TimestepBins
 from ..data import load_dataset
 from ..figures import conflict_vs_distance, fig3_ugd_weights, fig4_pareto_objective, lambda_sweep_figure
 from ..plots import matrix_heatmap, write_csv
-from ..track import lambda_sweep, load_track, make_bins, stale_tracking, track_training
+from ..track import file_source, lambda_sweep, load_track, make_bins, stale_tracking, track_models, track_training
 from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
 from ..transfer.matrix import result_from_frame
@@ -57,23 +63,34 @@ FIGURE_NAMES = ("fig2_transfer", "fig3_ugd_weights", "fig4_pareto_objective", "l
 
 
 def _model_stages(config: ReproduceConfig, seed: int, cache: Path, *, progress: bool, log: Callable[[str], None],
-                  need_transfer: bool, controls: bool) -> None:
+                  need_transfer: bool, controls: bool, stages: Path | None = None) -> None:
     """Train and track model ``seed`` in ``cache`` (``runs/reproduce-<name>/seed<s>``), then its transfer runs and,
-    with ``controls``, its C3 control Grams, its online C2 frame and its held-out check (each a cached stage)."""
+    with ``controls``, its C3 control Grams, its online C2 frame and its held-out check (each a cached stage).
+
+    With ``config.bins_edges`` the training (and its uniform tracking) stays in ``cache`` and is reused as it is;
+    the bin-dependent stages run under the edges in ``stages`` (``runs/reproduce-<name>/clustered-<key>/seed<s>``),
+    the first of them the tracking Grams recomputed from the saved snapshots (:func:`_track_snapshots`)."""
+    uniform = replace(config, bins_edges=None)
     tc = config.train_of(seed)
     schedule = make_schedule(tc.schedule, tc.T)
     track_dir = cache / "track"
-    tag = f"seed{seed}/"
-    say = lambda text: log(text.replace("[", "[" + tag, 1))  # noqa: E731
-    stale = stale_tracking(track_dir, tc, config.track, every=config.every) if is_main() else None
+    tag = f"seed{seed}/" if stages is None or stages == cache else f"{stages.parent.name}/seed{seed}/"
+    say = lambda text: log(text.replace("[", "[" + f"seed{seed}/", 1))  # noqa: E731
+    stale = stale_tracking(track_dir, tc, uniform.track, every=config.every) if is_main() else None
     if stale is not None:  # a changed config reruns what depends on it: the cached results of the old one go
         removed = track_dir if stale == "training" else track_dir / "track"
         say(f"[track] the {stale} config changed: removing {removed} (results of the previous config)")
         shutil.rmtree(removed)
     barrier()
-    _stage(cache, "track", config.identity("track", seed),
-           lambda: track_training(tc, config.track, track_dir, every=config.every, progress=progress), say)
+    _stage(cache, "track", uniform.identity("track", seed),
+           lambda: track_training(tc, uniform.track, track_dir, every=config.every, progress=progress), say)
     run_dir = track_dir / "run"
+    if config.bins_edges is not None:
+        assert stages is not None, "bins_edges: pass the folder of the bin-dependent stages"
+        config = config.clustered()
+        cache = stages
+        say = lambda text: log(text.replace("[", "[" + tag, 1))  # noqa: E731
+        _track_snapshots(config, seed, track_dir, cache, progress=progress, log=say)
     runs = config.transfer_runs()
     data = None
 
@@ -85,7 +102,7 @@ def _model_stages(config: ReproduceConfig, seed: int, cache: Path, *, progress: 
 
     def transfer_stage(name: str) -> None:
         model, _, prediction = load_trained(run_dir, ema=False, device=tc.device)  # a point of the trajectory, not the EMA
-        bins = TimestepBins.uniform(schedule.T, config.transfer_bins)
+        bins = config.transfer_timestep_bins()
         cfg = TransferConfig(**{"progress": progress, **runs[name]})
         # finished seeds survive an interruption; the folder is named by the stage's inputs, so a changed
         # config starts a fresh one (and the stale ones are removed once this stage is done)
@@ -123,7 +140,7 @@ def _model_stages(config: ReproduceConfig, seed: int, cache: Path, *, progress: 
         models = [(st, lambda st=st: load_trained(track_dir / "snapshots" / f"step{st}.safetensors", ema=False)[0])
                   for st in steps]
         prediction = load_trained(run_dir, ema=False)[2]
-        frame = c2_online(models, dataset().images, schedule, prediction, TimestepBins.uniform(schedule.T, config.track.bins),
+        frame = c2_online(models, dataset().images, schedule, prediction, config.task_timestep_bins(),
                           **{"lam": config.track.lam, "seed": seed, "progress": progress, **config.c2})
         if is_main():
             write_csv(frame, cache / "c2_online.csv")
@@ -137,12 +154,43 @@ def _model_stages(config: ReproduceConfig, seed: int, cache: Path, *, progress: 
             full = load_dataset(tc.data, image_size=tc.image_size,
                                 limit=None if limit is None else limit + config.held_out).images
             held = full[limit:] if limit is not None and len(full) > limit else full[-config.held_out:]
-            table = learned_table(model, held.to(tc.device), schedule, prediction,
-                                  TimestepBins.uniform(schedule.T, config.track.bins), seed=seed)
+            table = learned_table(model, held.to(tc.device), schedule, prediction, config.task_timestep_bins(),
+                                  seed=seed)
             table["held_out"] = bool(limit is not None and len(full) > limit)  # else: the last training images
             if is_main():
                 write_csv(table, cache / "learned.csv")
         _stage(cache, "learned", config.identity("learned", seed), learned_stage, say)
+
+
+def _track_snapshots(config: ReproduceConfig, seed: int, track_dir: Path, stages: Path, *, progress: bool,
+                     log: Callable[[str], None]) -> None:
+    """The cached stage ``track`` under ``config.track`` (e.g. a bins file's edges): the Grams, Pareto weights and
+    strategy scores of model ``seed`` at every tracked step, recomputed from the snapshots its training saved in
+    ``track_dir/snapshots`` (nothing is trained), into ``stages/track/track`` (the layout of ``track_training``).
+    Each snapshot is recorded by its content hash, so results of another training are never mixed in."""
+    tc = config.train_of(seed)
+    identity = config.identity("track", seed)
+    stamp, out = stages / "track.done.json", stages / "track" / "track"
+    if (is_main() and stamp.is_file() and out.exists()
+            and stamp.read_text() != json.dumps(identity, sort_keys=True, default=str)):
+        log(f"[track] the training or tracking config changed: removing {out} (results of the previous config)")
+        shutil.rmtree(out)
+    barrier()
+
+    def run() -> None:
+        steps = range(config.every, tc.steps + 1, config.every)
+        snaps = {s: track_dir / "snapshots" / f"step{s}.safetensors" for s in steps}
+        missing = [p for p in snaps.values() if not p.is_file()]
+        if missing:
+            raise ValueError(f"no snapshot {missing[0]} to recompute the tracking from; run the uniform stages first "
+                             f"(the same command without the bins file)")
+        data = load_dataset(tc.data, image_size=tc.image_size, limit=tc.data_limit, scale=tc.scale)
+        track_models(((s, lambda p=p: load_trained(p, ema=False)[0]) for s, p in snaps.items()), data.images,
+                     make_schedule(tc.schedule, tc.T), tc.prediction, config.track, labels=data.labels,
+                     conditional=tc.conditional, out_dir=out, device=tc.device, progress=progress,
+                     sources={s: file_source(p) for s, p in snaps.items()} if is_main() else None)
+
+    _stage(stages, "track", identity, run, log)
 
 
 def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool = True,
@@ -160,6 +208,9 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     out = Path(out)
     cache = out / "runs" / f"reproduce-{config.name}"
     figures = out / "figures"
+    stages = cache  # where the bin-dependent stages go: under bins_edges, a folder of their own
+    if config.bins_edges is not None:
+        stages, figures = cache / f"clustered-{config.bins_key}", figures / "clustered"
     cache.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     legacy = cache / "track"  # the single-model layout of earlier versions: it is model 0's
@@ -171,14 +222,15 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     seeds = range(config.seeds) if only is None else range(1)
     for s in seeds:
         _model_stages(config, s, cache / f"seed{s}", progress=progress, log=log, need_transfer=need_transfer,
-                      controls=only is None)
+                      controls=only is None, stages=stages / f"seed{s}")
     if not is_main():
         return None
+    clustered, config = config.bins_edges is not None, config.clustered()
     tc = config.train
     schedule = make_schedule(tc.schedule, tc.T)
-    track_dir = cache / "seed0" / "track"
-    run_dir = track_dir / "run"
-    track = load_track(track_dir / "track")
+    run_dir = cache / "seed0" / "track" / "run"
+    cache = stages
+    track = load_track(cache / "seed0" / "track" / "track")
     bins = make_bins(schedule, config.track)
     _draw_model0(config, wanted, figures, track, bins, schedule, run_dir)
     if only is not None and not need_transfer:
@@ -199,6 +251,12 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     claims, extras = claims_over_models(config, cache, figures, schedule, bins, progress=progress)
     write_csv(_with_compare_rows(claims, figures / "claims.csv"), figures / "claims.csv")
     write_replicated_report(figures / "REPORT.md", config, claims, extras)
+    if clustered:
+        from .clustered import write_clustered_comparison
+
+        write_clustered_comparison(out / "figures", config.bins_edges)
+        log(f"clustered bins {list(config.bins_edges or ())}: figures in {figures}; the comparison with the uniform "
+            f"bins in {out / 'figures' / 'REPORT.md'} and {out / 'figures' / 'clustered_vs_uniform.csv'}")
     for _, c in claims.iterrows():
         log(f"{c['claim']}: {c['verdict']} - statistic {c['statistic']:+.4g} +- {c['stderr']:.2g} over "
             f"{c['n_models']} model(s)")
@@ -212,7 +270,7 @@ def _pooled_transfer(config: ReproduceConfig, cache: Path, name: str, seeds: Seq
     for s in seeds:
         f = pd.read_csv(cache / f"seed{s}" / f"transfer-{name}.csv")
         frames.append(f.assign(seed=1000 * s + f["seed"]))
-    return result_from_frame(pd.concat(frames, ignore_index=True), TimestepBins.uniform(schedule.T, config.transfer_bins),
+    return result_from_frame(pd.concat(frames, ignore_index=True), config.transfer_timestep_bins(),
                              TransferConfig(**config.transfer_runs()[name]))
 
 

@@ -26,6 +26,12 @@ from .models import LEARNED_FACTOR, c1_of_model, control_variants
 __all__ = ["claims_over_models"]
 
 
+def _binning(config: ReproduceConfig) -> str:
+    """How the analysis bins were made: "clustered" under a bins file (``bins_edges``), else ``track.binning``
+    (the transfer runs use uniform bins then)."""
+    return "clustered" if config.bins_edges is not None else config.track.binning
+
+
 def _c1_rows(config: ReproduceConfig, cache: Path, figures: Path, grams: list[list[np.ndarray]], schedule: Any,
              last_steps: list[int], resamples: int) -> tuple[list[dict], pd.DataFrame]:
     rows, tables = [], []
@@ -34,13 +40,14 @@ def _c1_rows(config: ReproduceConfig, cache: Path, figures: Path, grams: list[li
         for s in range(config.seeds):
             frame = pd.read_csv(cache / f"seed{s}" / f"transfer-{name}.csv")
             G = np.mean(grams[s][-resamples:], axis=0) if config.track.binning == "uniform" else None
-            per_model.append(c1_of_model(frame, config.transfer_bins, run, G, schedule, config.train.prediction))
+            per_model.append(c1_of_model(frame, config.transfer_bins, run, G, schedule, config.train.prediction,
+                                         bins=config.transfer_timestep_bins()))
         row = claim_c1_models(per_model)
         row["claim"] = "C1" if k == 0 else f"C1 ({name})"
         loss = ("plain x0 loss" if run.get("loss_space", "x0") == "x0" and run.get("weighting") is None else
                 f"training loss ({run.get('weighting')} weighting, {run.get('loss_space')} units) restricted to bin i")
         row["notes"] = (f"{run.get('optimizer', 'adamw')}, {run.get('steps')} steps at lr {run.get('lr')} in the {loss}; "
-                        f"K = {config.transfer_bins} uniform bins; " + row["notes"])
+                        f"K = {config.transfer_bins} {'clustered' if config.bins_edges else 'uniform'} bins; " + row["notes"])
         rows.append(row)
         tables.append(c1_table(per_model).assign(run=name))
     return rows, pd.concat(tables, ignore_index=True)
@@ -84,11 +91,11 @@ def claims_over_models(config: ReproduceConfig, cache: Path, figures: Path, sche
     c3_row = claim_c3_models(controls, per_model_rule)
     model_line = (f"\n{config.train.model} on {config.train.data} {config.train.image_size}x{config.train.image_size}, "
                   f"{config.train.prediction}-prediction, trained with {config.train.weighting} weighting; K = {bins.K} "
-                  f"{config.track.binning} bins, x0 units; {config.seeds} models x {len(grams[0])} Grams")
+                  f"{_binning(config)} bins, x0 units; {config.seeds} models x {len(grams[0])} Grams")
     path = lam_path_figure(controls, figures / "c3_lam_path", subtitle=model_line, lam_rule=rule)
     sweep = gamma_sweep(grams, bins, schedule, lam=rule if np.isfinite(rule) else config.track.lam)
     gamma_sweep_figure(sweep, figures / "c3_gamma_sweep", subtitle=model_line)
-    variants = {f"{config.track.binning}_K{bins.K} (tracked, x0, all checkpoints)": (bins, grams)}
+    variants = {f"{_binning(config)}_K{bins.K} (tracked, x0, all checkpoints)": (bins, grams)}
     for name, (vbins, space) in control_variants(config, schedule).items():
         variants[f"{name} ({space}, final model)"] = (
             vbins, [list(np.load(cache / f"seed{s}" / f"grams-{name}.npy")) for s in range(config.seeds)])

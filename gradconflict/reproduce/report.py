@@ -69,13 +69,17 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
 
 
 def _kept_sections(path: Path) -> str:
-    """The convergence comparison's section of an existing report (``gradconflict compare`` writes it), kept."""
+    """The sections of an existing report that other commands write, kept: the convergence comparison
+    (``gradconflict compare``) and the clustered-bins comparison (``gradconflict reproduce --bins-file``)."""
     from ..comparison.report import BEGIN, END
+    from .clustered import BEGIN as CLUSTERED_BEGIN, END as CLUSTERED_END
 
     text = path.read_text() if path.is_file() else ""
-    if BEGIN in text and END in text:
-        return "\n" + text[text.index(BEGIN):text.index(END) + len(END)] + "\n"
-    return ""
+    kept = ""
+    for begin, end in ((BEGIN, END), (CLUSTERED_BEGIN, CLUSTERED_END)):
+        if begin in text and end in text:
+            kept += "\n" + text[text.index(begin):text.index(end) + len(end)] + "\n"
+    return kept
 
 
 def _fmt(value: Any) -> str:
@@ -106,7 +110,9 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
         f"Preset `{config.name}`: {n} independently trained {tc.model} models (training seeds {tc.seed}..{tc.seed + n - 1}) "
         f"on {tc.data} {tc.image_size}x{tc.image_size}, {tc.steps} steps each, {tc.prediction}-prediction, trained with "
         f"{tc.weighting} weighting, {tc.schedule} schedule (T = {tc.T}), device {tc.device}. Tracking every "
-        f"{config.every} steps: K = {config.track.bins} {config.track.binning} bins, {config.track.per_task} samples "
+        f"{config.every} steps: K = {config.track.bins} "
+        f"{'clustered' if getattr(config, 'bins_edges', None) is not None else config.track.binning} bins, "
+        f"{config.track.per_task} samples "
         f"per bin, {config.track.resamples} batches per checkpoint, task losses in {config.track.loss_space} units. "
         f"Transfer runs: " + "; ".join(f"`{k}` {v}" for k, v in runs.items()) + ".",
         "",
@@ -116,6 +122,14 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
         "Student-t intervals over models. Numbers are in `claims.csv`.",
         "",
     ]
+    if getattr(config, "bins_edges", None) is not None:
+        edges = [int(e) for e in config.bins_edges]
+        lines += [f"**Clustered bins.** Every bin-dependent stage ran under the K = {len(edges) - 1} bins of a bins file, "
+                  f"edges {edges} (bin k holds t in [e_k, e_k+1)), on the same trained models as the uniform analysis "
+                  "in `../` (the tracking Grams recomputed from their saved snapshots): tracking, transfer, C2, C3 "
+                  "and the held-out check. C3's binning controls (log-SNR / other K) are skipped here: they are a "
+                  "control of their own bins, reported with the uniform analysis. The comparison with the uniform "
+                  "bins is in `../REPORT.md` and `../clustered_vs_uniform.csv`.", ""]
     if n < extras["min_models"]:
         lines += [f"**This run has {n} model(s): no claim can be decided.** Every verdict below is *undecided* (not "
                   f"replicated): a verdict needs >= {extras['min_models']} independently trained models. What one short "
