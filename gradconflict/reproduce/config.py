@@ -198,7 +198,10 @@ def preset(kind: str, device: str = "cpu") -> ReproduceConfig:
             track=TrackConfig(bins=10, per_task=8, resamples=3, ugd_steps=10000),
             every=STANDARD_STEPS // 4,
             transfer=dict(steps=50, lr=1e-4, optimizer="adamw", eval_samples=128, seeds=2, batch_size=32),
-            transfer_variants={"sgd": {"optimizer": "sgd", "lr": 0.05}},
+            # SGD clipped at 1.0 like the training run; lr 0.005 is the largest of {0.05, 0.005, 0.001} at which
+            # fine-tuning on every bin lowers that bin's own loss on model 0 (at 0.05 bin 900-999's own loss grew 14x;
+            # unclipped, bin 0-99 diverged: its SNR weight is ~1e4)
+            transfer_variants={"sgd": {"optimizer": "sgd", "lr": 0.005, "grad_clip": 1.0}},
             transfer_loss="training",
             transfer_bins=10,
             sample_steps=50,
