@@ -1,5 +1,6 @@
-"""Helpers of ``gradconflict.spec``: one-line errors for user code and unreadable files, run folders given as a
-checkpoint, and the EMA / raw weights rule.
+"""Weights files: state dicts (``.pt`` / ``.safetensors``), run folders given as a checkpoint, the EMA / raw weights
+rule, and loading a checkpoint into a model (shapes and finite values checked, DDP / torch.compile key prefixes
+removed), with unreadable files reported in one line.
 
 The weights rule (one default everywhere): a file that holds both an EMA copy and the raw weights (a run folder,
 its ``model.safetensors`` or ``checkpoint.pt``, any ``.safetensors`` with ``ema.*`` keys) gives its **EMA**
@@ -9,14 +10,18 @@ weights unless ``weights="raw"``; a file without an EMA copy gives its raw weigh
 
 from __future__ import annotations
 
-import contextlib
+import re
 import sys
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
+
+import torch
+
+from .adapters.user_code import call_user  # noqa: F401 - re-exported: it lived here
 
 __all__ = ["WEIGHTS", "DEFAULT_WEIGHTS", "check_weights", "call_user", "run_weights_file", "read_safetensors",
-           "describe_weights", "resolve_checkpoint", "load_weights", "load_trained_weights"]
+           "describe_weights", "resolve_checkpoint", "load_weights", "load_trained_weights", "load_state_dict",
+           "load_checkpoint_into"]
 
 WEIGHTS = ("ema", "raw")
 DEFAULT_WEIGHTS = "ema"  # what diffusion users sample and evaluate with
@@ -34,47 +39,6 @@ def describe_weights(kind: str, where: str) -> str:
             "raw": f"the raw weights of {where}",
             "as saved": f"the weights of {where} as saved (it holds no separate EMA copy)",
             "init": f"the initial weights of {where} (no trained weights loaded)"}[kind]
-
-
-def _user_frame(err: BaseException, user_file: Optional[Path]) -> Optional[tuple[str, int]]:
-    """``(file, line)`` where ``err`` happened in the user's code: the last frame in ``user_file`` (or, for a
-    ``SyntaxError``, the line it names), else the last frame outside Python's import machinery."""
-    if isinstance(err, SyntaxError) and err.filename:
-        return err.filename, int(err.lineno or 0)
-    frames = traceback.extract_tb(err.__traceback__)
-    if user_file is not None:
-        mine = [f for f in frames if Path(f.filename).resolve() == user_file]
-        if mine:
-            return mine[-1].filename, int(mine[-1].lineno or 0)
-    others = [f for f in frames if not f.filename.startswith("<frozen") and "gradconflict" not in Path(f.filename).parts]
-    return (others[-1].filename, int(others[-1].lineno or 0)) if others else None
-
-
-def _shown(filename: str, user_file: Optional[Path], as_given: str) -> str:
-    return as_given if user_file is not None and Path(filename).resolve() == user_file else filename
-
-
-@contextlib.contextmanager
-def call_user(spec: str, what: str, user_file: Optional[Path] = None, as_given: str = "") -> Iterator[None]:
-    """Turn an exception raised by the user's code (importing a spec's file or calling its function) into a
-    one-line ``ValueError`` naming the spec, what failed, the user's file and line and the error; a
-    ``sys.exit(n)`` there into a ``ValueError`` saying so (KeyboardInterrupt passes through)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise
-    except SystemExit as exc:
-        raise ValueError(f"model spec {spec} called sys.exit({exc.code!r}) while loading ({what}); a build "
-                         "function must return the model, or raise an error saying what is wrong") from None
-    except BaseException as exc:  # noqa: BLE001 - anything the user's code raises is reported in one line
-        where = _user_frame(exc, user_file)
-        at = f" at {_shown(where[0], user_file, as_given)} line {where[1]}" if where else ""
-        detail = str(exc).splitlines()[0] if str(exc).strip() else ""
-        if isinstance(exc, SyntaxError):
-            detail = exc.msg
-        hint = "; install what it imports" if isinstance(exc, ModuleNotFoundError) else ""
-        raise ValueError(f"model spec {spec} failed{at} ({what}): {type(exc).__name__}"
-                         f"{': ' + detail[:200] if detail else ''}{hint}") from exc
 
 
 def read_safetensors(path: Path, read: Callable[[], Any]) -> Any:
@@ -144,9 +108,6 @@ def load_weights(path: str | Path, weights: Optional[str], verbose: bool = False
     """``(state dict, kind)`` of a checkpoint file by the weights rule (module docstring): ``kind`` is "ema" or
     "raw" for a file with an EMA copy (``ema.*`` keys of a ``.safetensors``, a ``gradconflict train``
     ``checkpoint.pt``), "as saved" for any other state dict."""
-    import torch
-
-    from .spec import load_state_dict
     from .train.checkpoint import CHECKPOINT_FORMAT, EMA_PREFIX
 
     check_weights(weights)
@@ -173,3 +134,120 @@ def load_weights(path: str | Path, weights: Optional[str], verbose: bool = False
     state = load_state_dict(path, verbose)
     _no_ema(path, weights)
     return state, "as saved"
+
+
+def load_state_dict(path: str | Path, verbose: bool = False) -> dict[str, Any]:
+    """A state dict from ``.safetensors`` or a torch file (a bare state dict or one under ``model``/``state_dict``)."""
+    path = Path(path)
+    if path.is_dir():
+        _refuse_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = read_safetensors(path, lambda: load_file(str(path)))
+        if any(k.startswith("ema.") for k in state):  # gradconflict runs keep EMA weights beside the model
+            state = {k: v for k, v in state.items() if not k.startswith("ema.")}
+        return state
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - report any unreadable file the same way
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds pickled Python objects besides tensors ({_first_global(err)}), which "
+                "are not unpickled here (unpickling runs code); save the weights alone, e.g. "
+                "torch.save(model.state_dict(), 'weights.pt'), or load the file in your own build function"
+            ) from None
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: it is not a torch (.pt) or .safetensors file that "
+                         f"this torch can load ({_cause(err)})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                others = [k for k, v in obj.items() if k != key and isinstance(v, dict) and _is_weights(v)]
+                if others and verbose:
+                    print(f"gradconflict: {str(path)!r}: using its {key!r} weights; it also holds {others} (to "
+                          "analyse those, save them alone)", file=sys.stderr)
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    return obj
+
+
+def _is_weights(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _cause(err: Exception) -> str:
+    """The line of a torch.load error that names what was wrong (not its weights_only advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if "Weights only load failed" in str(err):
+        lines = [line for line in lines if not line.startswith(("Weights only", "Please file", "Check the doc"))]
+    return (lines[0] if lines else type(err).__name__)[:160]
+
+
+def _first_global(err: Exception) -> str:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else "non-tensor objects"
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def _strip_wrappers(model: Any, state: dict[str, Any], checkpoint: str | Path,
+                    verbose: bool) -> dict[str, Any]:
+    """``state`` without a ``module.`` / ``_orig_mod.`` prefix that every key has and the model's keys do not."""
+    names = set(model.state_dict())
+    stripped = []
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in names):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            stripped.append(prefix)
+    if stripped and verbose:
+        print(f"gradconflict: {str(checkpoint)!r}: removed the key prefix {' and '.join(stripped)} (a DDP or "
+              "torch.compile wrapper)", file=sys.stderr)
+    return state
+
+
+def _check_finite_weights(model: Any, state: dict[str, Any], checkpoint: str | Path) -> None:
+    """Refuse NaN / Inf in the checkpoint's parameters (buffers may hold -inf on purpose: attention masks)."""
+    params = {name for name, _ in model.named_parameters()}
+    bad = [k for k, v in state.items() if (k in params or f"model.{k}" in params) and isinstance(v, torch.Tensor)
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds NaN or Inf in {len(bad)} tensor(s), e.g. {bad[:3]}: "
+                         "these weights are broken (a diverged run?); pass an earlier checkpoint")
+
+
+def load_checkpoint_into(model: Any, checkpoint: str | Path, weights: Optional[str], verbose: bool = False) -> str:
+    """Load the state dict of ``checkpoint`` (by the weights rule) into ``model``, all keys matching; returns which
+    weights were loaded ("ema", "raw" or "as saved"). Wrapper key prefixes are removed; NaN / Inf parameters and
+    shape mismatches raise ``ValueError`` naming the tensors."""
+    state, kind = load_weights(checkpoint, weights, verbose)
+    state = _strip_wrappers(model, state, checkpoint, verbose)
+    _check_finite_weights(model, state, checkpoint)
+    _check_shapes(model, state, checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return kind
+
+
+def _check_shapes(model: Any, state: dict[str, Any], checkpoint: str | Path) -> None:
+    """Raise ``ValueError`` naming the first tensors of ``state`` whose shapes differ from ``model``'s."""
+    reference = model.state_dict()
+    bad = []
+    for key, value in state.items():
+        for name in (key, f"model.{key}"):  # DiffusersModel accepts keys without its "model." prefix
+            if name in reference and hasattr(value, "shape") and tuple(reference[name].shape) != tuple(value.shape):
+                bad.append(f"{key} {tuple(value.shape)} vs {tuple(reference[name].shape)}")
+                break
+    if bad:
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} does not fit the model: {len(bad)} tensor shape(s) differ "
+            f"(checkpoint vs model), e.g. {'; '.join(bad[:3])}; it was written for another model or model config: "
+            "pass the model (or training run folder) that wrote it"
+        )

@@ -140,7 +140,8 @@ def test_sample_prints_the_path_it_wrote(tiny_run: Path, tmp_path: Path, capsys)
     written = target.with_name("noext.png")
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not target.exists()
     assert capsys.readouterr().out.strip() == f"wrote {written}"
-    assert sorted(p.name for p in written.parent.iterdir()) == ["noext.png"], "no temporary file may be left"
+    assert sorted(p.name for p in written.parent.iterdir()) == ["noext.png", "noext_config.json"], \
+        "no temporary file may be left"
 
 
 @pytest.mark.parametrize("extra, message", [

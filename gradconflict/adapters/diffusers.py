@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..schedule import NoiseSchedule, prediction_type_of
-from ..spec import LoadedModel
+from .loaded import LoadedModel
 from .conditioning import nest
 
 __all__ = ["SUPPORTED_CLASSES", "DiffusersConfig", "DiffusersModel", "load_diffusers"]

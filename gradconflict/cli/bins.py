@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ._data_flags import add_model_data_flags
+from ._records import model_record, report_record, write_record
 from ._weights import report_weights
 from ._threads import add_threads_flag
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .. import TimestepBins
-    from .._io import write_csv, write_json
+    from .._io import write_csv
     from ..clustering import affinity_matrix, cluster_intervals
     from ..engine import sample_task_batch, task_gram
     from ..models import MODEL_NAMES
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     model, schedule = loaded.model, loaded.schedule
     _check(args, schedule.T)
     data, size = model_data(model, args.data, args.image_size, scale=args.scale)
+    record = model_record(loaded, args.weights, data, args.data)
+    report_record("bins", record)
     fine = TimestepBins.uniform(schedule.T, args.fine)
     cond = conditional(model, data.labels, verbose=True)
     conditioning = model_conditioning(model, data, args.null_conditioning, args.null_length)
@@ -144,12 +147,9 @@ def run(args: argparse.Namespace) -> int:
     stability = boundary_stability(bins.edges, per_batch)
     write_csv(stability, out / "boundary_stability.csv")
     seconds = time.perf_counter() - start
-    write_json(out / "bins_config.json", {
-        **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
-        "model_source": loaded.source, "data_name": data.name, "image_size": size, "weights": loaded.weights,
-        "T": fine.T, "edges": bins.edges.tolist(), "fine_edges": fine.edges.tolist(), "association": F,
-        "per_batch_edges": per_batch.tolist(), "mean_cosine_std_across_batches": spread, "seconds": seconds,
-    })
+    write_record(out / "bins_config.json", vars(args), record, model_source=loaded.source, data_name=data.name,
+                 image_size=size, edges=bins.edges.tolist(), fine_edges=fine.edges.tolist(), association=F,
+                 per_batch_edges=per_batch.tolist(), mean_cosine_std_across_batches=spread, seconds=seconds)
     _heatmap(cosine, fine, bins.edges, out / "fine_cosine.png",
              f"Cosine between {args.fine} fine task gradients (mean Gram of {args.batches} batches x "
              f"{args.per_task}/bin)\n{loaded.source}, {data.name}; lines: the {args.bins} clustered bins")

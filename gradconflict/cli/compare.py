@@ -40,6 +40,8 @@ def complete_runs(evals: Any, per_bin: Any, config: Any) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from ..comparison import compare, load_compare, preset, write_report
+    from ..train.config import TrainConfig
+    from ._records import config_record, report_record
 
     config = preset(args.preset, device=args.device or "cpu")
     changes: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:  # the figures and claims of what the folder holds now, training nothing
         evals, per_bin = complete_runs(*load_compare(out, config), config)
     else:
+        report_record("compare", config_record(config.schedule, TrainConfig.T, config.prediction, config.weights,
+                                               config.data), weights=True)  # compare_config.json records them
         print(f"compare: {len(config.weightings)} weightings x {config.seeds} seeds of {config.model} on "
               f"{config.data}, {config.steps} steps, evaluated every {config.eval_every} with the {config.weights} "
               f"weights -> {out}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ._data_flags import add_model_data_flags
+from ._records import describe_schedule, model_record, report_record, write_record  # noqa: F401 - describe_schedule: public here
 from ._weights import report_weights
 from ._threads import add_threads_flag
 
@@ -61,15 +62,6 @@ def bins_from_file(args: argparse.Namespace, T: int):
     return bins
 
 
-def describe_schedule(schedule) -> str:
-    """The schedule a command used, in words: "linear (T = 1000)", "from diffusers scheduler DDPMScheduler
-    (T = 1000)", or "custom (T = ...)" for one given as numbers."""
-    name = str(getattr(schedule, "name", "custom"))
-    if name.endswith("Scheduler") or name.split("+")[0].endswith("Scheduler"):
-        return f"from diffusers scheduler {name} (T = {schedule.T})"
-    return f"{name} (T = {schedule.T})"
-
-
 PROGRESS_DELAY_S = 1.0  # the progress line appears once a run takes longer than this (quick errors stay one line)
 
 
@@ -102,7 +94,6 @@ def _run(args: argparse.Namespace, bar) -> int:
     from .. import conflict
     from ..bins import TimestepBins
     from ..engine import sample_task_batch, task_gram
-    from .._io import write_json
     from ..plots import matrix_heatmap, write_csv
     from ..track import file_source
     from ..models import MODEL_NAMES
@@ -130,13 +121,10 @@ def _run(args: argparse.Namespace, bar) -> int:
     _stage(bar, "loading the data")
     data, size = model_data(model, args.data, args.image_size, scale=args.scale)
     bar.update(1)
-    shape = tuple(int(d) for d in data.images.shape[1:])
-    used = {"schedule": describe_schedule(schedule), "T": int(schedule.T), "prediction": loaded.prediction,
-            "dataset": {"name": data.name, "path": str(args.data), "N": int(data.images.shape[0]), "shape": list(shape)}}
+    record = model_record(loaded, args.weights, data, args.data)
     if is_main():
         bar.clear()
-        print(f"gradconflict gram: schedule {used['schedule']}, {loaded.prediction} prediction; data {data.name}: "
-              f"{used['dataset']['N']} images of {'x'.join(map(str, shape))}", file=sys.stderr)
+        report_record("gram", record)
     if args.bins_file is not None:
         bins = bins_from_file(args, schedule.T)
     else:
@@ -163,12 +151,9 @@ def _run(args: argparse.Namespace, bar) -> int:
     write_csv(res.losses_frame(), out / "losses.csv")
     write_csv(conflict.pairwise_frame(res.gram.numpy(), bins, schedule), out / "pairs.csv")
     # a rerun rewrites the folder: what these files were computed from is saved beside them
-    write_json(out / "gram_config.json", {
-        **{k: v for k, v in vars(args).items() if k not in ("handler", "command", "out")},
-        "model_source": loaded.source, "data_name": data.name, "image_size": size, **used,
-        "weights": loaded.weights, "weights_requested": args.weights,
-        "checkpoint_content": None if args.checkpoint is None else file_source(resolve_checkpoint(args.checkpoint)).split(" ")[0],
-    })
+    write_record(out / "gram_config.json", vars(args), record, model_source=loaded.source, data_name=data.name,
+                 image_size=size, checkpoint_content=None if args.checkpoint is None else
+                 file_source(resolve_checkpoint(args.checkpoint)).split(" ")[0])
     matrix_heatmap(
         res.cosine_frame(), out / "cosine.png",
         title=f"Cosine between per-bin task gradients\n{loaded.source}, {data.name}, {args.per_task} samples/bin",

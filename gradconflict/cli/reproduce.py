@@ -67,5 +67,10 @@ def run(args: argparse.Namespace) -> int:
     reproduce(config, args.out, progress=not args.no_progress, only=args.only)
     figures = Path(args.out) / "figures" / ("clustered" if args.bins_file is not None else "")
     report = "" if args.only is not None else f"; the report: {figures / 'REPORT.md'}"
+    from ._records import config_record, report_record
+
+    train = config.train  # its models: tracked, fine-tuned and their Grams with raw weights; sampled with EMA
+    report_record("reproduce", config_record(train.schedule, train.T, train.prediction, "raw (track, transfer, "
+                                             "Grams) and ema (samples.png, held-out check)", train.data), weights=True)
     print(f"wrote the figures to {figures}{report} (cached stages in {Path(args.out) / 'runs'})")
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from ._records import model_record, report_record, write_record
 from ._weights import add_weights_flag, report_weights
 from ._threads import add_threads_flag
 
@@ -42,6 +44,12 @@ def output_path(out: str) -> Path:
     return path if path.suffix else path.with_name(path.name + ".png")
 
 
+def record_path(out: Path) -> Path:
+    """Where the grid's record (schedule, prediction, weights; ``gradconflict.cli._records``) is written: beside
+    the PNG, ``NAME_config.json`` for ``NAME.png``."""
+    return out.with_name(out.stem + "_config.json")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``ValueError`` for options no sampler can honour (before the run is loaded)."""
     if args.n < 1:
@@ -58,6 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the run and write the grid."""
     from .._loading import load_trained_weights
+    from ..adapters.loaded import LoadedModel
     from ..train import sample_grid_png
 
     check_args(args)
@@ -67,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
     model, schedule, prediction, kind = load_trained_weights(args.run, "raw" if args.no_ema else args.weights,
                                                              device=args.device)
     report_weights("sample", kind, args.run)
+    requested = "raw" if args.no_ema else args.weights
+    record = model_record(LoadedModel(model, schedule, prediction, str(args.run), kind), requested)
+    report_record("sample", record)
     if args.steps > schedule.T:
         raise ValueError(f"--steps {args.steps} exceeds the run's T = {schedule.T} timesteps; "
                          f"use --steps {schedule.T} or fewer")
     sample_grid_png(model, schedule, prediction, out, n=args.n, steps=args.steps, seed=args.seed,
                     method=args.sampler, eta=args.eta)  # written atomically: never a half-written PNG
-    print(f"wrote {out}")
+    write_record(record_path(out), vars(args), record, grid=str(out))
+    print(f"wrote {out}")  # stdout: the grid's path alone (scripts read it); where its record went, on stderr
+    print(f"gradconflict sample: recorded in {record_path(out)}", file=sys.stderr)
     return 0

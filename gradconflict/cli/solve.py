@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -24,6 +25,8 @@ from gradconflict.pareto import METHODS, solve
 from gradconflict.pareto._validate import check_finite
 from gradconflict.track.analyze import absolute_lam
 from ._threads import add_threads_flag, command_threads
+
+RECORD_KEYS = ("schedule", "prediction", "weights", "data")  # of gram_config.json (gradconflict.cli._records)
 
 __all__ = ["read_gram", "run", "add_parser", "main"]
 
@@ -108,10 +111,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def gram_source(path: str) -> Optional[dict[str, Any]]:
+    """``schedule``, ``prediction``, ``weights`` and ``data`` of the ``gradconflict gram`` run that wrote the CSV
+    ``path``, read from the ``gram_config.json`` beside it; None when there is none (or it cannot be read)."""
+    config = Path(path).parent / "gram_config.json"
+    try:
+        held = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: held.get(k) for k in RECORD_KEYS} if isinstance(held, dict) else None
+
+
+def gram_line(path: str, K: int) -> str:
+    """The first line of the table: the file read and its K. A Gram CSV carries no schedule, prediction, weights or
+    data of its own: those of the ``gram`` run that wrote it are named when its gram_config.json is beside it."""
+    source = gram_source(path)
+    held = ("computed with schedule {schedule}, {prediction} prediction, {weights} weights, data {data} (its "
+            "gram_config.json)".format(**source) if source else "no schedule, model or data recorded with it")
+    return f"gram: {path} (K = {K}; {held})"
+
+
 def _print_result(args: argparse.Namespace, labels: list, result: Any, G: np.ndarray) -> None:
     """The weights table (or the JSON object with --json) on stdout."""
     if args.json:
         payload = {
+            "gram": str(args.gram),
+            "K": len(labels),
+            "gram_source": gram_source(args.gram),
             "method": result.method,
             "lam": result.lam,
             "lam_rel": _lam_rel(result.lam, G),
@@ -127,6 +153,7 @@ def _print_result(args: argparse.Namespace, labels: list, result: Any, G: np.nda
     width = max(len("task"), *(len(label) for label in labels))
     rel = _lam_rel(result.lam, G)
     rel_text = f" (= {rel:.3g} x trace(G)/K)" if rel is not None else ""
+    print(gram_line(args.gram, len(labels)))
     print(f"method: {result.method}  lam: {result.lam:g}{rel_text}  K: {len(labels)}")
     print(f"{'task':<{width}}  weight")
     for label, weight in zip(labels, result.weights):

@@ -10,6 +10,7 @@ from pathlib import Path
 from .._io import write_json
 from ..track.config import TrackConfig
 from ._data_flags import add_conditioning_flags, add_scale_flag
+from ._records import model_record, report_record
 from ._weights import add_weights_flag, record_legacy_weights, report_weights, weights_for_folder
 from ._threads import add_threads_flag
 
@@ -125,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         args.image_size = _run_image_size(Path(args.model))  # a run of your own model: the size it trained at
     data, size = model_data(first.model, args.data, args.image_size, scale=args.scale)
     weights = first.weights if first.weights in ("ema", "raw") else weights  # the same for every checkpoint
+    record = model_record(first, args.weights, data, args.data)
+    if is_main():
+        report_record("track", record)
 
     def loader(path: str):
         return lambda: load_model(args.model, path, device=device, verbose=False, weights=weights, seed=args.seed).model
@@ -145,8 +149,11 @@ def run(args: argparse.Namespace) -> int:
     # spec by its absolute path (the same file given relative or absolute is the same model)
     conditioning = model_conditioning(first.model, data, args.null_conditioning, args.null_length)
     content = [data.images, data.labels] + [conditioning[k].contiguous() for k in sorted(conditioning)]
+    # _names: shown in a refusal, never compared (so a folder recorded without the schedule or dataset resumes);
+    # the prediction and T are recorded at the top level, the weights in inputs.weights
     inputs = {"model": spec_identity(args.model), "data": fingerprint(content), "image_size": size,
-              "weights": first.weights, "_names": {"data": str(args.data)}}  # _names: shown in a refusal, not compared
+              "weights": first.weights, "_names": {"data": record["data"], "schedule": record["schedule"],
+                                                   "dataset": record["dataset"]}}
     if is_main():
         record_legacy_weights(stamp, ("inputs",), first.weights, "raw")
         _upgrade_recorded_inputs(out, {"model": str(args.model), "data": str(args.data), "image_size": size}, inputs)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._data_flags import add_model_data_flags
+from ._records import model_record, report_record, write_record
 from ._weights import record_legacy_weights, report_weights, weights_for_folder
 from ._threads import add_threads_flag
 
@@ -70,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         record_legacy_weights(stamp, (), loaded.weights, old)
     model, schedule = loaded.model, loaded.schedule
     model.eval()
-    data, _ = model_data(model, args.data, args.image_size, limit=args.data_limit, scale=args.scale)
+    data, size = model_data(model, args.data, args.image_size, limit=args.data_limit, scale=args.scale)
+    record = model_record(loaded, args.weights, data, args.data)
+    if is_main():
+        report_record("transfer", record)
     data.conditioning = model_conditioning(model, data, args.null_conditioning, args.null_length)
     bins = TimestepBins.uniform(schedule.T, args.bins) if args.binning == "uniform" else TimestepBins.log_snr_uniform(schedule, args.bins)
     steps = args.steps if args.steps is not None or args.mode == "lookahead" else 50
@@ -94,11 +98,14 @@ def run(args: argparse.Namespace) -> int:
         fo = result.matrix_frame().copy()
         fo.loc[:, :] = result.first_order
         write_csv(fo, out / "first_order_matrix.csv", index=True)
+    write_record(out / "transfer_config.json", vars(args), record, model_source=loaded.source, data_name=data.name,
+                 image_size=size)
     plot_transfer(result, out / "transfer.png", setup=describe_setup(result, loaded.source, data.name), csv=False)
     print(f"K = {bins.K} bins, {describe_setup(result)}; {'batched' if result.batched else 'sequential'}, {result.seconds:.1f} s")
     for line in result.reach_lines():
         print(line)
     if result.all_row is not None:
         print(f"all bins (control): mean relative loss reduction {float(result.all_row.mean()):+.4f}")
-    print(f"wrote {out / 'transfer.csv'}, transfer_matrix.csv, transfer_summary.csv, transfer.png")
+    print(f"wrote {out / 'transfer.csv'}, transfer_matrix.csv, transfer_summary.csv, transfer.png, "
+          "transfer_config.json")
     return 0
