@@ -18,3 +18,28 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interrupt_ema(monkeypatch: pytest.MonkeyPatch):
+    """``interrupt_ema(n)``: the n-th EMA update of the training runs that follow raises ``KeyboardInterrupt`` (a kill
+    after n - 1 completed optimiser steps); ``interrupt_ema(None)``: training runs normally again."""
+    from gradconflict.train import loop
+
+    original = loop.EMA.update
+
+    def arm(n):
+        if n is None:
+            monkeypatch.setattr(loop.EMA, "update", original)
+            return
+        calls = {"n": 0}
+
+        def update(self, model):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            original(self, model)
+
+        monkeypatch.setattr(loop.EMA, "update", update)
+
+    return arm

@@ -97,26 +97,17 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def test_resume_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_is_bit_exact(tmp_path, interrupt_ema):
     full = TrainConfig(**SMALL, steps=12)
     train(full, tmp_path / "full", progress=False)
     # extend: 6 steps, then the same run to 12 steps
     train(TrainConfig(**SMALL, steps=6), tmp_path / "ext", progress=False)
     train(full, tmp_path / "ext", progress=False)
     # interrupt after 7 optimiser steps (last checkpoint at step 4), then resume
-    calls = {"n": 0}
-    original = loop_module.EMA.update
-
-    def crash(self, model):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        original(self, model)
-
-    monkeypatch.setattr(loop_module.EMA, "update", crash)
+    interrupt_ema(7)
     with pytest.raises(KeyboardInterrupt):
         train(full, tmp_path / "int", progress=False)
-    monkeypatch.setattr(loop_module.EMA, "update", original)
+    interrupt_ema(None)
     assert torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=True)["step"] == 4
     train(full, tmp_path / "int", progress=False)
     ref = tensors(tmp_path / "full")
@@ -382,10 +373,9 @@ def test_refuses_run_outputs_without_checkpoint(tmp_path):
     assert train(TrainConfig(**SMALL, steps=2), tmp_path / "fresh", progress=False)["step"].tolist() == [1, 2]
 
 
-def test_cli_ctrl_c_prints_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+def test_cli_ctrl_c_prints_one_line_and_resumes(tmp_path, interrupt_ema, capsys):
     out = tmp_path / "run"
     args = CLI_RUN + ["--out", str(out), "--steps", "8", "--checkpoint-every", "4"]
-    original = loop_module.EMA.update
 
     def cli(argv):
         try:
@@ -393,27 +383,16 @@ def test_cli_ctrl_c_prints_one_line_and_resumes(tmp_path, monkeypatch, capsys):
         except KeyboardInterrupt:
             pytest.fail("KeyboardInterrupt escaped `gradconflict train`")
 
-    def interrupt_at(n):
-        calls = {"n": 0}
-
-        def update(self, model):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise KeyboardInterrupt
-            original(self, model)
-
-        return update
-
-    monkeypatch.setattr(loop_module.EMA, "update", interrupt_at(2))  # before the first checkpoint
+    interrupt_ema(2)  # before the first checkpoint
     assert cli(args) == 130
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1 and "step 0" in err
-    monkeypatch.setattr(loop_module.EMA, "update", interrupt_at(6))  # step 6 of 8, after the checkpoint of step 4
+    interrupt_ema(6)  # step 6 of 8, after the checkpoint of step 4
     assert cli(args) == 130
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert "same command" in err and "step 4" in err
-    monkeypatch.setattr(loop_module.EMA, "update", original)
+    interrupt_ema(None)
     assert cli(args) == 0
     assert pd.read_csv(out / "log.csv")["step"].tolist() == list(range(1, 9))
 

@@ -176,23 +176,14 @@ def test_first_step_loss_equals_a_float64_recomputation(tmp_path: Path, grab, mo
     assert used["dataset"] == {"name": "cond", "path": str(tmp_path / "cond.npz"), "N": N, "shape": [1, HW, HW]}
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path: Path, interrupt_ema) -> None:
     _data(tmp_path / "cond.npz")
     full = _config(tmp_path / "cond.npz", _spec(tmp_path / "code"), steps=6, checkpoint_every=2, keep_checkpoints=True)
     train(full, tmp_path / "full", progress=False)
-    calls = {"n": 0}
-    original = loop_module.EMA.update
-
-    def crash(self, model):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        original(self, model)
-
-    monkeypatch.setattr(loop_module.EMA, "update", crash)
+    interrupt_ema(5)
     with pytest.raises(KeyboardInterrupt):
         train(full, tmp_path / "int", progress=False)
-    monkeypatch.setattr(loop_module.EMA, "update", original)
+    interrupt_ema(None)
     assert torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=True)["step"] == 4
     train(full, tmp_path / "int", progress=False)
     for name in ("model.safetensors", "checkpoints/step2.safetensors", "checkpoints/step6.safetensors"):
