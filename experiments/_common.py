@@ -67,8 +67,9 @@ def run_figure(name: str, doc: Optional[str], argv: Optional[Sequence[str]] = No
     parser = figure_parser(doc)
     args = parse_figure_args(parser, argv)
     cfg = FigureConfig(args.preset, args.device, args.out, progress=not args.no_progress)
+    config = preset(cfg.preset, device=cfg.device)
     try:
-        reproduce(preset(cfg.preset, device=cfg.device), cfg.out, progress=cfg.progress, only=[name])
+        reproduce(config, cfg.out, progress=cfg.progress, only=[name])
     except (ValueError, FileNotFoundError) as err:
         fail(parser, err)
-    print(f"wrote {Path(cfg.out) / 'figures' / name}.png and .csv")
+    print(f"wrote {config.figures_dir(cfg.out) / name}.png and .csv")

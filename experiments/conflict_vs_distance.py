@@ -2,8 +2,8 @@
 
     python experiments/conflict_vs_distance.py [--preset quick|full|toy] [--device cuda] [--out DIR]
 
-Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes figures/conflict_vs_distance.png
-with its data in figures/conflict_vs_distance.csv.
+Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes conflict_vs_distance.png with its data in
+conflict_vs_distance.csv into DIR/figures/ (DIR/figures/quick/ under the quick preset).
 """
 
 from _common import run_figure

@@ -16,7 +16,7 @@ weights used are printed. For each of the K uniform bins a copy is fine-tuned wi
 AdamW on that bin only, and every bin's loss (x0 units, fixed evaluation set) is compared with the base model:
 ``transfer[i, j] = (L_j(theta_0) - L_j(theta_i)) / L_j(theta_0)``.
 
-Writes DIR/figures/fig2_transfer.png (heatmap and transfer against bin distance) and
+Writes DIR/figures/fig2_transfer.png (DIR/figures/quick/ under the quick preset) (heatmap and transfer against bin distance) and
 DIR/figures/fig2_transfer.csv (one row per source and target bin: mean, standard error, losses), and prints
 each bin's reach and whether C1 (neighbours improve, distant bins get worse) holds.
 """
@@ -130,7 +130,7 @@ def from_reproduction(config: ReproduceConfig, out: Path, progress: bool) -> Pat
     if cached.is_file():
         bins = TimestepBins.uniform(config.train.T, config.transfer_bins)
         print_result(result_from_frame(pd.read_csv(cached), bins, TransferConfig(**run)))
-    return out / "figures" / f"{NAME}.png"
+    return config.figures_dir(out) / f"{NAME}.png"
 
 
 def build_parser() -> argparse.ArgumentParser:

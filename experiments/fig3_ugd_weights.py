@@ -2,8 +2,8 @@
 
     python experiments/fig3_ugd_weights.py [--preset quick|full|toy] [--device cuda] [--out DIR]
 
-Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes figures/fig3_ugd_weights.png
-with its data in figures/fig3_ugd_weights.csv.
+Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes fig3_ugd_weights.png with its data in
+fig3_ugd_weights.csv into DIR/figures/ (DIR/figures/quick/ under the quick preset).
 """
 
 from _common import run_figure

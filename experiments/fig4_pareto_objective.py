@@ -2,8 +2,8 @@
 
     python experiments/fig4_pareto_objective.py [--preset quick|full|toy] [--device cuda] [--out DIR]
 
-Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes figures/fig4_pareto_objective.png
-with its data in figures/fig4_pareto_objective.csv.
+Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes fig4_pareto_objective.png with its data in
+fig4_pareto_objective.csv into DIR/figures/ (DIR/figures/quick/ under the quick preset).
 """
 
 from _common import run_figure

@@ -2,8 +2,8 @@
 
     python experiments/lambda_sweep.py [--preset quick|full|toy] [--device cuda] [--out DIR]
 
-Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes figures/lambda_sweep.png
-with its data in figures/lambda_sweep.csv.
+Trains (or reuses) the cached reproduction run of `gradconflict reproduce` and writes lambda_sweep.png with its data in
+lambda_sweep.csv into DIR/figures/ (DIR/figures/quick/ under the quick preset).
 """
 
 from _common import run_figure

@@ -217,3 +217,12 @@ def test_gpu_preset_is_the_standard_analysis_on_cuda() -> None:
     assert gpu.train.device == "cuda" and gpu.name == "gpu"
     assert gpu.seeds == standard.seeds >= 3 and gpu.track == standard.track and gpu.train.model == standard.train.model
     assert gpu.train.steps > standard.train.steps  # a GPU affords a longer run of the same model
+
+
+def test_the_quick_preset_never_overwrites_the_committed_figures(tmp_path: Path) -> None:
+    """The committed figures/ are the standard preset's; the README's main job (quick) writes figures/quick/."""
+    from gradconflict.reproduce.config import preset
+
+    assert preset("quick").figures_dir(tmp_path) == tmp_path / "figures" / "quick"
+    for kind in ("standard", "toy", "full"):
+        assert preset(kind).figures_dir(tmp_path) == tmp_path / "figures"

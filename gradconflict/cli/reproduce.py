@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                              f"(gradconflict bins --model {Path(args.out) / 'runs' / f'reproduce-{config.name}' / 'seed0' / 'track' / 'run'} ...)")
         config = dataclasses.replace(config, bins_edges=tuple(int(e) for e in edges))
     reproduce(config, args.out, progress=not args.no_progress, only=args.only)
-    figures = Path(args.out) / "figures" / ("clustered" if args.bins_file is not None else "")
+    figures = config.figures_dir(args.out) / ("clustered" if args.bins_file is not None else "")
     report = "" if args.only is not None else f"; the report: {figures / 'REPORT.md'}"
     from ._records import config_record, report_record
 

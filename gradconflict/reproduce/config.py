@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Optional
 
 from ..track import TrackConfig
@@ -112,6 +113,12 @@ class ReproduceConfig:
         for name, over in self.transfer_variants.items():
             runs[name] = {**base, **over}
         return runs
+
+    def figures_dir(self, out: str | Path) -> Path:
+        """Where this preset writes its figures and REPORT.md: ``out/figures`` (the committed figures are the standard
+        preset's), except the quick preset's ``out/figures/quick``, so that the README's main job never overwrites
+        the committed figures with one model's undecided verdicts."""
+        return Path(out) / "figures" / ("quick" if self.name == "quick" else "")
 
     def identity(self, stage: str, seed: int = 0) -> dict[str, Any]:
         """The inputs a stage of model ``seed`` depends on (a changed value reruns that stage and what follows)."""

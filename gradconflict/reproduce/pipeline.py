@@ -207,7 +207,7 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
         torch.set_num_threads(config.cpu_threads)
     out = Path(out)
     cache = out / "runs" / f"reproduce-{config.name}"
-    figures = out / "figures"
+    figures = config.figures_dir(out)
     stages = cache  # where the bin-dependent stages go: under bins_edges, a folder of their own
     if config.bins_edges is not None:
         stages, figures = cache / f"clustered-{config.bins_key}", figures / "clustered"
@@ -254,9 +254,10 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     if clustered:
         from .clustered import write_clustered_comparison
 
-        write_clustered_comparison(out / "figures", config.bins_edges)
+        uniform = config.figures_dir(out)
+        write_clustered_comparison(uniform, config.bins_edges)
         log(f"clustered bins {list(config.bins_edges or ())}: figures in {figures}; the comparison with the uniform "
-            f"bins in {out / 'figures' / 'REPORT.md'} and {out / 'figures' / 'clustered_vs_uniform.csv'}")
+            f"bins in {uniform / 'REPORT.md'} and {uniform / 'clustered_vs_uniform.csv'}")
     for _, c in claims.iterrows():
         log(f"{c['claim']}: {c['verdict']} - statistic {c['statistic']:+.4g} +- {c['stderr']:.2g} over "
             f"{c['n_models']} model(s)")
