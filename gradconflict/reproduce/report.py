@@ -151,7 +151,9 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
                   f"Held-out loss per bin in the model's own units divided by that of predicting zero (eps_hat = 0 for "
                   f"an eps model: loss 1); a bin counts as learned below {extras['learned_factor']}. `learned.csv` "
                   "has every bin (and `ratio_x0_zero`, against x0_hat = 0 in x0 units); "
-                  "`samples.png` shows model 0's DDIM samples. `held_out` False: the images were training images.", "",
+                  "`samples.png` shows model 0's DDIM samples. `held_out` True: images after the training images, "
+                  "never trained on; False: the data has no images beyond the training ones, so the last training "
+                  "images were used.", "",
                   *_table(per)]
     binning = extras["binning"]
     lines += ["", "## C3 controls", "",
