@@ -18,10 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
                       help="one tiny DiT on 16x16 MNIST, about 6 minutes on 2 CPU cores (default); one model: "
-                           "every verdict stays undecided")
+                           "every verdict stays undecided; its figures go to OUT/figures/quick/")
     size.add_argument("--standard", dest="preset", action="store_const", const="standard",
                       help="the committed figures: 3 unet-tiny models on 16x16 MNIST, transfer with AdamW and SGD in "
-                           "the training loss, C3's binning controls (at most 90 minutes on 2 CPU cores)")
+                           "the training loss, C3's binning controls (about 45 minutes on 2 CPU cores, at most 90)")
     size.add_argument("--gpu", dest="preset", action="store_const", const="gpu",
                       help="the standard analysis (3 unet-tiny models) sized for one GPU, about 8 minutes on an H100 "
                            "(implies --device cuda)")
