@@ -226,3 +226,14 @@ def test_the_quick_preset_never_overwrites_the_committed_figures(tmp_path: Path)
     assert preset("quick").figures_dir(tmp_path) == tmp_path / "figures" / "quick"
     for kind in ("standard", "toy", "full"):
         assert preset(kind).figures_dir(tmp_path) == tmp_path / "figures"
+
+
+@pytest.mark.parametrize("where, link", [("figures", "../docs/claims.md"), ("figures/quick", "../../docs/claims.md"),
+                                         ("figures/clustered", "../../docs/claims.md"), ("elsewhere", "../docs/claims.md")])
+def test_the_report_links_the_claims_document_from_where_it_lies(tmp_path: Path, where: str, link: str) -> None:
+    from gradconflict.reproduce.report import _claims_link
+
+    assert _claims_link(tmp_path / where / "REPORT.md") == link
+    if where.startswith("figures"):  # the link resolves to the file in this repository's layout
+        repo = Path(__file__).resolve().parents[1]
+        assert (repo / where / link).resolve() == (repo / "docs" / "claims.md").resolve()

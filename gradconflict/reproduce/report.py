@@ -15,6 +15,14 @@ VERDICT_HOLDS = "**holds**"
 VERDICT_FAILS = "**does not hold**"
 
 
+def _claims_link(path: Path) -> str:
+    """The relative link from the report at ``path`` to the repository's ``docs/claims.md``: the report lies in a
+    ``figures/`` folder beside ``docs/`` (``figures/REPORT.md``) or below it (``figures/quick/``, ``figures/clustered/``)."""
+    parts = Path(path).resolve().parent.parts
+    below = parts[max(i for i, part in enumerate(parts) if part == "figures"):] if "figures" in parts else parts[-1:]
+    return "../" * len(below) + "docs/claims.md"
+
+
 def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, transfer: Any,
                  sensitivity: Optional[pd.DataFrame] = None) -> Path:
     """Write the report; ``sensitivity`` (:func:`.claims.c3_lambda_sensitivity`) adds C3 at other lam."""
@@ -29,7 +37,7 @@ def write_report(path: Path, config: Any, claims: pd.DataFrame, track: Any, tran
         f"regularizer lam = {config.track.lam} x trace(G)/K, task losses in {config.track.loss_space} units. "
         f"Transfer: {config.transfer}.",
         "",
-        "Claims of Hang et al. (ICCV 2023), as described in [docs/claims.md](../docs/claims.md). The numbers are in `claims.csv`; they are "
+        f"Claims of Hang et al. (ICCV 2023), as described in [docs/claims.md]({_claims_link(path)}). The numbers are in `claims.csv`; they are "
         "computed from the run's tidy tables (`runs/.../track/track_objectives.csv`, `track_weights.csv`, "
         "`track_grams.npz`, `transfer/transfer.csv`), which the CSVs here summarize; +- values are standard "
         "errors. A claim that does not hold on this setup is reported as measured. The claims are measured on "
@@ -116,7 +124,7 @@ def write_replicated_report(path: Path, config: Any, claims: pd.DataFrame, extra
         f"per bin, {config.track.resamples} batches per checkpoint, task losses in {config.track.loss_space} units. "
         f"Transfer runs: " + "; ".join(f"`{k}` {v}" for k, v in runs.items()) + ".",
         "",
-        "The claims are those of Hang et al. (ICCV 2023) as read in [docs/claims.md](../docs/claims.md), which also "
+        f"The claims are those of Hang et al. (ICCV 2023) as read in [docs/claims.md]({_claims_link(path)}), which also "
         f"says how a verdict is formed. The replication unit is the model ({extras['unit']}): batches, checkpoints and "
         "matrix cells are nested inside a model; +- values are standard errors over models and intervals are 95% "
         "Student-t intervals over models. Numbers are in `claims.csv`.",
