@@ -34,8 +34,14 @@ Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[s
 RULES: dict[type, Rule] = {}
 
 
-def register_rule(*types: type) -> Callable[[Rule], Rule]:
-    """Register a per-task gradient rule for module types (exact type match, then subclasses)."""
+def register_rule(*types: type, replace: bool = False) -> Callable[[Rule], Rule]:
+    """Register a per-task gradient rule for module types (exact type match, then subclasses). A type that already
+    has a rule is refused unless ``replace=True`` (a second rule would otherwise silently win)."""
+    taken = [t for t in types if t in RULES]
+    if taken and not replace:
+        names = ", ".join(f"{t.__name__} (by {getattr(RULES[t], '__qualname__', RULES[t])})" for t in taken)
+        raise ValueError(f"register_rule: {names} already has a per-task gradient rule; pass replace=True to "
+                         "replace it")
 
     def deco(fn: Rule) -> Rule:
         for t in types:
