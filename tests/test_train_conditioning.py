@@ -248,7 +248,7 @@ except ImportError:  # the optional extra: gradconflict[diffusers]
 
 
 @pytest.mark.skipif(diffusers is None, reason="needs diffusers (pip install gradconflict[diffusers])")
-def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path, capsys) -> None:
+def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path, capsys, monkeypatch) -> None:
     torch.manual_seed(0)
     net = diffusers.UNet2DConditionModel(
         sample_size=HW, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
@@ -287,7 +287,27 @@ def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path,
     emb = torch.from_numpy(np.load(tmp_path / "cond.npz")["encoder_hidden_states"][:2])
     null = sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": torch.zeros(2, 77, D)})
     assert torch.equal(null, sample(model, schedule, prediction, 2, steps=2))  # the default is that null
-    assert not torch.equal(null, sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": emb}))
+    given = sample(model, schedule, prediction, 2, steps=2, model_kwargs={"encoder_hidden_states": emb})
+    assert not torch.equal(null, given)
+    # `sample --data`: sample i takes row i of the file's conditioning (the same samples as given above)
+    import gradconflict.train as train_module
+
+    drawn = []
+    original = train_module.sample_grid_png
+    monkeypatch.setattr(train_module, "sample_grid_png", lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1])
+    capsys.readouterr()  # the notes of the Python calls above
+    assert main(["sample", "--run", str(run), "--weights", "ema", "--n", "2", "--steps", "2", "--data",
+                 str(tmp_path / "cond.npz"), "--out", str(tmp_path / "given.png")]) == 0
+    err = capsys.readouterr().err
+    assert "conditioning encoder_hidden_states: rows 0..1" in err and "unconditionally" not in err
+    assert torch.equal(drawn[-1], given)
+    assert json.loads((tmp_path / "given_config.json").read_text())["conditioning"] == ["encoder_hidden_states"]
+    assert main(["sample", "--run", str(run), "--n", "7", "--steps", "2", "--data", str(tmp_path / "cond.npz"),
+                 "--out", str(tmp_path / "many.png")]) == 2
+    assert f"has conditioning for {N} samples but --n 7" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--n", "2", "--steps", "2", "--data", str(tmp_path / "plain.npz"),
+                 "--out", str(tmp_path / "plain.png")]) == 2
+    assert "holds no per-sample conditioning" in capsys.readouterr().err
 
 
 # A train_config.json written by `reproduce --standard` before the conditioning fields existed (verbatim).

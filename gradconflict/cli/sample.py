@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ._records import model_record, report_record, write_record
 from ._weights import add_weights_flag, report_weights
@@ -32,6 +32,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="the same as --weights raw")
     add_weights_flag(p)
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a data file (.npz, or a folder with conditioning.npz) whose per-sample conditioning "
+                        "(encoder_hidden_states, attention masks, ...) sample i takes from row i (rows 0..n-1); "
+                        "without it a text-conditioned model is sampled with zero embeddings")
     p.add_argument("--device", default="cpu")
     add_threads_flag(p)
     p.set_defaults(handler=run)
@@ -63,6 +67,24 @@ def check_args(args: argparse.Namespace) -> None:
                          "drop --eta or use --sampler ddim")
 
 
+def conditioning_rows(data: Optional[str], n: int) -> Optional[dict[str, Any]]:
+    """The first ``n`` rows of every per-sample conditioning array of the data file ``data`` (None without one).
+    Refused: a file that holds no conditioning (nothing to pass), or fewer than ``n`` rows."""
+    if data is None:
+        return None
+    from ..data import load_dataset
+
+    conditioning = load_dataset(data, image_size=None).conditioning  # the rows only: images as stored
+    if not conditioning:
+        raise ValueError(f"--data {data} holds no per-sample conditioning arrays (encoder_hidden_states, masks, ...), "
+                         "so there is nothing to pass to the model: drop --data")
+    rows = min(len(v) for v in conditioning.values())
+    if rows < n:
+        raise ValueError(f"--data {data} has conditioning for {rows} samples but --n {n} asks for more: "
+                         f"use --n {rows} or fewer")
+    return {name: value[:n] for name, value in conditioning.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the run and write the grid."""
     from .._loading import load_trained_weights
@@ -82,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if args.steps > schedule.T:
         raise ValueError(f"--steps {args.steps} exceeds the run's T = {schedule.T} timesteps; "
                          f"use --steps {schedule.T} or fewer")
+    model_kwargs = conditioning_rows(args.data, args.n)
+    if model_kwargs:
+        record["conditioning"] = sorted(model_kwargs)
+        print(f"gradconflict sample: conditioning {', '.join(sorted(model_kwargs))}: rows 0..{args.n - 1} of "
+              f"{args.data}", file=sys.stderr)
     sample_grid_png(model, schedule, prediction, out, n=args.n, steps=args.steps, seed=args.seed,
-                    method=args.sampler, eta=args.eta)  # written atomically: never a half-written PNG
+                    method=args.sampler, eta=args.eta, model_kwargs=model_kwargs)  # atomic: never a half-written PNG
     write_record(record_path(out), vars(args), record, grid=str(out))
     print(f"wrote {out}")  # stdout: the grid's path alone (scripts read it); where its record went, on stderr
     print(f"gradconflict sample: recorded in {record_path(out)}", file=sys.stderr)
