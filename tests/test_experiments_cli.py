@@ -16,7 +16,9 @@ from gradconflict.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-SCRIPTS = sorted(p for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_"))
+# the figure scripts: each regenerates a figure of the reproduction through the shared options of _common.py
+# (experiments/bins_across_models.py, an analysis of `gradconflict bins` folders, has options of its own)
+SCRIPTS = sorted(p for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_") and "_common import" in p.read_text())
 TINY = ["--data-limit", "32", "--model", "dit-tiny", "--steps", "2", "--batch-size", "4", "--image-size", "8",
         "--quiet", "--model-overrides", '{"hidden_size": 16, "depth": 1, "num_heads": 2}']
 
