@@ -301,13 +301,38 @@ def test_a_saved_text_unet_trains_through_the_cli_and_is_tracked(tmp_path: Path,
     err = capsys.readouterr().err
     assert "conditioning encoder_hidden_states: rows 0..1" in err and "unconditionally" not in err
     assert torch.equal(drawn[-1], given)
-    assert json.loads((tmp_path / "given_config.json").read_text())["conditioning"] == ["encoder_hidden_states"]
+    record = json.loads((tmp_path / "given_config.json").read_text())
+    assert record["conditioning"] == ["encoder_hidden_states"] and record["data"] == str(tmp_path / "cond.npz")
+    # names the model does not take: one line, no traceback
+    arrays = dict(np.load(tmp_path / "cond.npz"))
+    np.savez(tmp_path / "other.npz", images=arrays["images"], pooled_text=arrays["encoder_hidden_states"][:, 0])
+    assert main(["sample", "--run", str(run), "--n", "2", "--steps", "2", "--data", str(tmp_path / "other.npz"),
+                 "--out", str(tmp_path / "other.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pooled_text" in err and "Traceback" not in err
     assert main(["sample", "--run", str(run), "--n", "7", "--steps", "2", "--data", str(tmp_path / "cond.npz"),
                  "--out", str(tmp_path / "many.png")]) == 2
     assert f"has conditioning for {N} samples but --n 7" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--n", "2", "--steps", "2", "--data", str(tmp_path / "plain.npz"),
                  "--out", str(tmp_path / "plain.png")]) == 2
     assert "holds no per-sample conditioning" in capsys.readouterr().err
+    # a run trained with --null-conditioning FILE is sampled with the null embedding it was trained with
+    null_run, null_file = tmp_path / "null-run", tmp_path / "null.npy"
+    null_emb = np.random.default_rng(2).standard_normal((3, D)).astype(np.float32)
+    np.save(null_file, null_emb)
+    assert main(["train", "--model", f"diffusers:{tmp_path / 'pipe'}", "--data", str(tmp_path / "plain.npz"),
+                 "--null-conditioning", str(null_file), "--image-size", str(HW), "--steps", "1",
+                 "--batch-size", "2", "--T", str(T), "--bins", "2", "--warmup-steps", "0", "--quiet",
+                 "--out", str(null_run)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--run", str(null_run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "null.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"the null conditioning {null_file} the run was trained with" in err and "unconditionally" not in err
+    null_model, null_schedule, null_prediction = load_trained(null_run)
+    trained_with = sample(null_model, null_schedule, null_prediction, 2, steps=2,
+                          model_kwargs={"encoder_hidden_states": torch.from_numpy(null_emb).expand(2, 3, D)})
+    assert torch.equal(drawn[-1], trained_with)
+    assert not torch.equal(trained_with, sample(null_model, null_schedule, null_prediction, 2, steps=2))  # zeros
 
 
 # A train_config.json written by `reproduce --standard` before the conditioning fields existed (verbatim).

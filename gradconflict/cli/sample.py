@@ -67,22 +67,56 @@ def check_args(args: argparse.Namespace) -> None:
                          "drop --eta or use --sampler ddim")
 
 
-def conditioning_rows(data: Optional[str], n: int) -> Optional[dict[str, Any]]:
-    """The first ``n`` rows of every per-sample conditioning array of the data file ``data`` (None without one).
-    Refused: a file that holds no conditioning (nothing to pass), or fewer than ``n`` rows."""
+class _Rows:
+    """``n`` samples that carry no conditioning of their own (for ``model_conditioning``'s null embedding)."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n, self.name, self.conditioning = n, name, {}
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def run_null_conditioning(run: str) -> tuple[Optional[str], int]:
+    """``(null_conditioning, null_length)`` of the training run ``run`` (a run folder, or a weights file inside
+    one): what its text-conditioned model was trained with instead of embeddings (None: it was not)."""
+    import json
+
+    from ..adapters.conditioning import NULL_LENGTH
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, NULL_LENGTH
+    return config.get("null_conditioning"), int(config.get("null_length", NULL_LENGTH))
+
+
+def conditioning_rows(model: Any, data: Optional[str], n: int, run: str) -> tuple[Optional[dict[str, Any]], str]:
+    """The per-sample conditioning of the ``n`` samples and where it came from: rows 0..n-1 of every conditioning
+    array of the data file ``data`` (checked against the names the model takes), else the null embedding the run
+    was trained with (``--null-conditioning`` of ``train``), else None (the sampler's default). Refused: a file
+    without conditioning (nothing to pass), fewer than ``n`` rows, names the model does not take."""
+    from ..adapters.conditioning import model_conditioning
+
     if data is None:
-        return None
+        null, length = run_null_conditioning(run)
+        if null is None:
+            return None, ""
+        rows = model_conditioning(model, _Rows(n, f"run {run}"), null, length)
+        return rows, f"the null conditioning {null} the run was trained with"
     from ..data import load_dataset
 
-    conditioning = load_dataset(data, image_size=None).conditioning  # the rows only: images as stored
-    if not conditioning:
+    dataset = load_dataset(data, image_size=None)  # the rows only: images as stored
+    if not dataset.conditioning:
         raise ValueError(f"--data {data} holds no per-sample conditioning arrays (encoder_hidden_states, masks, ...), "
                          "so there is nothing to pass to the model: drop --data")
+    conditioning = model_conditioning(model, dataset)  # refuses names the model does not take, in one line
     rows = min(len(v) for v in conditioning.values())
     if rows < n:
         raise ValueError(f"--data {data} has conditioning for {rows} samples but --n {n} asks for more: "
                          f"use --n {rows} or fewer")
-    return {name: value[:n] for name, value in conditioning.items()}
+    return {name: value[:n] for name, value in conditioning.items()}, f"rows 0..{n - 1} of {data}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,16 +133,16 @@ def run(args: argparse.Namespace) -> int:
                                                              device=args.device)
     report_weights("sample", kind, args.run)
     requested = "raw" if args.no_ema else args.weights
-    record = model_record(LoadedModel(model, schedule, prediction, str(args.run), kind), requested)
+    record = model_record(LoadedModel(model, schedule, prediction, str(args.run), kind), requested,
+                          data_arg=args.data)
     report_record("sample", record)
     if args.steps > schedule.T:
         raise ValueError(f"--steps {args.steps} exceeds the run's T = {schedule.T} timesteps; "
                          f"use --steps {schedule.T} or fewer")
-    model_kwargs = conditioning_rows(args.data, args.n)
+    model_kwargs, source = conditioning_rows(model, args.data, args.n, args.run)
     if model_kwargs:
-        record["conditioning"] = sorted(model_kwargs)
-        print(f"gradconflict sample: conditioning {', '.join(sorted(model_kwargs))}: rows 0..{args.n - 1} of "
-              f"{args.data}", file=sys.stderr)
+        record["conditioning"], record["conditioning_source"] = sorted(model_kwargs), source
+        print(f"gradconflict sample: conditioning {', '.join(sorted(model_kwargs))}: {source}", file=sys.stderr)
     sample_grid_png(model, schedule, prediction, out, n=args.n, steps=args.steps, seed=args.seed,
                     method=args.sampler, eta=args.eta, model_kwargs=model_kwargs)  # atomic: never a half-written PNG
     write_record(record_path(out), vars(args), record, grid=str(out))
