@@ -34,16 +34,23 @@ Rule = Callable[[nn.Module, tuple, torch.Tensor, TaskIndex, torch.dtype], dict[s
 RULES: dict[type, Rule] = {}
 
 
+def _same_rule(a: Rule, b: Rule) -> bool:
+    """The same function, or its definition run again (a user's model file is imported once per model load)."""
+    key = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa: E731
+    return a is b or key(a) == key(b)
+
+
 def register_rule(*types: type, replace: bool = False) -> Callable[[Rule], Rule]:
     """Register a per-task gradient rule for module types (exact type match, then subclasses). A type that already
-    has a rule is refused unless ``replace=True`` (a second rule would otherwise silently win)."""
-    taken = [t for t in types if t in RULES]
-    if taken and not replace:
-        names = ", ".join(f"{t.__name__} (by {getattr(RULES[t], '__qualname__', RULES[t])})" for t in taken)
-        raise ValueError(f"register_rule: {names} already has a per-task gradient rule; pass replace=True to "
-                         "replace it")
+    has another rule is refused unless ``replace=True`` (a second rule would otherwise silently win); registering
+    the same rule again (same module and name, e.g. a model file imported once per checkpoint) replaces it."""
 
     def deco(fn: Rule) -> Rule:
+        taken = [t for t in types if t in RULES and not _same_rule(RULES[t], fn)]
+        if taken and not replace:
+            names = ", ".join(f"{t.__name__} (by {getattr(RULES[t], '__qualname__', RULES[t])})" for t in taken)
+            raise ValueError(f"register_rule: {names} already has a per-task gradient rule; pass replace=True to "
+                             f"replace it with {getattr(fn, '__qualname__', fn)}")
         for t in types:
             RULES[t] = fn
         return fn
