@@ -156,12 +156,18 @@ def test_the_report_section_is_replaced_and_survives_the_uniform_rerun(runs: dic
     assert str(EDGES) in section and "| C1 far transfer |" in section and "| C3 ranking at the lam rule |" in section
     write_clustered_comparison(fig, EDGES)  # what a rerun of the bins-file command does last
     assert _section((fig / "REPORT.md").read_text()) == section
-    code, log = _run("--out", str(runs["out"]))  # the uniform command again: everything cached, the section kept
+    assert pd.read_csv(fig / "clustered" / "bins.csv")["t_low"].tolist() == EDGES[:-1]  # the edges it used
+    # a stale section (as if the uniform analysis had changed since) is rebuilt by the uniform command, not kept
+    text = (fig / "REPORT.md").read_text()
+    (fig / "REPORT.md").write_text(text.replace(section, section.replace("| C1 far transfer |", "| STALE |")))
+    (fig / "clustered_vs_uniform.csv").write_text("stale\n")
+    code, log = _run("--out", str(runs["out"]))  # the uniform command again: everything cached, the section rebuilt
     assert code == 0
     stages = re.findall(r"^\[(seed\d/[^\]]+)\] (\w+)", log, flags=re.M)
     assert len(stages) == 14 and all(state == "cached" for _, state in stages), stages
     report = (fig / "REPORT.md").read_text()
-    assert _section(report) == section and report.count("<!-- compare:begin -->") == 1
+    assert _section(report) == section and report.count("<!-- compare:begin -->") == 1 and "STALE" not in report
+    assert "claim" in pd.read_csv(fig / "clustered_vs_uniform.csv").columns
     assert "Preset `toy`" in report  # the uniform report itself was rewritten around the kept sections
 
 

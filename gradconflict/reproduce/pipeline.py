@@ -251,13 +251,20 @@ def reproduce(config: ReproduceConfig, out: str | Path = ".", *, progress: bool 
     claims, extras = claims_over_models(config, cache, figures, schedule, bins, progress=progress)
     write_csv(_with_compare_rows(claims, figures / "claims.csv"), figures / "claims.csv")
     write_replicated_report(figures / "REPORT.md", config, claims, extras)
-    if clustered:
-        from .clustered import write_clustered_comparison
+    from .clustered import write_clustered_comparison
 
+    if clustered:
         uniform = config.figures_dir(out)
+        edges = TimestepBins.from_edges(config.bins_edges, schedule.T)
+        write_csv(edges.to_frame().rename(columns={"task": "bin"})[["bin", "t_low", "t_high", "width", "label"]],
+                  figures / "bins.csv")  # the edges this analysis used (the comparison is rebuilt from it)
         write_clustered_comparison(uniform, config.bins_edges)
         log(f"clustered bins {list(config.bins_edges or ())}: figures in {figures}; the comparison with the uniform "
             f"bins in {uniform / 'REPORT.md'} and {uniform / 'clustered_vs_uniform.csv'}")
+    elif (figures / "clustered" / "claims.csv").is_file() and (figures / "clustered" / "bins.csv").is_file():
+        from ..clustering import read_bins_csv  # a new uniform analysis: the comparison is rebuilt, never kept stale
+
+        write_clustered_comparison(figures, tuple(int(e) for e in read_bins_csv(figures / "clustered" / "bins.csv")[0]))
     for _, c in claims.iterrows():
         log(f"{c['claim']}: {c['verdict']} - statistic {c['statistic']:+.4g} +- {c['stderr']:.2g} over "
             f"{c['n_models']} model(s)")
