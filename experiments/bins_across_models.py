@@ -23,17 +23,18 @@ from gradconflict.plots import write_csv
 
 
 def edges_by_model(folders: Sequence[Path]) -> pd.DataFrame:
-    """One row per (model, interior boundary k = 1..K-1): ``t_boundary`` (timesteps) and, per boundary, its mean,
-    s.d. (ddof 1) and range over the models. Refuses folders clustered into different K or T."""
-    edges, models = [], []
+    """One row per (model: its folder, interior boundary k = 1..K-1): ``t_boundary`` (timesteps) and, per boundary,
+    its mean, s.d. (ddof 1) and range over the models. Refuses folders clustered into different K, T or --fine."""
+    edges, models, fine = [], [], []
     for folder in folders:
         e, T = read_bins_csv(Path(folder) / "bins.csv")
         config = json.loads((Path(folder) / "bins_config.json").read_text())
         edges.append((e, T))
-        models.append(str(config.get("model", folder)))
-    if len({(len(e), T) for e, T in edges}) != 1:
-        raise ValueError(f"the bins folders differ in K or T: {[(len(e) - 1, T) for e, T in edges]}; cluster every "
-                         "model with the same --bins and schedule")
+        models.append(str(folder))  # the folder: one spec clustered at two checkpoints is two rows
+        fine.append(config.get("fine"))
+    if len({(len(e), T) for e, T in edges}) != 1 or len(set(fine)) != 1:
+        raise ValueError(f"the bins folders differ in K, T or --fine: {[(len(e) - 1, T, f) for (e, T), f in zip(edges, fine)]}; "
+                         "cluster every model with the same --bins, --fine and schedule")
     interior = np.array([e[1:-1] for e, _ in edges], dtype=np.float64)  # (models, K-1)
     rows = []
     for m, model in enumerate(models):

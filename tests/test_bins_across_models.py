@@ -26,7 +26,7 @@ def _bins(folder: Path, edges: list[int], model: str) -> Path:
     folder.mkdir(parents=True)
     rows = [{"bin": k, "t_low": lo, "t_high": hi - 1} for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
     pd.DataFrame(rows).to_csv(folder / "bins.csv", index=False)
-    (folder / "bins_config.json").write_text(json.dumps({"model": model}))
+    (folder / "bins_config.json").write_text(json.dumps({"model": model, "fine": 100 if model != "coarse" else 50}))
     return folder
 
 
@@ -36,7 +36,7 @@ def test_boundary_spread_over_models(script, tmp_path: Path) -> None:
     c = _bins(tmp_path / "c", [0, 20, 200, 1000], "m2")
     assert script.main([str(a), str(b), str(c), "--out", str(tmp_path / "e.csv")]) == 0
     frame = pd.read_csv(tmp_path / "e.csv")
-    assert len(frame) == 6 and list(frame[frame["model"] == "m1"]["t_boundary"]) == [40, 110]
+    assert len(frame) == 6 and list(frame[frame["model"] == str(b)]["t_boundary"]) == [40, 110]
     first = frame[frame["boundary"] == 1].iloc[0]
     assert first["mean"] == pytest.approx(30.0) and first["sd"] == pytest.approx(10.0)  # 20, 30, 40
     second = frame[frame["boundary"] == 2].iloc[0]
@@ -46,5 +46,8 @@ def test_boundary_spread_over_models(script, tmp_path: Path) -> None:
 def test_different_k_is_refused(script, tmp_path: Path) -> None:
     a = _bins(tmp_path / "a", [0, 30, 1000], "m0")
     b = _bins(tmp_path / "b", [0, 40, 110, 1000], "m1")
-    with pytest.raises(ValueError, match="differ in K or T"):
+    with pytest.raises(ValueError, match="differ in K, T or --fine"):
         script.edges_by_model([a, b])
+    c = _bins(tmp_path / "c", [0, 40, 1000], "coarse")  # same K, another --fine
+    with pytest.raises(ValueError, match="differ in K, T or --fine"):
+        script.edges_by_model([a, c])

@@ -356,3 +356,12 @@ def test_runs_recorded_before_the_conditioning_fields_still_match(tmp_path: Path
     spec = str(tmp_path / "m.py") + ":build"
     changed = dataclasses.replace(config, model=spec, null_conditioning="zeros")
     assert "null_conditioning" in identity_changes(path, changed.identity())
+
+
+def test_null_length_counts_only_for_zero_embeddings(tmp_path: Path) -> None:
+    """--null-length sets the length of zero embeddings; without them it changes nothing, so it is no other run."""
+    spec = str(tmp_path / "m.py") + ":build"
+    base = TrainConfig(data="mnist", model=spec)
+    assert TrainConfig(data="mnist", model=spec, null_length=10).identity() == base.identity()
+    zeros = TrainConfig(data="mnist", model=spec, null_conditioning="zeros")
+    assert TrainConfig(data="mnist", model=spec, null_conditioning="zeros", null_length=10).identity() != zeros.identity()

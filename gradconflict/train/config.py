@@ -153,6 +153,8 @@ class TrainConfig:
                 self.null_conditioning = str(Path(self.null_conditioning).resolve())
         if not isinstance(self.null_length, int) or isinstance(self.null_length, bool) or self.null_length < 1:
             raise ValueError(f"null_length must be a positive integer (tokens), got {self.null_length!r}")
+        if self.null_conditioning != "zeros":  # the length of zeros only: elsewhere it has no effect on the run
+            self.null_length = NULL_LENGTH
         if not isinstance(self.keep_checkpoints, bool):
             raise ValueError(f"keep_checkpoints must be True or False, got {self.keep_checkpoints!r}")
         if self.scale not in ("auto", "none", "minmax"):
