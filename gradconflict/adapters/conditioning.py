@@ -22,9 +22,13 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["LABEL_KEYS", "NESTED", "check_conditioning", "select_rows", "nest", "accepted_keys", "check_accepted",
+__all__ = ["LABELS_ARG", "LABEL_KEYS", "NESTED", "check_conditioning", "select_rows", "nest", "accepted_keys", "check_accepted",
            "null_text_conditioning",
            "model_conditioning", "NULL_LENGTH"]
+
+LABELS_ARG = "y"
+"""The keyword under which a model takes its class labels (built-in models and ``file.py:build`` models:
+``model(x_t, t, y=labels, **conditioning)``; the diffusers adapter maps it to ``class_labels``)."""
 
 LABEL_KEYS: tuple[str, ...] = ("labels", "class_labels")
 """Data-file keys read as class labels (``ImageDataset.labels``, the model's ``y``), not as conditioning."""
@@ -94,7 +98,7 @@ def accepted_keys(model: Any) -> Optional[tuple[str, ...]]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     named = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
-    return tuple(name for name in named[2:] if name != "y")
+    return tuple(name for name in named[2:] if name != LABELS_ARG)
 
 
 def check_accepted(model: Any, keys: Any, data_name: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..engine.checks import first_line
+from .conditioning import LABELS_ARG
 
 __all__ = ["UNKNOWN_SIZE", "model_input", "model_shape", "model_data", "conditional", "forward_hint"]
 
@@ -70,7 +71,7 @@ def conditional(model: Any, labels: Any, verbose: bool = True) -> bool:
     labelled = labels is not None and bool((torch.as_tensor(labels) >= 0).any())  # -1: an unlabelled image
     if classes is None and labelled and verbose:
         try:
-            takes_y = "y" in inspect.signature(model.forward).parameters
+            takes_y = LABELS_ARG in inspect.signature(model.forward).parameters
         except (TypeError, ValueError, AttributeError):
             takes_y = False
         if takes_y:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ..bins import TimestepBins
+from ..adapters.conditioning import LABELS_ARG
 
 __all__ = ["TaskBatch", "sample_task_batch"]
 
@@ -71,7 +72,7 @@ def sample_task_batch(
     if conditional:
         if labels is None or bool((labels[pick] < 0).any()):
             raise ValueError("the model is class-conditional but the dataset has no labels")
-        kwargs["y"] = labels[pick].long()
+        kwargs[LABELS_ARG] = labels[pick].long()
     for key, value in (conditioning or {}).items():
         if value.shape[0] != images.shape[0]:
             raise ValueError(f"conditioning {key!r} has {value.shape[0]} rows but there are {images.shape[0]} images; "

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.conditioning import model_conditioning, select_rows
+from ..adapters.conditioning import LABELS_ARG, model_conditioning, select_rows
 from .config import TrainConfig, is_builtin
 
 __all__ = ["run_conditioning", "conditioning_on", "fingerprint_tensors", "used_record", "used_line", "print_used",
@@ -70,7 +70,7 @@ def fingerprint_tensors(conditioning: dict[str, torch.Tensor]) -> list[torch.Ten
 def batch_kwargs(conditioning: dict[str, torch.Tensor], idx: torch.Tensor, y: Any = None) -> dict[str, Any]:
     """The model's keyword arguments for the batch of images ``idx``: ``y`` (when given) and every conditioning
     tensor's rows ``idx`` (``adapters.conditioning.select_rows``: row i stays with image i)."""
-    kwargs: dict[str, Any] = {} if y is None else {"y": y}
+    kwargs: dict[str, Any] = {} if y is None else {LABELS_ARG: y}
     kwargs.update(select_rows(conditioning, idx))
     return kwargs
 

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..bins import TimestepBins
+from ..adapters.conditioning import LABELS_ARG
 from ..data import load_dataset
 from ..models import build_model, model_spec
 from ..schedule import NoiseSchedule
@@ -80,7 +81,7 @@ def prediction_error(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, schedu
     """Per-sample mean squared error ``(n,)`` of the model output against its target, in the model's own
     prediction space: ``engine.per_sample_losses`` with ``loss_space = prediction``; the model is called
     ``model(x_t, t, y=y, **model_kwargs)`` (``model_kwargs``: per-sample conditioning by name, rows of x0's)."""
-    kwargs = {**({} if y is None else {"y": y}), **(model_kwargs or {})}
+    kwargs = {**({} if y is None else {LABELS_ARG: y}), **(model_kwargs or {})}
     return per_sample_losses(model, x0, t, noise, schedule, prediction=prediction, loss_space=prediction,
                              model_kwargs=kwargs)
 

@@ -42,6 +42,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from ..adapters.conditioning import LABELS_ARG
 from ..bins import TimestepBins
 from ..engine import per_sample_losses
 from ..schedule import NoiseSchedule
@@ -148,7 +149,7 @@ class BatchStream:
             noise.append(torch.randn((n, *self.images.shape[1:]), generator=g, dtype=torch.float64))
         idx_d = torch.stack(idx).to(dev)
         x0 = self.images[idx_d]
-        kwargs = {"y": self.labels[idx_d]} if self.labels is not None else {}
+        kwargs = {LABELS_ARG: self.labels[idx_d]} if self.labels is not None else {}
         kwargs.update({k: v[idx_d] for k, v in self.conditioning.items()})
         return x0, torch.stack(t).to(dev), torch.stack(noise).to(device=dev, dtype=x0.dtype), kwargs
 
