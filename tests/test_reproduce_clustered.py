@@ -119,6 +119,27 @@ def test_tracking_from_snapshots_reproduces_the_tracking_of_the_training(runs: d
         np.testing.assert_array_equal(again[key], tracked[key])
 
 
+def test_an_interrupted_tracking_of_retrained_models_starts_again(runs: dict, tmp_path: Path) -> None:
+    """Partial clustered tracking (no stamp: interrupted) whose snapshots were replaced since (the models trained
+    again) is removed and recomputed from the new snapshots; before, the rerun was refused in a dead end."""
+    import shutil
+
+    config = dataclasses.replace(preset("toy"), bins_edges=(0, 250, 500, 750, 1000)).clustered()
+    seeds = runs["out"] / "runs" / "reproduce-toy"
+    _track_snapshots(config, 0, seeds / "seed0" / "track", tmp_path, progress=False, log=lambda _: None)
+    (tmp_path / "track.done.json").unlink()  # as if interrupted before the stage finished
+    retrained = tmp_path / "retrained"
+    shutil.copytree(seeds / "seed1" / "track" / "snapshots", retrained / "snapshots")  # other models, same steps
+    lines: list[str] = []
+    _track_snapshots(config, 0, retrained, tmp_path, progress=False, log=lines.append)
+    assert any("snapshots changed since the interrupted tracking" in line for line in lines), lines
+    again = load_track(tmp_path / "track" / "track").grams
+    expected = load_track(seeds / "seed1" / "track" / "track").grams  # seed 1's models, tracked by its training
+    assert sorted(again) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(again[key], expected[key])
+
+
 def test_the_comparison_agrees_with_both_claims_files(runs: dict) -> None:
     fig = runs["out"] / "figures"
     table = pd.read_csv(fig / "clustered_vs_uniform.csv")

@@ -33,7 +33,7 @@ from ..bins import TimestepBins
 from ..data import load_dataset
 from ..figures import conflict_vs_distance, fig3_ugd_weights, fig4_pareto_objective, lambda_sweep_figure
 from ..plots import matrix_heatmap, write_csv
-from ..track import file_source, lambda_sweep, load_track, make_bins, stale_tracking, track_models, track_training
+from ..track import changed_sources, file_source, lambda_sweep, load_track, make_bins, stale_tracking, track_models, track_training
 from ..train import load_trained, make_schedule, sample_grid_png
 from ..transfer import TransferConfig, run_transfer
 from ..transfer.matrix import result_from_frame
@@ -171,15 +171,19 @@ def _track_snapshots(config: ReproduceConfig, seed: int, track_dir: Path, stages
     tc = config.train_of(seed)
     identity = config.identity("track", seed)
     stamp, out = stages / "track.done.json", stages / "track" / "track"
-    if (is_main() and stamp.is_file() and out.exists()
-            and stamp.read_text() != json.dumps(identity, sort_keys=True, default=str)):
-        log(f"[track] the training or tracking config changed: removing {out} (results of the previous config)")
-        shutil.rmtree(out)
+    steps = range(config.every, tc.steps + 1, config.every)
+    snaps = {s: track_dir / "snapshots" / f"step{s}.safetensors" for s in steps}
+    if is_main() and out.exists():
+        if stamp.is_file() and stamp.read_text() != json.dumps(identity, sort_keys=True, default=str):
+            log(f"[track] the training or tracking config changed: removing {out} (results of the previous config)")
+            shutil.rmtree(out)
+        elif not stamp.is_file() and changed_sources(out, {s: file_source(p) for s, p in snaps.items() if p.is_file()}):
+            # an interrupted tracking of models that were trained again since: its partial results are of others
+            log(f"[track] the snapshots changed since the interrupted tracking: removing {out}")
+            shutil.rmtree(out)
     barrier()
 
     def run() -> None:
-        steps = range(config.every, tc.steps + 1, config.every)
-        snaps = {s: track_dir / "snapshots" / f"step{s}.safetensors" for s in steps}
         missing = [p for p in snaps.values() if not p.is_file()]
         if missing:
             raise ValueError(f"no snapshot {missing[0]} to recompute the tracking from; run the uniform stages first "

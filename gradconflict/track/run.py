@@ -36,7 +36,7 @@ from .analyze import analyze_gram
 from .config import TrackConfig
 
 __all__ = ["TrackResult", "track_models", "track_training", "make_bins", "load_track", "track_identity", "file_source",
-           "stale_tracking"]
+           "stale_tracking", "changed_sources"]
 
 ModelAt = Union[nn.Module, Callable[[], nn.Module]]
 
@@ -131,6 +131,13 @@ def _read_sources(out: Path) -> dict[int, str]:
 def _key(source: str) -> str:
     """What makes two sources the same model: a checkpoint's content hash (:func:`file_source`), else the string."""
     return source.split(" ", 1)[0] if source.startswith(_DIGEST) else source
+
+
+def changed_sources(out: Union[str, Path], sources: dict[int, str]) -> list[int]:
+    """The steps whose results in the tracking folder ``out`` came from another model than ``sources`` gives now
+    (by content: :func:`file_source`); empty when nothing is recorded."""
+    old = _read_sources(Path(out))
+    return sorted(s for s in sources if s in old and _key(old[s]) != _key(sources[s]))
 
 
 def _check_sources(out: Path, sources: dict[int, str], held: set[int]) -> None:
