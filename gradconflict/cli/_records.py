@@ -17,24 +17,10 @@ import sys
 from typing import Any, Optional
 
 from .._io import write_json
+from .._records import dataset_record, describe_schedule, schedule_words
 
 __all__ = ["describe_schedule", "schedule_words", "model_record", "config_record", "record_line", "report_record",
            "write_record"]
-
-
-def schedule_words(name: str, T: int) -> str:
-    """A schedule named ``name`` with ``T`` timesteps, in words: "linear (T = 1000)", or "from diffusers scheduler
-    DDPMScheduler (T = 1000)" for one read from a diffusers scheduler."""
-    name = str(name)
-    if name.endswith("Scheduler") or name.split("+")[0].endswith("Scheduler"):
-        return f"from diffusers scheduler {name} (T = {int(T)})"
-    return f"{name} (T = {int(T)})"
-
-
-def describe_schedule(schedule: Any) -> str:
-    """The schedule a command used, in words: "linear (T = 1000)", "from diffusers scheduler DDPMScheduler
-    (T = 1000)", or "custom (T = ...)" for one given as numbers."""
-    return schedule_words(getattr(schedule, "name", "custom"), schedule.T)
 
 
 def model_record(loaded: Any, requested: Optional[str] = None, data: Any = None,
@@ -48,8 +34,7 @@ def model_record(loaded: Any, requested: Optional[str] = None, data: Any = None,
         "dataset": None,
     }
     if data is not None:
-        record["dataset"] = {"name": data.name, "path": str(data_arg), "N": int(data.images.shape[0]),
-                             "shape": [int(d) for d in data.images.shape[1:]]}
+        record["dataset"] = dataset_record(data, data_arg)
     return record
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._records import dataset_record, schedule_words
 from ..adapters.conditioning import LABELS_ARG, model_conditioning, select_rows
 from .config import TrainConfig, is_builtin
 
@@ -79,10 +80,8 @@ def used_record(config: TrainConfig, dataset: Any, conditioning: dict[str, torch
     """What the run used, as ``gradconflict gram`` records it: schedule, T, prediction, the data (name, path, N,
     image shape), whether labels go to the model as ``y``, the conditioning names passed (sorted; ``[]`` for
     none) and ``null_conditioning`` ("zeros", a .npy path, or None when the embeddings come from the data)."""
-    shape = [int(d) for d in dataset.images.shape[1:]]
-    return {"schedule": f"{config.schedule} (T = {config.T})", "T": int(config.T), "prediction": config.prediction,
-            "dataset": {"name": dataset.name, "path": str(config.data), "N": int(dataset.images.shape[0]),
-                        "shape": shape},
+    return {"schedule": schedule_words(config.schedule, config.T), "T": int(config.T), "prediction": config.prediction,
+            "dataset": dataset_record(dataset, config.data),
             "labels": bool(config.conditional), "conditioning": sorted(conditioning),
             "null_conditioning": config.null_conditioning,
             "null_length": int(config.null_length) if config.null_conditioning == "zeros" else None}
