@@ -51,7 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("folders", nargs="+", type=Path, help="`gradconflict bins` output folders, one per model")
     p.add_argument("--out", required=True, type=Path, help="the CSV to write")
     args = p.parse_args(argv)
-    frame = edges_by_model(args.folders)
+    try:
+        frame = edges_by_model(args.folders)
+    except (ValueError, FileNotFoundError) as err:  # a user mistake: one line, exit 2
+        p.exit(2, f"{p.prog}: error: {err}\n")
     write_csv(frame, args.out)
     per = frame.drop_duplicates("boundary")
     print(f"{frame['model'].nunique()} models; boundary sd over models (timesteps): "

@@ -134,6 +134,10 @@ def read_bins_csv(path: Union[str, Path], T: Union[int, None] = None) -> tuple[n
     fix otherwise.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = " (it holds bins.csv: pass " + str(path / "bins.csv") + ")" if (path / "bins.csv").is_file() else ""
+        raise ValueError(f"bins file {path} is a folder{inside}; pass the bins.csv that `gradconflict bins --out DIR` "
+                         "writes (DIR/bins.csv)")
     if not path.is_file():
         raise FileNotFoundError(f"bins file {path} does not exist; write one with `gradconflict bins --out DIR` "
                                 "(DIR/bins.csv)")

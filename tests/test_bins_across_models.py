@@ -51,3 +51,10 @@ def test_different_k_is_refused(script, tmp_path: Path) -> None:
     c = _bins(tmp_path / "c", [0, 40, 1000], "coarse")  # same K, another --fine
     with pytest.raises(ValueError, match="differ in K, T or --fine"):
         script.edges_by_model([a, c])
+
+
+def test_a_missing_folder_is_one_line(script, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        script.main([str(tmp_path / "nope"), "--out", str(tmp_path / "e.csv")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "error: bins file" in err and "Traceback" not in err

@@ -163,3 +163,5 @@ def test_bins_csv_round_trip_and_refusals(tmp_path: Path) -> None:
         gc.TimestepBins.from_csv(tmp_path / "cols.csv")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         gc.TimestepBins.from_csv(tmp_path / "none.csv")
+    with pytest.raises(ValueError, match=r"is a folder \(it holds bins.csv: pass .*bins.csv\)"):
+        gc.TimestepBins.from_csv(tmp_path)  # the folder `gradconflict bins --out` wrote, not its bins.csv
